@@ -1,0 +1,1 @@
+"""Problem domains: where problems come from and how an answer is checked."""

@@ -1,0 +1,96 @@
+"""Reading and writing record files (JSON Lines or Parquet) with one-line input errors.
+
+Bottom layer like ``format``: imports nothing else from steiner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class InputError(Exception):
+    """Bad input: printed by the CLI as one line ``FILE:LINE: message`` with exit code 2."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, message: str):
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        super().__init__(f"{where}: {message}")
+        self.path, self.line, self.message = str(path), line, message
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; InputError on the first bad one."""
+    path = Path(path)
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise InputError(path, None, f"cannot open: {exc.strerror}") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, lineno, f"invalid UTF-8 at byte {exc.start}") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                what = "truncated JSON" if exc.pos >= len(line.rstrip()) else "invalid JSON"
+                raise InputError(
+                    path, lineno, f"{what}: {exc.msg}; expected one JSON object per line"
+                ) from None
+            if not isinstance(obj, dict):
+                raise InputError(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (row number, record) from a JSON Lines or Parquet file (rows count from 1)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(path, None, f"cannot read Parquet: {exc}") from None
+        yield from enumerate(table.to_pylist(), start=1)
+        return
+    yield from iter_jsonl(path)
+
+
+def validate(model: type[M], record: dict[str, Any], path: str | os.PathLike, line: int) -> M:
+    """Validate a record against a pydantic model; the first problem becomes one InputError."""
+    try:
+        return model.model_validate(record)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "record"
+        raise InputError(path, line, f"field '{field}': {err['msg']}") from None
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically (temp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n

@@ -1,0 +1,30 @@
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from steiner.format import add_reasoning_tokens
+
+CORPUS = [
+    "Using the numbers 3, 7, 25, 50, reach 79. 7-3=4 50+25=75 75+4=79",
+    "step name thought summary reflection proceed backtrack end answer reasoning",
+    "The answer is (50+25)+(7-3). This looks right. Dead end, go back.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained offline on a toy corpus, with the 14 tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    add_reasoning_tokens(hf)
+    return hf

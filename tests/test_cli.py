@@ -1,0 +1,132 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from steiner.domains import countdown as cd
+from steiner.format import Decision, Step, Trace, render
+
+
+def steiner(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "steiner.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_generate_is_byte_for_byte_reproducible(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (a, b):
+        proc = steiner(
+            "countdown",
+            "generate",
+            "--count",
+            "400",
+            "--seed",
+            "1",
+            "--out",
+            str(path),
+            "--shortcut",
+        )
+        assert proc.returncode == 0, proc.stderr
+    assert a.read_bytes() == b.read_bytes()
+    records = [json.loads(line) for line in a.read_text().splitlines()]
+    assert len(records) == 400
+    for r in records:
+        assert cd.is_solvable(r["nums"], r["target"])
+        assert cd.check_answer(r["nums"], r["target"], "\n".join(r["steps"]))
+
+
+def test_solve_prints_solutions():
+    proc = steiner("countdown", "solve", "3", "7", "25", "50", "--target", "79", "--limit", "0")
+    assert proc.returncode == 0
+    assert "18 distinct solution(s)" in proc.stdout
+    assert "7-3=4, 25+4=29, 50+29=79" in proc.stdout
+    assert steiner("countdown", "solve", "3", "7", "25", "50", "--target", "81").returncode == 1
+
+
+def write_paths(path, contents: list[str]) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": c}]}
+        for c in contents
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+GOOD = render(
+    Trace(
+        [Step("a", "b", "c", "d"), Step("e", "f", "g", "h")],
+        [Decision.BACKTRACK, Decision.END],
+        "42",
+    )
+)
+
+
+def test_format_check_counts_and_passes(tmp_path):
+    path = tmp_path / "paths.jsonl"
+    write_paths(path, [GOOD, GOOD])
+    proc = steiner("format", "check", str(path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "│       2 │      2 │     4 │          2 │      0 │" in proc.stderr
+
+
+def test_format_check_lists_errors_with_line_numbers(tmp_path):
+    path = tmp_path / "paths.jsonl"
+    write_paths(path, [GOOD, GOOD.replace("<|reasoning_step_end|>", "", 1), GOOD.replace("42", "")])
+    proc = steiner("format", "check", str(path))
+    assert proc.returncode == 1
+    assert f"{path}:2: offset" in proc.stdout
+    assert f"{path}:3: empty final answer" in proc.stdout
+    assert f"{path}:1:" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b'{"messages": []}\n{"messages": [{"role": "user"}]}\n', ":2: field 'messages.0.content'"),
+        (b'{"messages": []}\n{"messages": [', ":2: truncated JSON"),
+        (b'{"messages": []}\n\xff\xfe\n', ":2: invalid UTF-8"),
+        (b"[1, 2]\n", ":1: expected a JSON object"),
+        (b'{"text": "no messages"}\n', ":1: field 'messages': Field required"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, content, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    assert_one_line_error(steiner("format", "check", str(path)), str(path), needle)
+
+
+def test_unknown_flag_and_bad_values_are_one_line_exit_2(tmp_path):
+    assert_one_line_error(steiner("countdown", "generate", "--out", "x", "--bogus"), "--bogus")
+    assert_one_line_error(
+        steiner("countdown", "generate", "--out", "x", "--count", "many"), "count"
+    )
+    assert_one_line_error(
+        steiner("countdown", "generate", "--out", "x", "--min-target", "9", "--max-target", "1"),
+        "range",
+    )
+    assert_one_line_error(
+        steiner("format", "check", str(tmp_path / "missing.jsonl")), "missing.jsonl"
+    )
+
+
+def test_help_everywhere():
+    for args in ([], ["countdown"], ["countdown", "generate"], ["format", "check"], ["demo"]):
+        proc = steiner(*args, "--help")
+        assert proc.returncode == 0 and "Usage" in proc.stdout, args
+
+
+def test_interim_demo_runs(tmp_path):
+    proc = steiner("demo", "--out", str(tmp_path), "--count", "50")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "50/50" in proc.stdout
+    assert (tmp_path / "countdown-shortcut.jsonl").exists()

@@ -1,0 +1,126 @@
+import random
+from fractions import Fraction
+from itertools import combinations
+
+import pytest
+
+from steiner.domains import countdown as cd
+
+
+def brute_force_solvable(nums: list[int], target: int) -> bool:
+    """Independent of the solver: no memo, no canonical states, ordered pairs, Fractions."""
+    values = [Fraction(n) for n in nums]
+    if len(values) == 1:
+        return values[0] == target
+    for i, j in combinations(range(len(values)), 2):
+        rest = [v for k, v in enumerate(values) if k not in (i, j)]
+        for a, b in ((values[i], values[j]), (values[j], values[i])):
+            if a < b:
+                continue
+            results = [a + b, a - b, a * b]
+            if b != 0 and (a / b).denominator == 1:
+                results.append(a / b)
+            for r in results:
+                if brute_force_solvable([*rest, r], target):
+                    return True
+    return False
+
+
+def test_solver_agrees_with_brute_force_on_2000_pairs():
+    rng = random.Random(1234)
+    agree = solvable = 0
+    for i in range(2000):
+        n = 3 if i % 2 else 4
+        nums = [rng.randint(1, 25) for _ in range(n)]
+        target = rng.randint(1, 60)
+        expected = brute_force_solvable(nums, target)
+        assert cd.is_solvable(nums, target) == expected, (nums, target)
+        assert (cd.solve(nums, target) is not None) == expected
+        agree += 1
+        solvable += expected
+    assert agree == 2000 and 300 < solvable < 1900  # both outcomes well represented
+
+
+def test_every_solution_is_distinct_valid_and_checker_accepts_it():
+    rng = random.Random(7)
+    for _ in range(150):
+        nums = [rng.randint(1, 30) for _ in range(4)]
+        target = rng.choice(sorted(cd.final_values(cd.state_key(nums))))
+        sols = cd.all_solutions(nums, target)
+        assert sols and len({tuple(s) for s in sols}) == len(sols)
+        for steps in sols:
+            assert len(steps) == len(nums) - 1
+            assert cd.check_answer(nums, target, "\n".join(map(str, steps))), steps
+            assert cd.check_answer(nums, target, cd.solution_expression(nums, steps)), steps
+
+
+def test_known_problem():
+    sols = cd.all_solutions([3, 7, 25, 50], 79)
+    assert [str(s) for s in sols[0]] == ["7-3=4", "25+4=29", "50+29=79"]
+    assert len(sols) == 18
+    assert cd.solve([3, 7, 25, 50], 81) is None
+    assert cd.state_key([50, 3, 25, 3]) == (3, 3, 25, 50)
+
+
+def test_reachable_states_includes_start_and_finals():
+    states = cd.reachable_states([2, 3, 4])
+    assert (2, 3, 4) in states and (24,) in states and (9,) in states
+    assert all(len(s) in (1, 2, 3) for s in states)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "(50+25)+(7-3)",
+        "50 + 25 + 7 - 3",
+        "(50 × 1) + 25 + 7 - 3",
+        "7-3=4\n50+25=75\n75+4=79",
+        "7 - 3 = 4; 25 + 50 = 75; 4 + 75 = 79",
+    ],
+)
+def test_checker_accepts(answer):
+    nums = [3, 7, 25, 50, 1] if "×" in answer else [3, 7, 25, 50]
+    assert cd.check_answer(nums, 79, answer), cd.check_answer(nums, 79, answer).reason
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        ("(50+25)+(7+3)", "evaluates to 85"),  # wrong
+        ("50+25+7-3+3", "must use each"),  # reuses 3
+        ("50+25+4", "must use each"),  # misses numbers
+        ("7-3=4\n50+25=75\n75+3=78", "not available"),  # reuses a consumed number
+        ("7-3=4\n50+25=75", "ends with"),  # does not finish
+        ("7-3=5\n50+25=75\n75+5=80", "wrong arithmetic"),
+        ("(50/3)*3+25+7-3-3", "illegal operation 50/3"),  # non-integer division
+        ("9/2=4", "illegal step"),
+        ("3-7+50+25+4", "illegal operation 3-7"),  # negative intermediate
+        ("__import__('os').system('true')", "unexpected"),  # code is data, never run
+        ("2**5", "only + - * /"),
+        ("", "empty"),
+        ("(" * 500 + "1" + ")" * 500, ""),
+    ],
+)
+def test_checker_rejects(answer, reason):
+    result = cd.check_answer([3, 7, 25, 50], 79, answer)
+    assert not result
+    assert reason in result.reason
+
+
+def test_generator_is_seeded_and_only_solvable():
+    a = list(cd.generate_problems(300, n_numbers=4, seed=3))
+    b = list(cd.generate_problems(300, n_numbers=4, seed=3))
+    c = list(cd.generate_problems(300, n_numbers=4, seed=4))
+    assert a == b and a != c
+    for p in a:
+        assert 10 <= p["target"] <= 100 and all(1 <= n <= 50 for n in p["nums"])
+        assert cd.check_answer(p["nums"], p["target"], p["answer"])
+        assert set(p) >= {"id", "domain", "question", "answer", "meta", "nums", "target"}
+    assert len({p["id"] for p in a}) == 300
+
+
+def test_shortcut_record_steps_are_a_straight_solution():
+    p = next(cd.generate_problems(1, n_numbers=5, seed=9))
+    rec = cd.shortcut_record(p)
+    assert len(rec["steps"]) == 4
+    assert cd.check_answer(p["nums"], p["target"], "\n".join(rec["steps"]))
