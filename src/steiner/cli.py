@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,196 @@ def format_check(
     console.print(table)
     if errors:
         raise typer.Exit(1)
+
+
+@app.command("synth")
+def synth(
+    shortcut: Annotated[str, typer.Option(help="Shortcut records: JSONL/Parquet or a dataset.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/synth"),
+    teacher: Annotated[
+        str, typer.Option(help="oracle (offline, needs a solver) or openai.")
+    ] = "oracle",
+    domain: Annotated[
+        str | None, typer.Option(help="countdown | text (default: from records).")
+    ] = None,
+    truncations: Annotated[int, typer.Option(min=1, help="M truncation points per problem.")] = 3,
+    attempts: Annotated[int, typer.Option(min=1, help="K recompletions per truncation point.")] = 4,
+    max_forward: Annotated[int, typer.Option(min=1, help="Steps a teacher proposes.")] = 8,
+    paths_per_dag: Annotated[int, typer.Option(min=1)] = 5,
+    p_wrong: Annotated[
+        float, typer.Option(min=0, max=1, help="Chance to take a wrong branch.")
+    ] = 0.5,
+    max_detours: Annotated[int, typer.Option(min=0)] = 2,
+    max_detour_depth: Annotated[int, typer.Option(min=1)] = 3,
+    max_reasoning_tokens: Annotated[int, typer.Option(min=1)] = 4096,
+    max_total_tokens: Annotated[int, typer.Option(min=1)] = 8192,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="HF tokenizer dir for token counts.")
+    ] = None,
+    cluster_threshold: Annotated[
+        float, typer.Option(help="Cosine distance (text domains).")
+    ] = 0.25,
+    step_separator: Annotated[str, typer.Option(help="Splits a text chain of thought.")] = "\n",
+    seed: Annotated[int, typer.Option()] = 0,
+    shard: Annotated[
+        str | None, typer.Option(help="i/N: handle every N-th problem from i.")
+    ] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Problems per atomic write.")] = 64,
+    workers: Annotated[int, typer.Option(min=1, help="Processes (oracle teacher).")] = 1,
+    base_url: Annotated[
+        str, typer.Option(help="openai teacher: endpoint.")
+    ] = "http://127.0.0.1:8000/v1",
+    model: Annotated[str, typer.Option(help="openai teacher: model name.")] = "default",
+    api_key_env: Annotated[
+        str, typer.Option(help="openai teacher: env var with the key.")
+    ] = "OPENAI_API_KEY",
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="openai teacher: requests in flight.")
+    ] = 8,
+    timeout: Annotated[float, typer.Option(help="openai teacher: seconds per request.")] = 60.0,
+    max_retries: Annotated[int, typer.Option(min=0, help="openai teacher: retries (backoff).")] = 3,
+    temperature: Annotated[float, typer.Option(help="openai teacher: sampling temperature.")] = 0.7,
+    cache_dir: Annotated[str | None, typer.Option(help="openai teacher: reply cache.")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option(help="openai teacher: re-ask cached failures.")
+    ] = False,
+) -> None:
+    """Truncate-and-recomplete synthesis: DAGs, backtracking paths and stats (resumable)."""
+    from steiner.synth.paths import PathSettings
+    from steiner.synth.run import SynthConfig, output_paths, run_synth
+    from steiner.synth.teachers import OpenAISettings
+
+    cfg = SynthConfig(
+        shortcut=shortcut,
+        out=str(out),
+        teacher=teacher,
+        domain=domain,
+        truncations=truncations,
+        attempts=attempts,
+        max_forward=max_forward,
+        cluster_threshold=cluster_threshold,
+        step_separator=step_separator.encode().decode("unicode_escape"),
+        tokenizer=tokenizer,
+        seed=seed,
+        shard=shard,
+        chunk_size=chunk_size,
+        workers=workers,
+        paths=PathSettings(
+            paths_per_dag=paths_per_dag,
+            p_wrong=p_wrong,
+            max_detours=max_detours,
+            max_detour_depth=max_detour_depth,
+            max_reasoning_tokens=max_reasoning_tokens,
+            max_total_tokens=max_total_tokens,
+        ),
+        openai=OpenAISettings(
+            base_url=base_url,
+            model=model,
+            api_key_env=api_key_env,
+            concurrency=concurrency,
+            timeout=timeout,
+            max_retries=max_retries,
+            temperature=temperature,
+            max_forward=max_forward,
+            cache_dir=cache_dir,
+            retry_failed=retry_failed,
+        ),
+    )
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("synth", total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        stats = run_synth(cfg, progress=report)
+    elapsed = time.perf_counter() - start
+    files = output_paths(cfg)
+    table = Table(title=f"steiner synth: {out}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in (
+        "problems",
+        "dags",
+        "paths",
+        "mean_nodes_per_dag",
+        "mean_steps",
+        "mean_reasoning_tokens",
+        "failed_attempts",
+        "requests",
+    ):
+        table.add_row(key, str(stats[key]))
+    table.add_row(
+        "backtracks (n: paths)",
+        ", ".join(f"{k}: {v}" for k, v in stats["backtrack_histogram"].items()),
+    )
+    table.add_row("dropped", ", ".join(f"{k}: {v}" for k, v in stats["dropped"].items()))
+    table.add_row(
+        "teacher faults",
+        ", ".join(f"{k}: {v}" for k, v in stats["teacher_faults"].items()) or "none",
+    )
+    table.add_row(
+        "wall time", f"{elapsed:.1f}s ({stats['paths'] / max(elapsed, 1e-9):.0f} paths/s this run)"
+    )
+    table.add_row("files", f"{files['dags'].name}, {files['paths'].name}, {files['stats'].name}")
+    console.print(table)
+
+
+dag_app = typer.Typer(help="Inspect step DAGs.", no_args_is_help=True)
+app.add_typer(dag_app, name="dag")
+
+
+@dag_app.command("show")
+def dag_show(
+    path: Annotated[Path, typer.Argument(help="dags.jsonl")],
+    problem_id: Annotated[str, typer.Option("--id", help="Problem id.")],
+    dot: Annotated[Path | None, typer.Option(help="Also write Graphviz DOT here.")] = None,
+) -> None:
+    """Print one DAG as a tree (answers and dead ends marked); --dot writes Graphviz."""
+    from rich.tree import Tree
+
+    from steiner.dag import find_dag, read_dags
+
+    dag = find_dag(read_dags(path), problem_id)
+    if dag is None:
+        raise InputError(path, None, f"no DAG for problem id {problem_id!r}")
+    kids = dag.children()
+
+    def label(node_id: int) -> str:
+        n = dag.node(node_id)
+        tag = (
+            " [green]answer[/]"
+            if n.status == "answer"
+            else " [red]dead end[/]"
+            if n.d_e is None
+            else ""
+        )
+        text = n.key if n.key is not None else n.text
+        stats = f"e_in={n.e_in} e_out={n.e_out} d_s={n.d_s} d_e={n.d_e}"
+        return f"[bold]{node_id}[/] {text} [dim]({stats})[/]{tag}"
+
+    shown: set[int] = set()
+
+    def grow(tree: Tree, node_id: int) -> None:
+        for child in kids[node_id]:
+            if child in shown:
+                tree.add(f"[dim]-> {child} (shown above)[/]")
+                continue
+            shown.add(child)
+            grow(tree.add(label(child)), child)
+
+    root = Tree(f"[bold]{dag.root}[/] problem {dag.problem_id}: {dag.node(dag.root).text[:80]}")
+    shown.add(dag.root)
+    grow(root, dag.root)
+    out.print(root)
+    if dot is not None:
+        lines = ["digraph dag {"]
+        for n in dag.nodes:
+            color = "green" if n.status == "answer" else "red" if n.d_e is None else "black"
+            lines.append(f"  {n.id} [label={json.dumps((n.key or n.text)[:40])}, color={color}];")
+        lines += [f"  {u} -> {v};" for u, v in dag.edges]
+        dot.write_text("\n".join(lines + ["}"]) + "\n")
+        console.print(f"wrote {dot}")
 
 
 @app.command("demo")

@@ -1,1 +1,113 @@
 """Problem domains: where problems come from and how an answer is checked."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from steiner.domains.base import Domain
+from steiner.io import InputError, iter_records, validate
+
+
+def get_domain(name: str) -> Domain:
+    if name == "countdown":
+        from steiner.domains.countdown import CountdownDomain
+
+        return CountdownDomain()
+    if name == "text":
+        from steiner.domains.text import TextDomain
+
+        return TextDomain()
+    raise InputError("--domain", None, f"expected countdown or text, got {name!r}")
+
+
+class _CountdownRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | int
+    nums: list[int]
+    target: int
+    steps: list[str] | None = None
+
+
+class _TextRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | int | None = None
+    question: str
+    answer: str | int | float
+    steps: list[str] | None = None
+    cot: str | None = None
+    solution: str | None = None
+
+
+def guess_domain(rec: dict[str, Any]) -> str:
+    if rec.get("domain"):
+        return str(rec["domain"])
+    return "countdown" if "nums" in rec else "text"
+
+
+def shortcut_from_record(
+    rec: dict[str, Any], domain: str, path: str | os.PathLike, line: int, separator: str = "\n"
+) -> dict[str, Any]:
+    """A shortcut record (DESIGN.md schema) from a full or bare record of the domain."""
+    if domain == "countdown":
+        from steiner.domains import countdown
+
+        r = validate(_CountdownRecord, rec, path, line)
+        try:
+            problem = countdown.make_problem(str(r.id), r.nums, r.target, rec.get("meta"))
+        except ValueError:
+            raise InputError(path, line, f"{r.nums} cannot reach {r.target}") from None
+        problem = {**rec, **problem, "id": str(r.id)}
+        if r.steps is None:
+            return countdown.shortcut_record(problem)
+        if not countdown.check_answer(r.nums, r.target, "\n".join(r.steps)):
+            raise InputError(path, line, "field 'steps': not a solution of the problem")
+        return {**problem, "steps": r.steps}
+    if domain == "text":
+        from steiner.domains.text import split_steps
+
+        r = validate(_TextRecord, rec, path, line)
+        steps = r.steps or split_steps(r.cot or r.solution or "", separator)
+        if not steps:
+            raise InputError(
+                path, line, "expected 'steps', 'cot' or 'solution' with at least one step"
+            )
+        return {
+            **rec,
+            "id": str(r.id if r.id is not None else f"text-{line}"),
+            "domain": "text",
+            "question": r.question,
+            "answer": str(r.answer),
+            "meta": rec.get("meta") or {},
+            "steps": steps,
+        }
+    raise InputError(path, line, f"unknown domain {domain!r}")
+
+
+def load_shortcuts(
+    source: str | os.PathLike, domain: str | None = None, separator: str = "\n"
+) -> list[dict[str, Any]]:
+    """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory."""
+    if Path(source).is_file():
+        rows = iter_records(source)
+    else:
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(str(source), split="train")
+        except Exception as exc:  # datasets raises many kinds; the user needs one line
+            raise InputError(
+                source, None, f"not a file and not a loadable dataset ({exc})"
+            ) from None
+        rows = enumerate(ds, start=1)
+    out, ids = [], set()
+    for line, rec in rows:
+        rec = shortcut_from_record(rec, domain or guess_domain(rec), source, line, separator)
+        if rec["id"] in ids:
+            raise InputError(source, line, f"duplicate id {rec['id']!r}")
+        ids.add(rec["id"])
+        out.append(rec)
+    return out

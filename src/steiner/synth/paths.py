@@ -1,0 +1,202 @@
+"""Sample reasoning paths from a DAG, with wrong branches followed by backtracks, and render
+them in the 14-token format."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from steiner.dag import Dag
+from steiner.domains.base import Domain
+from steiner.format import Decision, Step, Trace, reasoning_and_answer, render
+
+
+@dataclass
+class PathSettings:
+    paths_per_dag: int = 5
+    p_wrong: float = 0.5  # at a branch point with an untried dead branch, take it this often
+    max_detours: int = 2
+    max_detour_depth: int = 3
+    max_reasoning_tokens: int = 4096
+    max_total_tokens: int = 8192
+    tries_per_path: int = 4  # walks drawn per wanted path before giving up (duplicates)
+
+
+@dataclass
+class Move:
+    src: int
+    dst: int
+    back: bool = False  # this move starts at a node a backtrack returned to
+    decision: Decision = Decision.PROCEED
+
+
+def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | None:
+    """A walk from the root to an answer. At a node with an untried dead-end child it may
+    (probability ``p_wrong``, at most ``max_detours`` times) take that child, follow it down
+    to a node judged dead, a leaf or ``max_detour_depth`` steps, then backtrack to the
+    branch point, which is already on the path, and go on from there."""
+    kids = dag.children()
+    nodes = dag.nodes
+    if nodes[dag.root].d_e is None:
+        return None
+    moves: list[Move] = []
+    cur, detours, back = dag.root, 0, False
+    tried: set[int] = set()
+    while nodes[cur].status != "answer":
+        alive = [c for c in kids[cur] if nodes[c].d_e is not None]
+        dead = [c for c in kids[cur] if nodes[c].d_e is None and c not in tried]
+        if dead and detours < s.max_detours and rng.random() < s.p_wrong:
+            detours += 1
+            node = rng.choice(dead)
+            tried.add(node)
+            moves.append(Move(cur, node, back))
+            depth = 1
+            while depth < s.max_detour_depth and nodes[node].status != "dead" and kids[node]:
+                nxt = rng.choice(kids[node])
+                moves.append(Move(node, nxt))
+                node, depth = nxt, depth + 1
+            moves[-1].decision = Decision.BACKTRACK
+            back = True
+            continue
+        node = rng.choice(alive)
+        moves.append(Move(cur, node, back))
+        cur, back = node, False
+    moves[-1].decision = Decision.END
+    return moves
+
+
+def walk_node_ids(dag: Dag, moves: list[Move]) -> list[int]:
+    """The walk as node ids: the root, then each node entered; after a backtrack the node
+    returned to appears again (it costs no step of its own)."""
+    ids = [dag.root]
+    for m in moves:
+        if m.back:
+            ids.append(m.src)
+        ids.append(m.dst)
+    return ids
+
+
+def render_walk(domain: Domain, problem: dict[str, Any], dag: Dag, moves: list[Move]) -> Trace:
+    nodes = dag.nodes
+    keyed = dag.keyed
+    steps: list[Step] = []
+    for m in moves:
+        src, dst = nodes[m.src], nodes[m.dst]
+        status = "dead" if m.decision is Decision.BACKTRACK else dst.status
+        if status == "root":
+            status = "alive"
+        if keyed:
+            before = domain.state_from_key(problem, src.key)
+            after = domain.state_from_key(problem, dst.key)
+            text = domain.step_between(problem, before, after)
+            content = domain.write_step(
+                problem, before, text, after, status, back_to=before if m.back else None
+            )
+        else:
+            text = dst.text
+            content = {f: dst.step.get(f, "") for f in ("name", "thought", "summary", "reflection")}
+            if m.back:
+                where = src.step.get("summary") or src.text if m.src != dag.root else "the start"
+                content["name"] = f"back to {where}: {content['name']}"
+        steps.append(Step(**content))
+    return Trace(
+        steps=steps,
+        decisions=[m.decision for m in moves],
+        answer=domain.final_answer(problem, successful_branch(domain, problem, dag, moves)),
+    )
+
+
+def successful_branch(
+    domain: Domain, problem: dict[str, Any], dag: Dag, moves: list[Move]
+) -> list[str]:
+    """Step texts from the root to the answer with every detour cut out."""
+    parent: dict[int, int] = {}
+    for m in moves:
+        parent[m.dst] = m.src
+    node, chain = moves[-1].dst, []
+    while node != dag.root:
+        chain.append((parent[node], node))
+        node = parent[node]
+    chain.reverse()
+    nodes = dag.nodes
+    if dag.keyed:
+        return [
+            domain.step_between(
+                problem,
+                domain.state_from_key(problem, nodes[u].key),
+                domain.state_from_key(problem, nodes[v].key),
+            )
+            for u, v in chain
+        ]
+    return [nodes[v].text for _, v in chain]
+
+
+_TOKEN_RE = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]")
+
+
+def default_token_count(text: str) -> int:
+    """Approximate tokens: special tokens, words and punctuation marks count one each."""
+    return len(_TOKEN_RE.findall(text))
+
+
+def tokenizer_counter(path: str) -> Callable[[str], int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def sample_paths(
+    domain: Domain,
+    problem: dict[str, Any],
+    dag: Dag,
+    rng: random.Random,
+    s: PathSettings,
+    count_tokens: Callable[[str], int] = default_token_count,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Up to ``paths_per_dag`` distinct path records and counts of what was dropped."""
+    dropped = {"reasoning_tokens": 0, "total_tokens": 0, "duplicates": 0, "no_walk": 0}
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    question = problem["question"]
+    q_tokens = count_tokens(question)
+    for _ in range(s.paths_per_dag * s.tries_per_path):
+        if len(out) == s.paths_per_dag:
+            break
+        moves = sample_walk(dag, rng, s)
+        if moves is None:
+            dropped["no_walk"] += 1
+            break
+        trace = render_walk(domain, problem, dag, moves)
+        content = render(trace)
+        if content in seen:
+            dropped["duplicates"] += 1
+            continue
+        seen.add(content)
+        reasoning, _ = reasoning_and_answer(content)
+        r_tokens = count_tokens(reasoning)
+        total = q_tokens + count_tokens(content)
+        if r_tokens > s.max_reasoning_tokens:
+            dropped["reasoning_tokens"] += 1
+            continue
+        if total > s.max_total_tokens:
+            dropped["total_tokens"] += 1
+            continue
+        out.append(
+            {
+                "problem_id": str(problem["id"]),
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": content},
+                ],
+                "node_ids": walk_node_ids(dag, moves),
+                "n_steps": trace.n_steps,
+                "n_backtracks": trace.n_backtracks,
+                "reasoning_tokens": r_tokens,
+                "total_tokens": total,
+            }
+        )
+    return out, dropped

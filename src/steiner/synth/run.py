@@ -1,0 +1,324 @@
+"""``steiner synth``: shortcut records in; DAGs, reasoning paths and stats out.
+
+Resumable: problems are processed in chunks; after each chunk the new DAG and path lines are
+appended and fsynced, then one line goes into a journal with the byte sizes of both files.
+A re-run truncates both files to the last journalled sizes (dropping a half-written chunk)
+and continues with the next problem. Every random choice is seeded from (seed, problem id),
+so an interrupted and resumed run writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from steiner.dag import Dag, Observation, build_dag
+from steiner.domains import get_domain, load_shortcuts
+from steiner.domains.base import ALIVE, ANSWER, Domain
+from steiner.io import InputError
+from steiner.synth.cluster import cluster_texts
+from steiner.synth.paths import PathSettings, default_token_count, sample_paths, tokenizer_counter
+from steiner.synth.teachers import Job, OpenAISettings, OpenAITeacher, OracleTeacher, StepOut
+
+
+@dataclass
+class SynthConfig:
+    shortcut: str = ""
+    out: str = "runs/synth"
+    teacher: str = "oracle"  # oracle | openai
+    domain: str | None = None  # default: the records' "domain" field
+    truncations: int = 3  # M truncation points per problem
+    attempts: int = 4  # K recompletions per truncation point
+    max_forward: int = 8  # steps a teacher may propose after a truncation point
+    cluster_threshold: float = 0.25  # cosine distance (text domains only)
+    step_separator: str = "\n"  # splits a text domain's chain of thought into steps
+    tokenizer: str | None = None  # count tokens with this HF tokenizer (default: approximate)
+    seed: int = 0
+    shard: str | None = None  # "i/N": this process handles problems i, i+N, i+2N, ...
+    chunk_size: int = 64
+    workers: int = 1  # processes for the oracle teacher
+    paths: PathSettings = field(default_factory=PathSettings)
+    openai: OpenAISettings = field(default_factory=OpenAISettings)
+
+    def fingerprint(self) -> str:
+        """What must match for a re-run to continue a run (not the worker count)."""
+        d = asdict(self)
+        for k in ("workers", "out", "chunk_size"):
+            d.pop(k)
+        d["openai"].pop("concurrency")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    if not shard:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise InputError("--shard", None, f"expected i/N, got {shard!r}") from None
+    if not 0 <= i < n:
+        raise InputError("--shard", None, f"expected 0 <= i < N, got {shard!r}")
+    return i, n
+
+
+def output_paths(cfg: SynthConfig) -> dict[str, Path]:
+    i, n = parse_shard(cfg.shard)
+    suffix = f"-{i:05d}-of-{n:05d}" if n > 1 else ""
+    out = Path(cfg.out)
+    return {
+        "dags": out / f"dags{suffix}.jsonl",
+        "paths": out / f"paths{suffix}.jsonl",
+        "stats": out / f"stats{suffix}.json",
+        "journal": out / f".journal{suffix}.jsonl",
+    }
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+def plan_jobs(problem: dict[str, Any], cfg: SynthConfig) -> list[Job]:
+    """M truncation points (kept-step counts, sampled without replacement) x K attempts."""
+    steps = problem["steps"]
+    rng = random.Random(_seed(cfg.seed, problem["id"], "cuts"))
+    cuts = sorted(rng.sample(range(len(steps)), min(cfg.truncations, len(steps))))
+    return [
+        Job(problem, steps[:cut], _seed(cfg.seed, problem["id"], cut, k))
+        for cut in cuts
+        for k in range(cfg.attempts)
+    ]
+
+
+def shortcut_steps(domain: Domain, problem: dict[str, Any]) -> list[StepOut]:
+    state = domain.start_state(problem)
+    out: list[StepOut] = []
+    for i, text in enumerate(problem["steps"]):
+        after = domain.apply_step(problem, state, text)
+        if after is None:
+            raise ValueError(f"problem {problem['id']}: invalid shortcut step {text!r}")
+        last = i == len(problem["steps"]) - 1
+        status = domain.label(problem, after) or (ANSWER if last else ALIVE)
+        out.append(
+            StepOut(text, after, status, domain.write_step(problem, state, text, after, status))
+        )
+        state = after
+    return out
+
+
+def build_problem_dag(
+    domain: Domain,
+    problem: dict[str, Any],
+    jobs: list[Job],
+    results: list[list[StepOut] | None],
+    threshold: float,
+) -> Dag:
+    shortcut = shortcut_steps(domain, problem)
+    attempts = [shortcut] + [
+        shortcut[: len(job.prefix)] + cont
+        for job, cont in zip(jobs, results, strict=True)
+        if cont is not None
+    ]
+    keys = [[domain.state_key(s.state) for s in a] for a in attempts]
+    if all(k is not None for ks in keys for k in ks):
+        clusters = keys
+    else:
+        flat = cluster_texts([s.text for a in attempts for s in a], threshold)
+        it = iter(flat)
+        clusters = [[next(it) for _ in a] for a in attempts]
+    observations = [
+        [Observation(c, s.text, k, s.status, s.content) for s, c, k in zip(a, cs, ks, strict=True)]
+        for a, cs, ks in zip(attempts, clusters, keys, strict=True)
+    ]
+    root_key = domain.state_key(domain.start_state(problem))
+    return build_dag(str(problem["id"]), problem["question"], observations, root_key)
+
+
+def process_chunk(
+    cfg: SynthConfig, problems: list[dict[str, Any]], teacher: Any = None
+) -> dict[str, Any]:
+    """DAG lines, path lines and counts for a chunk of problems (runs in a worker process)."""
+    domain = get_domain(cfg.domain or problems[0]["domain"])
+    if teacher is None:
+        teacher = OracleTeacher(domain, cfg.max_forward)
+    count = tokenizer_counter(cfg.tokenizer) if cfg.tokenizer else default_token_count
+    plans = [plan_jobs(p, cfg) for p in problems]
+    results = teacher.continue_all([j for jobs in plans for j in jobs])
+    dag_lines, path_lines = [], []
+    stats: Counter[str] = Counter()
+    backtracks: Counter[int] = Counter()
+    pos = 0
+    for problem, jobs in zip(problems, plans, strict=True):
+        res = results[pos : pos + len(jobs)]
+        pos += len(jobs)
+        stats["failed_attempts"] += sum(r is None for r in res)
+        dag = build_problem_dag(domain, problem, jobs, res, cfg.cluster_threshold)
+        dag_lines.append(json.dumps(dag.to_record()))
+        stats["dags"] += 1
+        stats["nodes"] += len(dag.nodes)
+        stats["dead_end_nodes"] += sum(n.d_e is None for n in dag.nodes)
+        rng = random.Random(_seed(cfg.seed, problem["id"], "paths"))
+        paths, dropped = sample_paths(domain, problem, dag, rng, cfg.paths, count)
+        for k, v in dropped.items():
+            stats[f"dropped_{k}"] += v
+        for rec in paths:
+            path_lines.append(json.dumps(rec, ensure_ascii=False))
+            stats["paths"] += 1
+            stats["steps"] += rec["n_steps"]
+            stats["reasoning_tokens"] += rec["reasoning_tokens"]
+            stats["total_tokens"] += rec["total_tokens"]
+            backtracks[rec["n_backtracks"]] += 1
+    return {
+        "dags": "".join(line + "\n" for line in dag_lines),
+        "paths": "".join(line + "\n" for line in path_lines),
+        "stats": dict(stats),
+        "backtracks": {str(k): v for k, v in backtracks.items()},
+        "faults": dict(teacher.faults),
+        "requests": teacher.requests,
+    }
+
+
+def _read_journal(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a half-written last line: that chunk is redone
+    return entries
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _process_chunk_star(args: tuple[SynthConfig, list[dict[str, Any]]]) -> dict[str, Any]:
+    return process_chunk(*args)
+
+
+def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
+    """Run (or resume) synthesis; returns the stats written to stats.json."""
+    problems = load_shortcuts(cfg.shortcut, cfg.domain, cfg.step_separator)
+    if not problems:
+        raise InputError(cfg.shortcut, None, "no records")
+    i, n = parse_shard(cfg.shard)
+    problems = problems[i::n]
+    files = output_paths(cfg)
+    files["dags"].parent.mkdir(parents=True, exist_ok=True)
+    journal = _read_journal(files["journal"])
+    fingerprint = cfg.fingerprint()
+    if journal and journal[0].get("fingerprint") != fingerprint:
+        raise InputError(
+            files["journal"], 1, "this directory holds a run with other settings; use a new --out"
+        )
+    if not journal:
+        for key in ("dags", "paths"):
+            files[key].write_bytes(b"")
+        _append(
+            files["journal"],
+            json.dumps({"fingerprint": fingerprint, "done": 0, "dags_bytes": 0, "paths_bytes": 0})
+            + "\n",
+        )
+        journal = _read_journal(files["journal"])
+    last = journal[-1]
+    for key in ("dags", "paths"):  # drop whatever a crash left after the last journalled chunk
+        with files[key].open("r+b") as fh:
+            fh.truncate(last[f"{key}_bytes"])
+    done = last["done"]
+    todo = list(chunks(problems[done:], cfg.chunk_size))
+    if progress is not None:
+        progress(done, len(problems))
+
+    teacher = None
+    if cfg.teacher == "openai":
+        domain = get_domain(cfg.domain or problems[0]["domain"])
+        teacher = OpenAITeacher(domain, cfg.openai, Path(cfg.out) / "teacher-cache")
+    elif cfg.teacher != "oracle":
+        raise InputError("--teacher", None, f"expected oracle or openai, got {cfg.teacher!r}")
+
+    def results() -> Iterator[dict[str, Any]]:
+        if teacher is None and cfg.workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(cfg.workers) as pool:
+                yield from pool.imap(_process_chunk_star, [(cfg, c) for c in todo])
+        else:
+            for c in todo:
+                yield process_chunk(cfg, c, teacher)
+
+    requests = 0
+    for chunk, result in zip(todo, results(), strict=True):
+        if teacher is not None:  # the openai teacher's counts accumulate across chunks
+            result["faults"] = dict(teacher.faults)
+            result["requests"] = teacher.requests
+            teacher.faults.clear()
+            teacher.requests = 0
+        _append(files["dags"], result["dags"])
+        _append(files["paths"], result["paths"])
+        done += len(chunk)
+        entry = {
+            "fingerprint": fingerprint,
+            "done": done,
+            "dags_bytes": files["dags"].stat().st_size,
+            "paths_bytes": files["paths"].stat().st_size,
+            "stats": result["stats"],
+            "backtracks": result["backtracks"],
+            "faults": result["faults"],
+            "requests": result["requests"],
+        }
+        _append(files["journal"], json.dumps(entry) + "\n")
+        requests += result["requests"]
+        if progress is not None:
+            progress(done, len(problems))
+
+    stats = summarize(_read_journal(files["journal"]), len(problems))
+    tmp = files["stats"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, files["stats"])
+    # requests made by this invocation describe the run, not the files: not in stats.json
+    return {**stats, "requests": requests}
+
+
+def summarize(journal: list[dict[str, Any]], n_problems: int) -> dict[str, Any]:
+    total: Counter[str] = Counter()
+    backtracks: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    for e in journal[1:]:
+        total.update(e["stats"])
+        backtracks.update(e["backtracks"])
+        faults.update(e["faults"])
+    paths = total["paths"] or 1
+    return {
+        "problems": n_problems,
+        "dags": total["dags"],
+        "paths": total["paths"],
+        "mean_nodes_per_dag": round(total["nodes"] / (total["dags"] or 1), 3),
+        "dead_end_nodes": total["dead_end_nodes"],
+        "mean_reasoning_tokens": round(total["reasoning_tokens"] / paths, 3),
+        "mean_total_tokens": round(total["total_tokens"] / paths, 3),
+        "mean_steps": round(total["steps"] / paths, 3),
+        "backtrack_histogram": dict(sorted(backtracks.items(), key=lambda kv: int(kv[0]))),
+        "dropped": {
+            k.removeprefix("dropped_"): v
+            for k, v in sorted(total.items())
+            if k.startswith("dropped_")
+        },
+        "failed_attempts": total["failed_attempts"],
+        "teacher_faults": dict(sorted(faults.items())),
+    }

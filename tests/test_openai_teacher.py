@@ -1,0 +1,138 @@
+"""The openai teacher against a local HTTP server that answers well, badly, slowly or 500."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+BEHAVIOUR = {
+    "Q-valid": "valid",
+    "Q-malformed": "malformed",
+    "Q-slow": "slow",
+    "Q-error": "error",
+    "Q-valid2": "valid",
+}
+
+
+class FakeChat(BaseHTTPRequestHandler):
+    hits = 0
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_POST(self):
+        FakeChat.hits += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        question = next(q for q in sorted(BEHAVIOUR, key=len, reverse=True) if q in prompt)
+        kind = BEHAVIOUR[question]
+        if kind == "error":
+            return self.reply(500, {"error": {"message": "boom"}})
+        if kind == "slow":
+            time.sleep(1.5)
+            return self.reply(200, {})
+        if kind == "malformed":
+            content = "I think the next step is to add them."
+        elif "New steps:" in prompt:  # the judge call, answer revealed
+            content = json.dumps({"steps": [{"status": "answer", "reflection": "Correct."}]})
+        else:
+            content = json.dumps(
+                {"steps": [{"name": "add", "thought": f"{question}: add 2 and 2", "summary": "4"}]}
+            )
+        self.reply(
+            200,
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "fake",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": content},
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            },
+        )
+
+    def reply(self, status, obj):
+        data = json.dumps(obj).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout)
+
+
+@pytest.fixture()
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeChat)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    FakeChat.hits = 0
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd.shutdown()
+
+
+def synth(shortcut, out, cache, base_url):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steiner.cli",
+            "synth",
+            "--shortcut",
+            str(shortcut),
+            "--out",
+            str(out),
+            "--teacher",
+            "openai",
+            "--base-url",
+            base_url,
+            "--model",
+            "fake",
+            "--timeout",
+            "0.5",
+            "--max-retries",
+            "0",
+            "--truncations",
+            "2",
+            "--attempts",
+            "1",
+            "--cache-dir",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_faults_are_counted_and_cache_makes_rerun_free(server, tmp_path):
+    shortcut = tmp_path / "text.jsonl"
+    rows = [{"id": q, "question": q, "cot": "1+1=2\n2+2=4", "answer": "4"} for q in BEHAVIOUR]
+    shortcut.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = synth(shortcut, tmp_path / "run1", tmp_path / "cache", server)
+    assert first.returncode == 0, first.stderr
+    stats = json.loads((tmp_path / "run1" / "stats.json").read_text())
+    faults = stats["teacher_faults"]
+    # two truncation points x one attempt per problem, each fault kind on its own problem
+    assert faults == {"http_500": 2, "malformed": 2, "timeout": 2}
+    assert stats["failed_attempts"] == 6
+    assert stats["dags"] == 5 and stats["paths"] >= 5  # every problem still gets its DAG
+    hits = FakeChat.hits
+    assert hits == 2 * 2 * 2 + 2 + 2 + 2  # valid: propose+judge; others: one call each
+    second = synth(shortcut, tmp_path / "run2", tmp_path / "cache", server)
+    assert second.returncode == 0, second.stderr
+    assert FakeChat.hits == hits  # zero requests: everything came from the cache
+    for name in ("dags.jsonl", "paths.jsonl", "stats.json"):
+        assert (tmp_path / "run1" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes()

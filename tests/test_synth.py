@@ -1,0 +1,169 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from steiner.dag import read_dags
+from steiner.domains import countdown as cd
+from steiner.domains import load_shortcuts
+from steiner.format import Decision, parse
+from steiner.synth.run import SynthConfig, run_synth
+
+
+def steiner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "steiner.cli", *args], capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("synth")
+    shortcut = tmp / "shortcut.jsonl"
+    assert (
+        steiner(
+            "countdown",
+            "generate",
+            "--count",
+            "150",
+            "--seed",
+            "5",
+            "--shortcut",
+            "--out",
+            str(shortcut),
+        ).returncode
+        == 0
+    )
+    stats = run_synth(SynthConfig(shortcut=str(shortcut), out=str(tmp / "out"), seed=3))
+    return tmp, stats
+
+
+def test_paths_are_valid_walks_with_correct_answers(synth_run):
+    tmp, stats = synth_run
+    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
+    dags = {d.problem_id: d for d in read_dags(tmp / "out" / "dags.jsonl")}
+    assert stats["dags"] == 150 and stats["paths"] >= 600
+    paths = [json.loads(line) for line in (tmp / "out" / "paths.jsonl").read_text().splitlines()]
+    assert len(paths) == stats["paths"]
+    with_backtrack = 0
+    for rec in paths:
+        dag, problem = dags[rec["problem_id"]], problems[rec["problem_id"]]
+        edges = set(dag.edges)
+        ids = rec["node_ids"]
+        trace, errors = parse(rec["messages"][1]["content"], strict=True)
+        assert errors == [] and trace.n_steps == rec["n_steps"]
+        returns = 0
+        for i in range(1, len(ids)):
+            if (ids[i - 1], ids[i]) in edges:
+                continue
+            # not an edge: a backtrack, returning to a node already on the path
+            assert ids[i] in ids[: i - 1], (rec["problem_id"], ids)
+            assert dag.nodes[ids[i - 1]].d_e is None  # it left a dead end
+            returns += 1
+        assert returns == rec["n_backtracks"] == trace.n_backtracks
+        assert dag.nodes[ids[-1]].status == "answer"
+        assert trace.decisions[-1] is Decision.END
+        assert cd.check_answer(problem["nums"], problem["target"], trace.answer), trace.answer
+        with_backtrack += returns > 0
+        # the step after a backtrack names the state it returns to
+        for i, d in enumerate(trace.decisions[:-1]):
+            if d is Decision.BACKTRACK:
+                assert trace.steps[i + 1].name.startswith("back to ")
+    assert with_backtrack > len(paths) // 2
+    assert len({r["messages"][1]["content"] for r in paths}) == len(paths)  # deduplicated
+    assert steiner("format", "check", str(tmp / "out" / "paths.jsonl")).returncode == 0
+
+
+def test_same_seed_same_files_and_workers_do_not_matter(synth_run, tmp_path):
+    tmp, _ = synth_run
+    run_synth(
+        SynthConfig(
+            shortcut=str(tmp / "shortcut.jsonl"),
+            out=str(tmp_path),
+            seed=3,
+            workers=2,
+            chunk_size=16,
+        )
+    )
+    for name in ("dags.jsonl", "paths.jsonl", "stats.json"):
+        assert (tmp_path / name).read_bytes() == (tmp / "out" / name).read_bytes(), name
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    shortcut = tmp_path / "shortcut.jsonl"
+    assert (
+        steiner(
+            "countdown",
+            "generate",
+            "--count",
+            "3000",
+            "--seed",
+            "2",
+            "--shortcut",
+            "--out",
+            str(shortcut),
+        ).returncode
+        == 0
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "steiner.cli",
+        "synth",
+        "--shortcut",
+        str(shortcut),
+        "--chunk-size",
+        "25",
+        "--seed",
+        "1",
+    ]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    journal = killed / ".journal.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(journal.read_text().splitlines()[-1])["done"]
+    assert 0 < done < 3000, "the run must be killed mid-way"
+    assert not (killed / "stats.json").exists()
+    assert subprocess.run([*args, "--out", str(killed)], capture_output=True).returncode == 0
+    clean = tmp_path / "clean"
+    assert subprocess.run([*args, "--out", str(clean)], capture_output=True).returncode == 0
+    for name in ("dags.jsonl", "paths.jsonl", "stats.json"):
+        assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
+    # a third run has nothing left to do and changes nothing
+    assert subprocess.run([*args, "--out", str(clean)], capture_output=True).returncode == 0
+    assert (clean / "paths.jsonl").read_bytes() == (killed / "paths.jsonl").read_bytes()
+
+
+def test_text_domain_records_split_cot(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(
+        json.dumps({"question": "2+3*4?", "cot": "3*4=12\n2+12=14", "answer": "14"}) + "\n"
+    )
+    [rec] = load_shortcuts(path)
+    assert (
+        rec["domain"] == "text" and rec["steps"] == ["3*4=12", "2+12=14"] and rec["id"] == "text-1"
+    )
+
+
+def test_bad_shortcut_file_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "a", "nums": [1, 1], "target": 97}\n')
+    proc = steiner("synth", "--shortcut", str(path), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{path}:1: [1, 1] cannot reach 97" in proc.stderr
+    proc = steiner(
+        "synth", "--shortcut", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")
+    )
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
