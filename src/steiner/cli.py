@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel
@@ -337,6 +337,100 @@ def dag_show(
         lines += [f"  {u} -> {v};" for u, v in dag.edges]
         dot.write_text("\n".join(lines + ["}"]) + "\n")
         console.print(f"wrote {dot}")
+
+
+train_app = typer.Typer(
+    help="Training stages. Each takes --config FILE.yaml and any config field as a flag "
+    "(`steiner train sft --help` lists them).",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def parse_stage_config(config_cls: type, args: list[str], prog: str) -> Any:
+    """Parse a stage's dataclass from --config YAML and flags; errors become one line."""
+    from trl import TrlParser
+
+    class OneLineParser(TrlParser):
+        def error(self, message: str):  # argparse would print usage and exit
+            raise InputError(prog, None, message)
+
+    try:
+        (cfg,) = OneLineParser((config_cls,), prog=prog).parse_args_and_config(args=args)
+    except ValueError as exc:  # unknown flags, bad YAML keys
+        raise InputError(prog, None, str(exc)) from None
+    return cfg
+
+
+def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
+    table = Table(title=f"steiner train {summary['stage']}: {output_dir}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in (
+        "examples",
+        "steps",
+        "tokens_seen",
+        "tokens_per_s",
+        "first_loss",
+        "final_loss",
+        "train_seconds",
+        "resumed_from",
+    ):
+        value = summary[key]
+        table.add_row(
+            key, f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value)
+        )
+    console.print(table)
+
+
+@train_app.command("init", context_settings=_PASS_THROUGH, add_help_option=False)
+def train_init(ctx: typer.Context) -> None:
+    """Create a model: --preset tiny|small|base --data FILE --out DIR, or --from DIR."""
+    from steiner.train.config import InitConfig
+    from steiner.train.model import PRESETS, init_model
+
+    cfg = parse_stage_config(InitConfig, ctx.args, "steiner train init")
+    if cfg.preset not in PRESETS and not cfg.from_pretrained:
+        raise InputError(
+            "--preset", None, f"expected one of {', '.join(PRESETS)}, got {cfg.preset!r}"
+        )
+    if not cfg.from_pretrained and not cfg.data:
+        raise InputError("--data", None, "a from-scratch model needs --data to train its tokenizer")
+    summary = init_model(
+        cfg.output_dir,
+        cfg.preset,
+        cfg.data,
+        cfg.from_pretrained,
+        cfg.vocab_size,
+        cfg.split_digits,
+        cfg.max_positions,
+        cfg.seed,
+    )
+    console.print(
+        f"{summary['origin']}: {summary['parameters']:,} parameters, vocabulary "
+        f"{summary['vocab_size']}, saved to {cfg.output_dir}"
+    )
+
+
+@train_app.command("cpt", context_settings=_PASS_THROUGH, add_help_option=False)
+def train_cpt(ctx: typer.Context) -> None:
+    """Continual pre-training: --model DIR --paths paths.jsonl [--texts FILE] --output_dir DIR."""
+    from steiner.train.config import CPTStageConfig
+    from steiner.train.trainer import run_cpt
+
+    cfg = parse_stage_config(CPTStageConfig, ctx.args, "steiner train cpt")
+    print_training_summary(run_cpt(cfg), cfg.output_dir)
+
+
+@train_app.command("sft", context_settings=_PASS_THROUGH, add_help_option=False)
+def train_sft(ctx: typer.Context) -> None:
+    """SFT on chat paths: --model DIR --data paths.jsonl --output_dir DIR [--shortcut]."""
+    from steiner.train.config import SFTStageConfig
+    from steiner.train.trainer import run_sft
+
+    cfg = parse_stage_config(SFTStageConfig, ctx.args, "steiner train sft")
+    print_training_summary(run_sft(cfg), cfg.output_dir)
 
 
 @app.command("demo")

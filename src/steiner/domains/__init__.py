@@ -111,3 +111,34 @@ def load_shortcuts(
         ids.add(rec["id"])
         out.append(rec)
     return out
+
+
+def walk_shortcut(domain: Domain, problem: dict[str, Any]) -> list[tuple[str, Any, Any, str, dict]]:
+    """The shortcut's steps as (text, state before, state after, status, step content)."""
+    from steiner.domains.base import ALIVE, ANSWER
+
+    state = domain.start_state(problem)
+    out = []
+    for i, text in enumerate(problem["steps"]):
+        after = domain.apply_step(problem, state, text)
+        if after is None:
+            raise ValueError(f"problem {problem['id']}: invalid shortcut step {text!r}")
+        last = i == len(problem["steps"]) - 1
+        status = domain.label(problem, after) or (ANSWER if last else ALIVE)
+        out.append(
+            (text, state, after, status, domain.write_step(problem, state, text, after, status))
+        )
+        state = after
+    return out
+
+
+def shortcut_trace(domain: Domain, problem: dict[str, Any]) -> Any:
+    """The shortcut rendered as one straight path: every step proceeds, no backtracking."""
+    from steiner.format import Decision, Step, Trace
+
+    walk = walk_shortcut(domain, problem)
+    return Trace(
+        steps=[Step(**content) for *_, content in walk],
+        decisions=[Decision.PROCEED] * (len(walk) - 1) + [Decision.END],
+        answer=domain.final_answer(problem, [text for text, *_ in walk]),
+    )

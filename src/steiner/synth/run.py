@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from steiner.dag import Dag, Observation, build_dag
-from steiner.domains import get_domain, load_shortcuts
-from steiner.domains.base import ALIVE, ANSWER, Domain
+from steiner.domains import get_domain, load_shortcuts, walk_shortcut
+from steiner.domains.base import Domain
 from steiner.io import InputError
 from steiner.synth.cluster import cluster_texts
 from steiner.synth.paths import PathSettings, default_token_count, sample_paths, tokenizer_counter
@@ -98,19 +98,10 @@ def plan_jobs(problem: dict[str, Any], cfg: SynthConfig) -> list[Job]:
 
 
 def shortcut_steps(domain: Domain, problem: dict[str, Any]) -> list[StepOut]:
-    state = domain.start_state(problem)
-    out: list[StepOut] = []
-    for i, text in enumerate(problem["steps"]):
-        after = domain.apply_step(problem, state, text)
-        if after is None:
-            raise ValueError(f"problem {problem['id']}: invalid shortcut step {text!r}")
-        last = i == len(problem["steps"]) - 1
-        status = domain.label(problem, after) or (ANSWER if last else ALIVE)
-        out.append(
-            StepOut(text, after, status, domain.write_step(problem, state, text, after, status))
-        )
-        state = after
-    return out
+    return [
+        StepOut(text, after, status, content)
+        for text, _, after, status, content in walk_shortcut(domain, problem)
+    ]
 
 
 def build_problem_dag(

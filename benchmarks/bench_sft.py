@@ -1,0 +1,112 @@
+"""SFT throughput: `steiner train sft` vs plain TRL SFTTrainer, same model and data, one run.
+
+Goal (issue 4): >= 1.3x the tokens/s of TRL's SFTTrainer with its default settings (no
+packing). Tokens are non-padding training tokens. Baselines, measured here:
+  1. TRL defaults, with only what CPU needs (use_cpu, fp32, no reporting); TRL turns
+     gradient checkpointing on by default;
+  2. the same with gradient checkpointing off (isolates the batching gain).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+STEPS = 60
+
+
+def steiner(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "steiner.cli", *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def plain_trl(model_dir: Path, paths: Path, out: Path, **overrides) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from steiner.train.data import sft_dataset
+
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=STEPS,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        **overrides,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=sft_dataset(str(paths)),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return trainer.state.num_input_tokens_seen / (time.perf_counter() - start)
+
+
+def ours(model_dir: Path, paths: Path, out: Path) -> float:
+    from steiner.train.config import SFTStageConfig
+    from steiner.train.trainer import run_sft
+
+    summary = run_sft(
+        SFTStageConfig(
+            output_dir=str(out),
+            model=str(model_dir),
+            data=str(paths),
+            max_steps=STEPS,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+    )
+    return summary["tokens_per_s"]
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        steiner(
+            "countdown",
+            "generate",
+            "--count",
+            "500",
+            "--seed",
+            "0",
+            "--shortcut",
+            "--out",
+            str(tmp / "shortcut.jsonl"),
+        )
+        steiner("synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(tmp / "synth"))
+        paths = tmp / "synth" / "paths.jsonl"
+        steiner("train", "init", "--preset", "tiny", "--data", str(paths), "--out", str(tmp / "m"))
+        base = plain_trl(tmp / "m", paths, tmp / "a")
+        base_no_ckpt = plain_trl(tmp / "m", paths, tmp / "b", activation_checkpointing=False)
+        mine = ours(tmp / "m", paths, tmp / "c")
+    print(f"model: tiny preset; data: {paths.name} of 500 countdown-4 problems; {STEPS} steps each")
+    print(f"TRL SFTTrainer, default settings:              {base:8.0f} tokens/s")
+    print(f"TRL SFTTrainer, defaults without checkpointing: {base_no_ckpt:8.0f} tokens/s")
+    print(f"steiner train sft:                             {mine:8.0f} tokens/s")
+    print(
+        f"ratio vs TRL defaults: {mine / base:.2f}x (goal >= 1.3x: "
+        f"{'met' if mine / base >= 1.3 else 'MISSED'}); "
+        f"vs defaults without checkpointing: {mine / base_no_ckpt:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""One dataclass per training stage. Each loads from YAML (``--config file.yaml``) and every
+field is a command-line flag (TRL's parser), e.g.
+``steiner train sft --config sft.yaml --learning_rate 1e-3``.
+
+The SFT/CPT configs are TRL ``SFTConfig`` subclasses, so every Hugging Face training argument
+works too; only the defaults differ: CPU-friendly (fp32, ``use_cpu`` when no GPU, no
+activation checkpointing), logging to nowhere, and batching chosen for throughput: SFT
+batches examples of similar length (little padding, no example split or attending to
+another); CPT packs text into 512-token rows ("wrapped", as in pre-training). Measured on
+CPU, padding-free/BFD packing was slower: SDPA pays full attention over the packed row.
+On GPUs pass ``--bf16`` and launch the same command under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import SFTConfig
+
+_NO_GPU = not torch.cuda.is_available()
+
+
+@dataclass
+class InitConfig:
+    output_dir: str = field(
+        metadata={"help": "Where to save the model and tokenizer.", "aliases": ["--out"]}
+    )
+    preset: str = field(
+        default="tiny", metadata={"help": "tiny (~1M) | small (~10M) | base (~50M)."}
+    )
+    data: list[str] = field(
+        default_factory=list, metadata={"help": "Files to train the tokenizer on (from scratch)."}
+    )
+    from_pretrained: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local pretrained model directory instead of a preset.",
+            "aliases": ["--from"],
+        },
+    )
+    vocab_size: int | None = field(
+        default=None, metadata={"help": "BPE vocabulary (default: preset's)."}
+    )
+    split_digits: bool = field(default=True, metadata={"help": "One token per digit."})
+    max_positions: int = field(default=8192, metadata={"help": "Context length of a new model."})
+    seed: int = 0
+
+
+@dataclass
+class _StageMixin:
+    model: str = field(
+        default="", metadata={"help": "Model directory (train init or an earlier stage)."}
+    )
+    max_train_tokens: int | None = field(
+        default=None, metadata={"help": "Stop after this many (non-padding) training tokens."}
+    )
+    resume: bool = field(
+        default=True, metadata={"help": "Resume from the last checkpoint in output_dir."}
+    )
+    use_lora: bool = field(
+        default=False, metadata={"help": "Train LoRA adapters (PEFT) + new tokens."}
+    )
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+
+_CPU_DEFAULTS = dict(
+    use_cpu=_NO_GPU,
+    bf16=False,
+    activation_checkpointing=False,
+    report_to="none",
+    per_device_train_batch_size=8,
+    logging_steps=10,
+    save_steps=200,
+    save_total_limit=2,
+    learning_rate=1e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    seed=0,
+)
+
+
+def _default(name: str):
+    return field(default=_CPU_DEFAULTS[name])
+
+
+@dataclass
+class SFTStageConfig(_StageMixin, SFTConfig):
+    """``steiner train sft``: TRL SFT on chat paths, loss on the assistant part only."""
+
+    data: str = field(
+        default="", metadata={"help": "paths.jsonl (or shortcut records with --shortcut)."}
+    )
+    shortcut: bool = field(
+        default=False, metadata={"help": "Baseline: train on shortcut solutions as straight paths."}
+    )
+    limit_problems: int | None = field(
+        default=None, metadata={"help": "Use only the first N records."}
+    )
+    assistant_only_loss: bool = True
+    use_cpu: bool = _default("use_cpu")
+    bf16: bool | None = _default("bf16")
+    activation_checkpointing: bool | None = _default("activation_checkpointing")
+    report_to: str | list[str] = _default("report_to")
+    train_sampling_strategy: str = "group_by_length"
+    max_length: int | None = 8192
+    per_device_train_batch_size: int = _default("per_device_train_batch_size")
+    logging_steps: float = _default("logging_steps")
+    save_steps: float = _default("save_steps")
+    save_total_limit: int | None = _default("save_total_limit")
+    learning_rate: float = _default("learning_rate")
+    lr_scheduler_type: str = _default("lr_scheduler_type")
+    warmup_steps: float = _default("warmup_steps")
+    seed: int = _default("seed")
+
+
+@dataclass
+class CPTStageConfig(_StageMixin, SFTConfig):
+    """``steiner train cpt``: language modelling on plain text mixed with reasoning paths."""
+
+    paths: list[str] = field(default_factory=list, metadata={"help": "Path records to mix in."})
+    texts: list[str] = field(default_factory=list, metadata={"help": "Plain text / JSONL 'text'."})
+    reasoning_ratio: float = field(
+        default=0.5, metadata={"help": "Share of documents that are paths."}
+    )
+    countdown_facts: int = field(default=0, metadata={"help": "Add N countdown arithmetic facts."})
+    dataset_text_field: str = "text"
+    completion_only_loss: bool | None = False
+    use_cpu: bool = _default("use_cpu")
+    bf16: bool | None = _default("bf16")
+    activation_checkpointing: bool | None = _default("activation_checkpointing")
+    report_to: str | list[str] = _default("report_to")
+    packing: bool = True
+    packing_strategy: str = "wrapped"
+    max_length: int | None = 512
+    per_device_train_batch_size: int = _default("per_device_train_batch_size")
+    logging_steps: float = _default("logging_steps")
+    save_steps: float = _default("save_steps")
+    save_total_limit: int | None = _default("save_total_limit")
+    learning_rate: float = _default("learning_rate")
+    lr_scheduler_type: str = _default("lr_scheduler_type")
+    warmup_steps: float = _default("warmup_steps")
+    seed: int = _default("seed")

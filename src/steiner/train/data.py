@@ -1,0 +1,114 @@
+"""Training data: chat paths for SFT, straight shortcut paths for the baseline, and the CPT
+mix of plain text and rendered reasoning paths."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from steiner.domains import get_domain, load_shortcuts, shortcut_trace
+from steiner.format import render
+from steiner.io import InputError, iter_records
+
+
+def chat_rows(path: str) -> list[dict[str, Any]]:
+    """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet)."""
+    rows = []
+    for line, rec in iter_records(path):
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError(path, line, "expected a 'messages' list of {role, content}")
+        rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
+    if not rows:
+        raise InputError(path, None, "no records")
+    return rows
+
+
+def shortcut_rows(path: str) -> list[dict[str, Any]]:
+    """Shortcut records rendered as one straight path each, in the same format."""
+    rows = []
+    for problem in load_shortcuts(path):
+        trace = shortcut_trace(get_domain(problem["domain"]), problem)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": problem["question"]},
+                    {"role": "assistant", "content": render(trace)},
+                ]
+            }
+        )
+    return rows
+
+
+def sft_dataset(path: str, shortcut: bool = False, limit_problems: int | None = None) -> Dataset:
+    rows = shortcut_rows(path) if shortcut else chat_rows(path)
+    return Dataset.from_list(rows[:limit_problems] if limit_problems else rows)
+
+
+def countdown_facts(n: int, seed: int = 0, max_number: int = 100) -> list[str]:
+    """A plain-text corpus of arithmetic facts under countdown's rules (larger number first,
+    exact division), the kind of text a tiny model needs before it can search."""
+    rng = random.Random(seed)
+    facts = []
+    for _ in range(n):
+        a, b = sorted((rng.randint(1, max_number), rng.randint(1, max_number)), reverse=True)
+        op = rng.choice("+-*/")
+        if op == "/":
+            b = rng.randint(1, 12)
+            a = b * rng.randint(1, max(1, max_number // b))
+            facts.append(f"{a}/{b}={a // b}")
+        else:
+            facts.append(f"{a}{op}{b}={a + b if op == '+' else a - b if op == '-' else a * b}")
+    return [" ".join(facts[i : i + 8]) for i in range(0, len(facts), 8)]
+
+
+def plain_texts(path: str) -> list[str]:
+    """Documents of a plain-text file (blank-line separated) or "text" fields of JSONL."""
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json", ".parquet"):
+        out = []
+        for line, rec in iter_records(p):
+            if not isinstance(rec.get("text"), str):
+                raise InputError(p, line, "expected a string field 'text'")
+            out.append(rec["text"])
+        return out
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(p, None, f"cannot read text: {exc}") from None
+    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+
+
+def cpt_dataset(
+    tokenizer: Any,
+    paths: list[str],
+    texts: list[str],
+    reasoning_ratio: float = 0.5,
+    countdown_fact_lines: int = 0,
+    seed: int = 0,
+) -> Dataset:
+    """Plain text mixed with reasoning paths (rendered with the chat template) so that about
+    ``reasoning_ratio`` of the documents are paths; the larger side is subsampled."""
+    reasoning = [
+        tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        for path in paths
+        for row in chat_rows(path)
+    ]
+    plain = [doc for path in texts for doc in plain_texts(path)]
+    plain += countdown_facts(countdown_fact_lines, seed) if countdown_fact_lines else []
+    rng = random.Random(seed)
+    if reasoning and plain and 0 < reasoning_ratio < 1:
+        want_plain = round(len(reasoning) * (1 - reasoning_ratio) / reasoning_ratio)
+        if want_plain <= len(plain):
+            plain = rng.sample(plain, want_plain)
+        else:
+            want_reasoning = round(len(plain) * reasoning_ratio / (1 - reasoning_ratio))
+            reasoning = rng.sample(reasoning, min(want_reasoning, len(reasoning)))
+    docs = reasoning + plain
+    if not docs:
+        raise InputError("steiner train cpt", None, "no data: give --paths and/or --texts")
+    rng.shuffle(docs)
+    return Dataset.from_dict({"text": docs})

@@ -1,0 +1,201 @@
+"""Model set-up: a from-scratch Qwen2 with its own BPE tokenizer, or a pretrained model with
+the 14 reasoning tokens added and initialised from their descriptive words."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
+from steiner.io import iter_records
+
+# hidden, layers, heads, kv heads, MLP width, default vocab: about 1M, 10M and 50M parameters
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        vocab_size=1024,
+    ),
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=768,
+        vocab_size=4096,
+    ),
+    "base": dict(
+        hidden_size=512,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=2048,
+        vocab_size=8192,
+    ),
+}
+
+
+def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Every string a tokenizer should learn from: message contents, questions, steps and
+    "text" fields of JSONL/Parquet records, or the lines of a plain-text file."""
+    for path in paths:
+        path = Path(path)
+        if path.suffix in (".jsonl", ".json", ".parquet"):
+            for _, rec in iter_records(path):
+                for msg in rec.get("messages") or []:
+                    yield str(msg.get("content", ""))
+                for key in ("text", "question", "answer"):
+                    if isinstance(rec.get(key), str):
+                        yield rec[key]
+                yield from (s for s in rec.get("steps") or [] if isinstance(s, str))
+        else:
+            yield from path.read_text(encoding="utf-8").splitlines()
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, split_digits: bool = True
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the data, plus the 14 tokens and ChatML.
+
+    ``split_digits`` makes every digit its own token (arithmetic generalises better);
+    turn it off where numbers are names (graph node ids)."""
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", *CHATML_TOKENS, *SPECIAL_TOKENS]
+    # The special strings are removed before training so BPE does not learn their pieces.
+    pattern = re.compile("|".join(re.escape(t) for t in special))
+    # The ChatML role words join the corpus so each becomes one token: a tiny model then sees
+    # "<|im_start|> assistant \n" as three tokens and learns where its answer starts.
+    roles = ["system\nuser\nassistant\n"] * 1000
+    tok.train_from_iterator(
+        itertools.chain(roles, (pattern.sub(" ", t) for t in texts)),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=8192)
+    hf.pad_token = "<|endoftext|>"
+    add_reasoning_tokens(hf)
+    return hf
+
+
+def build_model(
+    preset: str, tokenizer: Any, max_positions: int = 8192, seed: int = 0
+) -> Qwen2ForCausalLM:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    dims = {k: v for k, v in PRESETS[preset].items() if k != "vocab_size"}
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        bos_token_id=None,
+        **dims,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def descriptive_words(token: str) -> str:
+    """``<|reasoning_step_summary_start|>`` -> ``reasoning step summary start``."""
+    words = token.strip("<|>").replace("_", " ")
+    return {"im start": "message start", "im end": "message end", "endoftext": "end of text"}.get(
+        words, words
+    )
+
+
+def add_tokens_to_pretrained(model: Any, tokenizer: Any) -> list[int]:
+    """Add the reasoning tokens to a pretrained model and initialise each new embedding
+    (input and, when untied, output) as the mean of its descriptive words' embeddings.
+    Returns the new token ids."""
+    before = set(tokenizer.get_vocab())
+    words = {
+        t: tokenizer.encode(descriptive_words(t), add_special_tokens=False)
+        for t in (*CHATML_TOKENS, *SPECIAL_TOKENS, "<|endoftext|>")
+    }
+    add_reasoning_tokens(tokenizer)
+    new_tokens = [t for t in tokenizer.get_vocab() if t not in before]
+    model.resize_token_embeddings(len(tokenizer))
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in new_tokens]
+    embeddings = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != embeddings[0].data_ptr():
+        embeddings.append(out.weight)
+    n_old = len(before)
+    with torch.no_grad():
+        for token, token_id in zip(new_tokens, new_ids, strict=True):
+            ids = words.get(token) or []
+            for weight in embeddings:
+                # no descriptive words (an exotic tokenizer): the mean of all old rows
+                weight[token_id] = weight[ids].mean(0) if ids else weight[:n_old].mean(0)
+    model.config.vocab_size = len(tokenizer)
+    return new_ids
+
+
+def init_model(
+    out: str | os.PathLike,
+    preset: str = "tiny",
+    data: list[str] | None = None,
+    from_pretrained: str | None = None,
+    vocab_size: int | None = None,
+    split_digits: bool = True,
+    max_positions: int = 8192,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Create and save a model + tokenizer (``save_pretrained``); returns a summary."""
+    out = Path(out)
+    if from_pretrained:
+        tokenizer = AutoTokenizer.from_pretrained(from_pretrained)
+        model = AutoModelForCausalLM.from_pretrained(from_pretrained, dtype=torch.float32)
+        new_ids = add_tokens_to_pretrained(model, tokenizer)
+        origin = f"pretrained {from_pretrained}"
+    else:
+        if not data:
+            raise ValueError("a from-scratch model needs --data to train its tokenizer on")
+        size = vocab_size or PRESETS[preset]["vocab_size"]
+        tokenizer = train_tokenizer(corpus_texts(data), size, split_digits)
+        model = build_model(preset, tokenizer, max_positions, seed)
+        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+        origin = f"preset {preset}"
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = {
+        "origin": origin,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "new_token_ids": new_ids,
+    }
+    (out / "steiner_init.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,161 @@
+"""Run a training stage with TRL's SFTTrainer: token budget, tokens/s logging, checkpoints,
+resume, optional LoRA, and a final ``save_pretrained`` model."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer
+
+from steiner.format import SPECIAL_TOKENS
+from steiner.train.config import CPTStageConfig, SFTStageConfig
+from steiner.train.data import cpt_dataset, sft_dataset
+
+
+class TokenBudget(TrainerCallback):
+    """Stop once the trainer has seen ``budget`` non-padding tokens (equal-token baselines)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.num_input_tokens_seen >= self.budget:
+            control.should_training_stop = True
+        return control
+
+
+class SteinerTrainer(SFTTrainer):
+    """SFTTrainer that also logs tokens seen and tokens per second."""
+
+    _t0: float | None = None
+    _tokens0 = 0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        now, seen = time.perf_counter(), self.state.num_input_tokens_seen
+        if self._t0 is not None and now > self._t0:
+            logs["tokens_per_s"] = round((seen - self._tokens0) / (now - self._t0), 1)
+        logs["tokens_seen"] = seen
+        self._t0, self._tokens0 = now, seen
+        super().log(logs, start_time)
+
+
+def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
+    """Make an embedding matrix trainable for some rows only (the new tokens under LoRA).
+
+    PEFT's token wrappers are not used because TRL 1.16 computes the loss from
+    ``lm_head.weight`` directly, which would bypass them on the output side. A gradient mask
+    keeps the other rows exactly as they were (weight decay is 0 by default)."""
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
+    mask[rows] = 1
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * mask.to(grad.device))
+
+
+def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
+    if not cfg.model or not Path(cfg.model).is_dir():
+        from steiner.io import InputError
+
+        raise InputError(
+            cfg.model or "--model", None, "expected a model directory (steiner train init)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32
+    )
+    if cfg.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+        train_rows_only(model.get_input_embeddings().weight, new_ids)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            train_rows_only(head.weight, new_ids)
+    return model, tokenizer
+
+
+def run_stage(
+    cfg: SFTStageConfig | CPTStageConfig,
+    dataset: Dataset,
+    stage: str,
+    callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    model, tokenizer = _load(cfg)
+    cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
+    callbacks = list(callbacks or [])
+    if cfg.max_train_tokens:
+        callbacks.append(TokenBudget(cfg.max_train_tokens))
+    trainer = SteinerTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    last = (
+        get_last_checkpoint(cfg.output_dir)
+        if cfg.resume and os.path.isdir(cfg.output_dir)
+        else None
+    )
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - start
+    if cfg.use_lora:
+        # merged, so the saved model loads without PEFT
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(cfg.output_dir)
+    else:
+        trainer.save_model(cfg.output_dir)  # gathers ZeRO-3 / FSDP shards on multi-GPU runs
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(cfg.output_dir)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "stage": stage,
+        "model": cfg.model,
+        "examples": len(dataset),
+        "steps": trainer.state.global_step,
+        "resumed_from": last,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "train_seconds": round(seconds, 2),
+        "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "mean_train_loss": result.training_loss,
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.accelerator.is_main_process:
+        Path(cfg.output_dir, "training_summary.json").write_text(
+            json.dumps(summary, indent=2) + "\n"
+        )
+    return summary
+
+
+def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
+    return run_stage(cfg, dataset, "sft-shortcut" if cfg.shortcut else "sft", callbacks)
+
+
+def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    dataset = cpt_dataset(
+        tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
+    )
+    return run_stage(cfg, dataset, "cpt", callbacks)

@@ -1,0 +1,283 @@
+"""Stages 1-2 on CPU with a tiny model: init, CPT, SFT, resume, shortcut baseline, LoRA."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainerCallback,
+)
+
+from steiner.format import REASONING_START, SPECIAL_TOKENS, parse
+from steiner.train.config import CPTStageConfig, SFTStageConfig
+from steiner.train.data import sft_dataset
+from steiner.train.model import descriptive_words, init_model
+from steiner.train.trainer import run_cpt, run_sft
+
+
+def steiner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "steiner.cli", *args], capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    shortcut = tmp / "shortcut.jsonl"
+    assert (
+        steiner(
+            "countdown",
+            "generate",
+            "--n-numbers",
+            "3",
+            "--count",
+            "60",
+            "--seed",
+            "4",
+            "--shortcut",
+            "--out",
+            str(shortcut),
+        ).returncode
+        == 0
+    )
+    assert (
+        steiner(
+            "synth",
+            "--shortcut",
+            str(shortcut),
+            "--out",
+            str(tmp / "synth"),
+            "--paths-per-dag",
+            "3",
+        ).returncode
+        == 0
+    )
+    proc = steiner(
+        "train",
+        "init",
+        "--preset",
+        "tiny",
+        "--data",
+        str(tmp / "synth" / "paths.jsonl"),
+        "--out",
+        str(tmp / "init"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return tmp
+
+
+def quick(cls, tmp, name, **kw):
+    base = dict(
+        output_dir=str(tmp / name),
+        logging_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=3e-3,
+    )
+    return cls(**{**base, **kw})
+
+
+def test_cpt_then_sft_learns_and_reloads(data):
+    paths = str(data / "synth" / "paths.jsonl")
+    cpt = run_cpt(
+        quick(
+            CPTStageConfig,
+            data,
+            "cpt",
+            model=str(data / "init"),
+            paths=[paths],
+            countdown_facts=400,
+            max_steps=8,
+        )
+    )
+    assert cpt["final_loss"] < cpt["first_loss"]
+    sft = run_sft(
+        quick(SFTStageConfig, data, "sft", model=str(data / "cpt"), data=paths, max_steps=120)
+    )
+    assert sft["final_loss"] < sft["first_loss"]
+    assert sft["tokens_seen"] > 0 and sft["tokens_per_s"] > 0
+    tok = AutoTokenizer.from_pretrained(data / "sft")
+    model = AutoModelForCausalLM.from_pretrained(data / "sft")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Using the numbers 3, 5, 7, reach 22."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :])
+    assert text.startswith(REASONING_START), text
+    summary = json.loads((data / "sft" / "training_summary.json").read_text())
+    assert summary["steps"] == 120
+
+
+class Interrupt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+
+
+class RecordStart(TrainerCallback):
+    def __init__(self):
+        self.seen = None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.seen is None:
+            param = next(p for g in optimizer.param_groups for p in g["params"])
+            self.seen = (state.global_step, int(optimizer.state[param]["step"]))
+
+
+def test_resume_restores_step_and_optimizer(data):
+    cfg = dict(
+        model=str(data / "init"),
+        data=str(data / "synth" / "paths.jsonl"),
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=3,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(quick(SFTStageConfig, data, "resume", **cfg), callbacks=[Interrupt()])
+    record = RecordStart()
+    summary = run_sft(quick(SFTStageConfig, data, "resume", **cfg), callbacks=[record])
+    assert summary["resumed_from"].endswith("checkpoint-3")
+    assert record.seen == (3, 3)  # global step and Adam's step count came back from the checkpoint
+    assert summary["steps"] == 8
+
+
+def test_shortcut_baseline_and_token_budget(data):
+    ds = sft_dataset(str(data / "shortcut.jsonl"), shortcut=True)
+    assert len(ds) == 60
+    for row in ds:
+        trace, _ = parse(row["messages"][1]["content"], strict=True)
+        assert trace.n_backtracks == 0 and trace.n_steps == 2
+    summary = run_sft(
+        quick(
+            SFTStageConfig,
+            data,
+            "budget",
+            model=str(data / "init"),
+            data=str(data / "shortcut.jsonl"),
+            shortcut=True,
+            max_train_tokens=2000,
+            max_steps=100,
+            per_device_train_batch_size=4,
+        )
+    )
+    assert 2000 <= summary["tokens_seen"] < 2000 + 4 * 200  # stopped within one step of the budget
+    assert summary["steps"] < 100
+
+
+def plain_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = " ".join(descriptive_words(t) for t in SPECIAL_TOKENS) + " message start end of text"
+    tok.train_from_iterator(
+        [words] * 10 + ["some other text 1 2 3"] * 10,
+        trainers.BpeTrainer(
+            vocab_size=120,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    hf.eos_token = "<|endoftext|>"
+    return hf
+
+
+def test_from_pretrained_initialises_new_rows_from_descriptive_words(tmp_path):
+    tok = plain_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+    old = Qwen2ForCausalLM.from_pretrained(tmp_path / "pre")
+    old_in = old.get_input_embeddings().weight.detach().clone()
+    old_out = old.get_output_embeddings().weight.detach().clone()
+    init_model(tmp_path / "new", from_pretrained=str(tmp_path / "pre"))
+    new_tok = AutoTokenizer.from_pretrained(tmp_path / "new")
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "new")
+    assert len(new_tok) == len(tok) + 16  # 14 reasoning tokens + 2 ChatML
+    assert new.get_input_embeddings().weight.shape[0] == len(new_tok)
+    for token in SPECIAL_TOKENS:
+        ids = new_tok.encode(token, add_special_tokens=False)
+        assert len(ids) == 1 and ids[0] >= len(tok)
+        words = tok.encode(descriptive_words(token), add_special_tokens=False)
+        assert torch.allclose(new.get_input_embeddings().weight[ids[0]], old_in[words].mean(0))
+        assert torch.allclose(new.get_output_embeddings().weight[ids[0]], old_out[words].mean(0))
+    assert torch.equal(new.get_input_embeddings().weight[: len(tok)], old_in)
+
+
+def test_lora_trains_new_token_rows_and_saves_a_plain_model(data):
+    before = (
+        AutoModelForCausalLM.from_pretrained(data / "init").get_input_embeddings().weight.clone()
+    )
+    run_sft(
+        quick(
+            SFTStageConfig,
+            data,
+            "lora",
+            model=str(data / "init"),
+            max_steps=3,
+            data=str(data / "synth" / "paths.jsonl"),
+            use_lora=True,
+        )
+    )
+    after = AutoModelForCausalLM.from_pretrained(data / "lora").get_input_embeddings().weight
+    tok = AutoTokenizer.from_pretrained(data / "lora")
+    start = tok.convert_tokens_to_ids(REASONING_START)
+    assert not torch.allclose(after[start], before[start])
+    other = tok.encode("7", add_special_tokens=False)[0]
+    assert torch.allclose(after[other], before[other])  # old rows stay frozen under LoRA
+
+
+def test_train_cli_bad_flag_is_one_line(data):
+    proc = steiner("train", "sft", "--model", str(data / "init"), "--bogus", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--bogus" in proc.stderr
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from steiner.cli import parse_stage_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = parse_stage_config(
+        SFTStageConfig,
+        [
+            "--config",
+            str(configs / "sft_tiny.yaml"),
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--learning_rate",
+            "0.003",
+        ],
+        "steiner train sft",
+    )
+    assert cfg.num_train_epochs == 3 and cfg.learning_rate == 0.003 and cfg.output_dir == "runs/sft"
+    assert cfg.use_cpu is not None and cfg.bf16 is False and cfg.gradient_checkpointing is False
+    for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp"):
+        conf = yaml.safe_load((configs / "accelerate" / f"{name}.yaml").read_text())
+        assert conf["distributed_type"] in ("DEEPSPEED", "FSDP")
