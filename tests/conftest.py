@@ -28,3 +28,27 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     hf = PreTrainedTokenizerFast(tokenizer_object=tok)
     add_reasoning_tokens(hf)
     return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A randomly initialised tiny Qwen2 saved with the reasoning tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        eos_token_id=tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    path = tmp_path_factory.mktemp("tiny-model")
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -433,6 +433,100 @@ def train_sft(ctx: typer.Context) -> None:
     print_training_summary(run_sft(cfg), cfg.output_dir)
 
 
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    question: Annotated[str, typer.Argument(help="The question (one user message).")],
+    min_steps: Annotated[int, typer.Option(min=0)] = 0,
+    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    extend_with: Annotated[str, typer.Option(help="model | proceed | backtrack")] = "model",
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
+    temperature: Annotated[float, typer.Option(min=0)] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the parsed trace as JSON.")
+    ] = False,
+) -> None:
+    """Answer one question and print the reasoning as a tree (or --json)."""
+    from rich.tree import Tree
+
+    from steiner.format import Decision
+    from steiner.infer.budget import Budget
+    from steiner.infer.generate import generate, load
+
+    if not model.is_dir():
+        raise InputError(model, None, "expected a model directory")
+    try:
+        budget = Budget(min_steps, max_steps, max_reasoning_tokens, None, extend_with)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    m, tok = load(model)
+    [done] = generate(
+        m,
+        tok,
+        [[{"role": "user", "content": question}]],
+        [budget],
+        max_new_tokens,
+        temperature,
+        seed=seed,
+    )
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    **done.trace.to_dict(),
+                    "format_errors": done.format_errors,
+                    "reasoning_tokens": done.reasoning_tokens,
+                    "completion_tokens": done.completion_tokens,
+                    "finish_reason": done.finish_reason,
+                },
+                ensure_ascii=False,
+            )
+        )
+        return
+    tree = Tree(f"[bold]{question}[/]")
+    for i, step in enumerate(done.trace.steps):
+        decision = done.trace.decisions[i] if i < len(done.trace.decisions) else None
+        backtracked = decision is Decision.BACKTRACK
+        node = tree.add(
+            f"[bold {'red' if backtracked else 'cyan'}]{i + 1}. {step.name}[/]"
+            + ("  [red]<- backtrack[/]" if backtracked else "")
+        )
+        node.add(f"[dim]summary:[/] {step.summary}")
+        node.add(f"[dim]reflection:[/] {step.reflection}")
+    tree.add(f"[bold green]answer:[/] {done.answer}")
+    out.print(tree)
+    console.print(
+        f"{done.trace.n_steps} steps, {done.trace.n_backtracks} backtracks, "
+        f"{done.reasoning_tokens} reasoning tokens, {len(done.format_errors)} format errors"
+    )
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    model_name: Annotated[
+        str | None, typer.Option(help="Name served (default: directory name).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests batched into one generate.")] = 16,
+    max_tokens_limit: Annotated[int, typer.Option(min=1)] = 4096,
+) -> None:
+    """OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream too)."""
+    from steiner.infer.server import ServerSettings, serve
+
+    if not model.is_dir():
+        raise InputError(model, None, "expected a model directory")
+    console.print(f"serving {model} on http://{host}:{port}/v1")
+    serve(
+        ServerSettings(str(model), model_name, max_batch, max_tokens_limit=max_tokens_limit),
+        host,
+        port,
+    )
+
+
 @app.command("demo")
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),

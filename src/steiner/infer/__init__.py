@@ -1,0 +1,1 @@
+"""Inference: step-budget logits processors, generation, the OpenAI-compatible server."""

@@ -1,0 +1,101 @@
+"""Batched generation with the chat template and the step budget, shared by
+``steiner generate``, ``steiner serve`` and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from steiner.format import Trace, parse, reasoning_and_answer
+from steiner.infer.budget import Budget
+from steiner.infer.hf import StepBudgetLogitsProcessor
+
+
+@dataclass
+class Completion:
+    text: str  # the whole assistant message
+    reasoning: str  # up to and including <|reasoning_end|>
+    answer: str
+    trace: Trace
+    format_errors: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    finish_reason: str  # stop | length
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load(model_dir: str | Path) -> tuple[Any, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    budgets: list[Budget | None] | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[Completion]:
+    """One completion per conversation, in one batched ``generate`` call. A row whose budget
+    is None still gets the format's structure (``Budget()`` has no step limits)."""
+    if not conversations:
+        return []
+    prompts = [chat_prompt(tokenizer, c) for c in conversations]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = [b or Budget() for b in (budgets or [None] * len(prompts))]
+    processor = StepBudgetLogitsProcessor(tokenizer, rows)
+    end_ids = processor.ids.eos
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = temperature > 0
+    out = model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        temperature=temperature if sampling else None,
+        top_p=top_p if sampling else None,
+        top_k=None,
+        logits_processor=[processor],
+        eos_token_id=list(end_ids),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new = out[:, batch["input_ids"].shape[1] :]
+    reasoning_end = processor.ids.reasoning_end
+    completions = []
+    for i, row in enumerate(new.tolist()):
+        stop = next((j for j, t in enumerate(row) if t in end_ids), None)
+        tokens = row if stop is None else row[:stop]
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        reasoning, answer = reasoning_and_answer(text)
+        trace, errors = parse(text)
+        n_reasoning = tokens.index(reasoning_end) + 1 if reasoning_end in tokens else len(tokens)
+        completions.append(
+            Completion(
+                text=text,
+                reasoning=reasoning,
+                answer=answer,
+                trace=trace,
+                format_errors=[f"offset {e.offset}: {e.message}" for e in errors],
+                prompt_tokens=int(batch["attention_mask"][i].sum()),
+                completion_tokens=len(tokens) + (stop is not None),
+                reasoning_tokens=n_reasoning,
+                finish_reason="stop" if stop is not None else "length",
+            )
+        )
+    return completions

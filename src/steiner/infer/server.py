@@ -1,0 +1,287 @@
+"""``steiner serve``: an OpenAI-compatible chat server (FastAPI + uvicorn).
+
+Concurrent requests are queued and run together: a batcher takes up to ``max_batch``
+waiting requests with the same sampling settings and runs one ``generate`` for all of them
+(the step budget is per row). Streaming sends the reasoning and the answer as SSE deltas
+once that batch is done (a batch is generated as a whole; the deltas are not token by token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from steiner.infer.budget import EXTEND_WITH, Budget
+from steiner.infer.generate import Completion, generate, load
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted, unused
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    seed: int | None = None
+    # Steiner extras (also accepted inside "extra_body" by the openai client, which merges them)
+    min_steps: int | None = Field(default=None, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_reasoning_tokens: int | None = Field(default=None, ge=1)
+    max_step_tokens: int | None = Field(default=None, ge=1)
+    extend_with: Literal[EXTEND_WITH] | None = None  # type: ignore[valid-type]
+
+
+@dataclass
+class ServerSettings:
+    model_dir: str
+    model_name: str | None = None
+    max_batch: int = 16
+    batch_wait_s: float = 0.01
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 1024
+    max_request_bytes: int = 1 << 20
+    max_prompt_tokens: int = 8192
+
+
+@dataclass
+class _Job:
+    request: ChatRequest
+    budget: Budget | None
+    max_tokens: int
+    future: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def error(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(status_code=status, content=body)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    model, tokenizer = load(settings.model_dir)
+    name = settings.model_name or Path(settings.model_dir).name
+    queue: asyncio.Queue[_Job] = asyncio.Queue()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(batcher())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="steiner serve", lifespan=lifespan)
+
+    async def batcher() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await queue.get()
+            await asyncio.sleep(settings.batch_wait_s)  # let concurrent requests join
+            jobs, rest = [first], []
+            key = (first.request.temperature, first.request.top_p, first.request.seed)
+            while not queue.empty() and len(jobs) < settings.max_batch:
+                job = queue.get_nowait()
+                same = (job.request.temperature, job.request.top_p, job.request.seed) == key
+                (jobs if same else rest).append(job)
+            for job in rest:
+                queue.put_nowait(job)
+            try:
+                outs = await loop.run_in_executor(None, run_batch, jobs)
+                for job, out in zip(jobs, outs, strict=True):
+                    job.future.set_result(out)
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+
+    def run_batch(jobs: list[_Job]) -> list[Completion]:
+        r = jobs[0].request
+        outs = generate(
+            model,
+            tokenizer,
+            [[m.model_dump() for m in j.request.messages] for j in jobs],
+            [j.budget for j in jobs],
+            max_new_tokens=max(j.max_tokens for j in jobs),
+            temperature=r.temperature,
+            top_p=r.top_p,
+            seed=r.seed,
+        )
+        return [truncate(out, job.max_tokens) for out, job in zip(outs, jobs, strict=True)]
+
+    def truncate(out: Completion, max_tokens: int) -> Completion:
+        """A row of a batch may run past its own max_tokens (the batch uses the largest)."""
+        if out.completion_tokens <= max_tokens:
+            return out
+        ids = tokenizer(out.text, add_special_tokens=False)["input_ids"][:max_tokens]
+        text = tokenizer.decode(ids)
+        from steiner.format import parse, reasoning_and_answer
+
+        reasoning, answer = reasoning_and_answer(text)
+        trace, errors = parse(text)
+        return Completion(
+            text,
+            reasoning,
+            answer,
+            trace,
+            [e.message for e in errors],
+            out.prompt_tokens,
+            max_tokens,
+            min(out.reasoning_tokens, max_tokens),
+            "length",
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(
+            400,
+            f"{where}: {first.get('msg')}" if where else str(first.get("msg")),
+            param=where or None,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "steiner"}],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Any:
+        raw = await request.body()
+        if len(raw) > settings.max_request_bytes:
+            return error(
+                413,
+                f"request body over {settings.max_request_bytes} bytes",
+                code="request_too_large",
+            )
+        try:
+            body = ChatRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            return error(
+                400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None
+            )
+        if body.model != name:
+            return error(
+                404,
+                f"the model '{body.model}' does not exist; this server has '{name}'",
+                code="model_not_found",
+            )
+        max_tokens = (
+            body.max_completion_tokens
+            or body.max_tokens
+            or min(settings.default_max_tokens, settings.max_tokens_limit)
+        )
+        if max_tokens > settings.max_tokens_limit:
+            return error(
+                400,
+                f"max_tokens {max_tokens} is over this server's limit of "
+                f"{settings.max_tokens_limit}",
+                param="max_tokens",
+            )
+        prompt = tokenizer.apply_chat_template(
+            [m.model_dump() for m in body.messages], tokenize=True, add_generation_prompt=True
+        )
+        n_prompt = len(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+        if n_prompt > settings.max_prompt_tokens:
+            return error(
+                400,
+                f"the prompt has {n_prompt} tokens, over the limit of {settings.max_prompt_tokens}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        try:
+            budget = Budget.from_extra(body.model_dump())
+        except ValueError as exc:
+            return error(400, str(exc), param="min_steps")
+        job = _Job(body, budget, max_tokens)
+        await queue.put(job)
+        out: Completion = await job.future
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = {
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "completion_tokens_details": {"reasoning_tokens": out.reasoning_tokens},
+        }
+        if body.stream:
+            return StreamingResponse(
+                stream(cid, created, out, usage), media_type="text/event-stream"
+            )
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": out.answer,
+                        "reasoning_content": out.reasoning,
+                    },
+                    "finish_reason": out.finish_reason,
+                }
+            ],
+            "usage": usage,
+        }
+
+    async def stream(cid: str, created: int, out: Completion, usage: dict) -> AsyncIterator[str]:
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+            data = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+            return f"data: {json.dumps(data)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        yield chunk({"reasoning_content": out.reasoning})
+        yield chunk({"content": out.answer})
+        yield chunk({}, out.finish_reason, usage=usage)
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")

@@ -1,0 +1,148 @@
+import importlib
+
+import pytest
+import torch
+
+from steiner import format as fmt
+from steiner.infer.budget import Budget, StepBudget, TokenIds
+from steiner.infer.generate import generate, load
+
+QUESTIONS = [
+    "Reach 79.",
+    "Using the numbers 3, 7, 25, 50, reach 79 please.",
+    "Go.",
+    "A longer question with many many words in it to vary the prompt length a lot.",
+    "Two words",
+    "Reach 24 with 2 3 4.",
+    "Find a path.",
+    "Why?",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load(tiny_model_dir)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("extend_with", ["model", "proceed", "backtrack"])
+def test_min_steps_control_is_total(model, k, extend_with):
+    m, tok = model
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    budget = Budget(min_steps=k, max_step_tokens=6, extend_with=extend_with)
+    outs = generate(
+        m, tok, convs, [budget] * 8, max_new_tokens=14 * k + 40, temperature=1.0, seed=k
+    )
+    for out in outs:
+        assert out.text.startswith(fmt.REASONING_START)
+        assert out.trace.n_steps >= k, out.text
+        assert out.format_errors == [] or not out.trace.finished, out.format_errors
+        if extend_with == "proceed":
+            assert all(d is fmt.Decision.PROCEED for d in out.trace.decisions[: k - 1])
+        if extend_with == "backtrack":
+            assert all(d is fmt.Decision.BACKTRACK for d in out.trace.decisions[: k - 1])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_max_steps_control_is_total(model, k):
+    m, tok = model
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    budgets = [Budget(max_steps=k, max_step_tokens=5)] * 8
+    outs = generate(m, tok, convs, budgets, max_new_tokens=200, temperature=1.0, seed=10 + k)
+    for out in outs:
+        assert out.trace.n_steps <= k, out.text
+        assert out.text.count(fmt.STEP_START) == out.trace.n_steps
+    # with min = max the count is exact, and the reasoning has ended
+    exact = generate(
+        m,
+        tok,
+        convs,
+        [Budget(min_steps=k, max_steps=k, max_step_tokens=5)] * 8,
+        max_new_tokens=200,
+        temperature=1.0,
+        seed=k,
+    )
+    for out in exact:
+        assert out.trace.n_steps == k and out.trace.finished, out.text
+
+
+def test_per_row_budgets_and_reasoning_token_cap(model):
+    m, tok = model
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:4]]
+    budgets = [
+        Budget(min_steps=1, max_steps=1, max_step_tokens=4),
+        Budget(min_steps=3, max_step_tokens=4),
+        Budget(max_reasoning_tokens=12, min_steps=5),
+        None,
+    ]
+    outs = generate(m, tok, convs, budgets, max_new_tokens=120, temperature=1.0, seed=0)
+    assert outs[0].trace.n_steps == 1 and outs[0].trace.finished
+    assert outs[1].trace.n_steps >= 3
+    # the cap wins over min_steps: the step is closed and the reasoning ends right after
+    # closing takes at most the remaining field tokens (8), the step end and the reasoning end
+    assert outs[2].trace.finished and 12 <= outs[2].reasoning_tokens <= 12 + 10
+    assert outs[3].text.startswith(fmt.REASONING_START)
+
+
+def test_state_updates_incrementally(tiny_tokenizer):
+    ids = TokenIds.from_tokenizer(tiny_tokenizer)
+    core = StepBudget(ids, [Budget(min_steps=2, extend_with="proceed")])
+    vocab = len(tiny_tokenizer)
+    seq = [ids.reasoning_start, ids.step_start, 5, 6, ids.step_end]
+    logits = core.step(None, torch.zeros(1, vocab))
+    assert logits[0].argmax() == ids.reasoning_start
+    for tok in seq[1:]:
+        logits = core.step(torch.tensor([tok]), torch.zeros(1, vocab))
+    assert int(core.steps[0]) == 1 and logits[0].argmax() == ids.proceed
+    logits = core.step(torch.tensor([ids.proceed]), torch.zeros(1, vocab))
+    assert logits[0].argmax() == ids.step_start
+
+
+def test_budget_validation():
+    with pytest.raises(ValueError):
+        Budget(min_steps=3, max_steps=2)
+    with pytest.raises(ValueError):
+        Budget(extend_with="sideways")
+    assert Budget.from_extra({"max_steps": 3}) == Budget(max_steps=3)
+    assert Budget.from_extra({"temperature": 1}) is None
+
+
+def test_vllm_module_imports_without_vllm():
+    module = importlib.import_module("steiner.infer.vllm_budget")
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    assert hasattr(module, "StepBudgetVLLM") == has_vllm
+    assert callable(module.RequestStepBudget)
+
+
+def test_vllm_request_processor_logic(tiny_tokenizer):
+    """The per-request callable vLLM calls, fed the whole output list each time as vLLM does."""
+    from steiner.infer.vllm_budget import RequestStepBudget
+
+    ids = TokenIds.from_tokenizer(tiny_tokenizer)
+    proc = RequestStepBudget(ids, Budget(max_steps=1), torch.device("cpu"))
+    vocab = len(tiny_tokenizer)
+    name_start, name_end, thought_start = ids.fields[:3]
+    # (output so far, the one token the processor must leave possible)
+    expectations = [
+        ([], ids.reasoning_start),
+        ([ids.reasoning_start, ids.step_start], name_start),
+        ([ids.reasoning_start, ids.step_start, name_start, 7, name_end], thought_start),
+        (
+            [ids.reasoning_start, ids.step_start, name_start, 7, name_end, *ids.fields[2:]],
+            ids.reasoning_end,
+        ),
+    ]
+    for output, forced in expectations:
+        logits = proc(output, torch.randn(vocab))
+        assert torch.isfinite(logits).sum() == 1 or logits.argmax() == forced
+        assert int(logits.argmax()) == forced
+        assert proc.seen == len(output)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (CUDA only)"
+)
+def test_vllm_adapter_class():
+    from steiner.infer.vllm_budget import StepBudgetVLLM
+
+    assert StepBudgetVLLM.is_argmax_invariant(object.__new__(StepBudgetVLLM)) is False

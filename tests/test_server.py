@@ -1,0 +1,150 @@
+"""`steiner serve` against the official openai client, on a loopback port."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from steiner.format import REASONING_END, REASONING_START, STEP_START
+from steiner.infer.server import ServerSettings, create_app
+
+BUDGET = {"min_steps": 2, "max_steps": 2, "max_step_tokens": 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = free_port()
+    app = create_app(
+        ServerSettings(
+            str(tiny_model_dir), model_name="tiny", max_tokens_limit=256, max_request_bytes=20_000
+        )
+    )
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_models_and_chat_fields(server):
+    client = openai.OpenAI(base_url=server, api_key="none")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Reach 79."}],
+        max_tokens=80,
+        extra_body=BUDGET,
+    )
+    msg = reply.choices[0].message
+    assert msg.reasoning_content.startswith(REASONING_START) and msg.reasoning_content.endswith(
+        REASONING_END
+    )
+    assert msg.reasoning_content.count(STEP_START) == 2
+    assert REASONING_START not in msg.content
+    usage = reply.usage
+    assert usage.completion_tokens >= usage.completion_tokens_details.reasoning_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming(server):
+    client = openai.OpenAI(base_url=server, api_key="none")
+    reasoning, content, usage = "", "", None
+    for chunk in client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Reach 79."}],
+        max_tokens=80,
+        stream=True,
+        extra_body=BUDGET,
+    ):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += delta.content or ""
+        usage = getattr(chunk, "usage", None) or usage
+    assert reasoning.startswith(REASONING_START) and reasoning.count(STEP_START) == 2
+    assert usage is not None and usage.completion_tokens_details.reasoning_tokens > 0
+
+
+def test_200_concurrent_requests_no_5xx(server):
+    async def run() -> list:
+        client = openai.AsyncOpenAI(base_url=server, api_key="none", max_retries=0, timeout=120)
+        gate = asyncio.Semaphore(64)
+
+        async def one(i: int):
+            async with gate:
+                return await client.chat.completions.create(
+                    model="tiny",
+                    messages=[{"role": "user", "content": f"Question {i}"}],
+                    max_tokens=12 + i % 5,
+                    extra_body={"max_steps": 1, "max_step_tokens": 3},
+                )
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(200)))
+        finally:
+            await client.close()
+
+    replies = asyncio.run(run())
+    assert len(replies) == 200
+    for i, r in enumerate(replies):
+        assert r.usage.completion_tokens <= 12 + i % 5
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        (b"{not json", 400, "JSON"),
+        (b'{"model": "tiny"}', 400, "messages"),
+        (b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
+        (
+            b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "does not exist",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"max_tokens": 100000}',
+            400,
+            "over this server's limit",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "min_steps": 5, '
+            b'"max_steps": 2}',
+            400,
+            "min_steps",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+            + b"x" * 30_000
+            + b'"}]}',
+            413,
+            "over",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, needle):
+    r = httpx.post(
+        f"{server}/chat/completions",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
