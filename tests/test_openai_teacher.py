@@ -33,7 +33,7 @@ class FakeChat(BaseHTTPRequestHandler):
         if kind == "error":
             return self.reply(500, {"error": {"message": "boom"}})
         if kind == "slow":
-            time.sleep(1.5)
+            time.sleep(5)  # well past the client timeout, even on a loaded machine
             return self.reply(200, {})
         if kind == "malformed":
             content = "I think the next step is to add them."
@@ -101,7 +101,7 @@ def synth(shortcut, out, cache, base_url):
             "--model",
             "fake",
             "--timeout",
-            "0.5",
+            "2",
             "--max-retries",
             "0",
             "--truncations",
