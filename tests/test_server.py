@@ -148,3 +148,38 @@ def test_bad_requests_get_openai_errors(server, body, status, needle):
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_probe_latency_against_serve(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steiner.cli",
+            "probe-latency",
+            "--base-url",
+            server,
+            "--model",
+            "tiny",
+            "--n",
+            "8",
+            "--max-tokens",
+            "48",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "latency.jsonl").read_text().splitlines()]
+    assert len(records) == 8 and all(
+        r["seconds"] > 0 and r["completion_tokens"] > 0 for r in records
+    )
+    fit = json.loads((tmp_path / "latency.json").read_text())
+    assert {"intercept_s", "seconds_per_token", "r2"} <= set(fit) and fit["n"] == 8
+    assert (tmp_path / "latency.png").stat().st_size > 1000

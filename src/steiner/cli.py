@@ -527,6 +527,176 @@ def serve_cmd(
     )
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    problems: Annotated[
+        str, typer.Option(help="Problem file (countdown/graph/text JSONL, GPQA CSV, MMLU-Pro).")
+    ],
+    out: Annotated[Path, typer.Option(help="Output directory (outputs.jsonl, metrics.json).")],
+    domain: Annotated[
+        str | None, typer.Option(help="countdown | text | mcq (default: from records).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="k samples for maj@k and pass@k.")] = 1,
+    min_steps: Annotated[int, typer.Option(min=0)] = 0,
+    max_steps: Annotated[int | None, typer.Option(min=1)] = None,
+    max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    temperature: Annotated[float, typer.Option(min=0, help="For the k samples.")] = 0.7,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N problems only.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Accuracy (pass@1, maj@k, pass@k), steps, backtracks, format errors; raw outputs."""
+    from steiner.evaluate.accuracy import EvalConfig, evaluate
+
+    cfg = EvalConfig(
+        str(model),
+        problems,
+        str(out),
+        domain,
+        samples,
+        temperature,
+        min_steps,
+        max_steps,
+        max_reasoning_tokens,
+        "model",
+        max_new_tokens,
+        batch_size,
+        seed,
+        limit,
+    )
+    with progress_bar() as bar:
+        task = bar.add_task("eval", total=None)
+        m = evaluate(cfg, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    table = Table(title=f"steiner eval: {model} on {problems}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    lo, hi = m["pass@1_ci95"]
+    table.add_row(
+        "pass@1",
+        f"{100 * m['pass@1']:.1f}% ({m['correct']}/{m['n']}, 95% CI {100 * lo:.1f}-{100 * hi:.1f})",
+    )
+    for key in (f"maj@{samples}", f"pass@{samples}"):
+        if key in m:
+            table.add_row(key, f"{100 * m[key]:.1f}%")
+    for key in ("mean_steps", "mean_backtracks", "mean_reasoning_tokens", "format_error_rate"):
+        table.add_row(key, str(m[key]))
+    console.print(table)
+
+
+@app.command("scale")
+def scale_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    problems: Annotated[str, typer.Option(help="Problem file.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    budgets: Annotated[str, typer.Option(help="Comma-separated step budgets.")] = "1,2,4,8,16",
+    mode: Annotated[str, typer.Option(help="cap | extend | both")] = "both",
+    domain: Annotated[str | None, typer.Option()] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Accuracy and reasoning tokens per step budget; Control, Scaling, Performance; a plot."""
+    from steiner.evaluate.accuracy import EvalConfig
+    from steiner.evaluate.scale import MODES, run_scale
+
+    try:
+        levels = sorted({int(b) for b in budgets.split(",") if b.strip()})
+    except ValueError:
+        raise typer.BadParameter(
+            f"--budgets expects integers like 1,2,4, got {budgets!r}"
+        ) from None
+    if not levels or levels[0] < 1:
+        raise typer.BadParameter("--budgets must be positive integers")
+    modes = list(MODES) if mode == "both" else [mode]
+    if any(m not in MODES for m in modes):
+        raise typer.BadParameter(f"--mode expects cap, extend or both, got {mode!r}")
+    base = EvalConfig(
+        str(model),
+        problems,
+        str(out),
+        domain,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        limit=limit,
+    )
+    with progress_bar() as bar:
+        task = bar.add_task("scale", total=len(levels) * len(modes))
+        result = run_scale(base, levels, modes, progress=lambda d, t: bar.update(task, completed=d))
+    table = Table(title=f"steiner scale: {model}")
+    for col in ("mode", "budget", "accuracy", "reasoning tokens", "steps", "control"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(
+            r["mode"],
+            str(r["budget"]),
+            f"{100 * r['accuracy']:.1f}%",
+            str(r["mean_reasoning_tokens"]),
+            str(r["mean_steps"]),
+            f"{100 * r['control']:.0f}%",
+        )
+    console.print(table)
+    for m, v in result["metrics"].items():
+        console.print(
+            f"{m}: Control {100 * v['control']:.0f}%, Scaling {v['scaling']:.4f}/step, "
+            f"Performance {100 * v['performance']:.1f}%, monotone: {v['monotone']}"
+        )
+    console.print(f"wrote {out / 'scale.json'}, {out / 'scale.csv'}, {out / 'scale.png'}")
+
+
+@app.command("probe-latency")
+def probe_latency_cmd(
+    base_url: Annotated[
+        str, typer.Option(help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    ],
+    model: Annotated[str, typer.Option(help="Model name at that endpoint.")],
+    n: Annotated[int, typer.Option(min=3, help="Requests.")] = 50,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/latency"),
+    concurrency: Annotated[int, typer.Option(min=1)] = 1,
+    max_tokens: Annotated[int, typer.Option(min=8)] = 512,
+    api_key_env: Annotated[str, typer.Option()] = "OPENAI_API_KEY",
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Completion tokens vs request seconds: linear fit, R², scatter plot."""
+    import os
+
+    import openai
+
+    from steiner.evaluate.latency import probe, save_probe
+
+    try:
+        with progress_bar() as bar:
+            task = bar.add_task("probe", total=n)
+            records = probe(
+                base_url,
+                model,
+                n,
+                concurrency,
+                max_tokens,
+                os.environ.get(api_key_env) or "none",
+                seed,
+                progress=lambda d, t: bar.update(task, completed=d),
+            )
+    except openai.OpenAIError as exc:
+        raise InputError(base_url, None, f"request failed: {exc}") from None
+    s = save_probe(records, out)
+    console.print(
+        f"{s['n']} requests: seconds ≈ {s['intercept_s']:.4f} + "
+        f"{1000 * s['seconds_per_token']:.3f} ms "
+        f"× tokens, R² = {s['r2']:.3f}; wrote {out / 'latency.png'}"
+    )
+
+
+@app.command("report")
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Gather a run directory into report.md and report.html."""
+    from steiner.evaluate.report import build_report
+
+    paths = build_report(run_dir)
+    console.print(f"wrote {paths['markdown']} and {paths['html']}")
+
+
 @app.command("demo")
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),

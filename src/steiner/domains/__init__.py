@@ -21,7 +21,20 @@ def get_domain(name: str) -> Domain:
         from steiner.domains.text import TextDomain
 
         return TextDomain()
-    raise InputError("--domain", None, f"expected countdown or text, got {name!r}")
+    if name == "mcq":
+        from steiner.domains.mcq import MCQDomain
+
+        return MCQDomain()  # type: ignore[return-value]  # evaluation only: no synthesis
+    raise InputError("--domain", None, f"expected countdown, text or mcq, got {name!r}")
+
+
+def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[dict[str, Any]]:
+    """Problems to evaluate: any record file of a domain (bare fields are enough)."""
+    if domain == "mcq":
+        from steiner.domains.mcq import load_mcq
+
+        return load_mcq(source)
+    return load_shortcuts(source, domain)
 
 
 class _CountdownRecord(BaseModel):

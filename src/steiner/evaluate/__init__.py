@@ -1,0 +1,1 @@
+"""Evaluation: accuracy, inference-time scaling, latency probe, reports."""

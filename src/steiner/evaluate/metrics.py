@@ -1,0 +1,45 @@
+"""Plain metric functions (no model): intervals, majority votes, s1's scaling metrics."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from itertools import combinations
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound at small n and at 0% / 100%)."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    denom = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denom
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most common non-empty answer; ties go to the one seen first."""
+    counts = Counter(a for a in answers if a)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a and counts[a] == best)
+
+
+def scaling_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """s1's metrics over rows {"budget", "accuracy", "control"} of one mode:
+    Control: mean share of runs that stayed within their budget;
+    Scaling: mean slope of accuracy over budget across all pairs of budgets;
+    Performance: the best accuracy."""
+    rows = sorted(rows, key=lambda r: r["budget"])
+    pairs = [(a, b) for a, b in combinations(rows, 2) if b["budget"] != a["budget"]]
+    slopes = [(b["accuracy"] - a["accuracy"]) / (b["budget"] - a["budget"]) for a, b in pairs]
+    return {
+        "control": sum(r["control"] for r in rows) / len(rows) if rows else 0.0,
+        "scaling": sum(slopes) / len(slopes) if slopes else 0.0,
+        "performance": max((r["accuracy"] for r in rows), default=0.0),
+        "monotone": all(
+            b["accuracy"] >= a["accuracy"] for a, b in zip(rows, rows[1:], strict=False)
+        ),
+    }

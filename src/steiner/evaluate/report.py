@@ -1,0 +1,202 @@
+"""``steiner report RUN_DIR``: one Markdown + HTML page from whatever a run directory holds:
+synthesis stats, training summaries, eval metrics, scaling and latency results and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root))
+
+
+def build_report(run_dir: str | Path) -> dict[str, Path]:
+    root = Path(run_dir)
+    if not root.is_dir():
+        from steiner.io import InputError
+
+        raise InputError(root, None, "expected a run directory")
+    lines = [f"# Steiner report: {root.name}", ""]
+    found = 0
+    synth = sorted(p for p in root.rglob("stats*.json") if "teacher-cache" not in p.parts)
+    if synth:
+        lines += ["## Synthesis", ""]
+        rows = []
+        for p in synth:
+            s = json.loads(p.read_text())
+            if "dags" not in s:
+                continue
+            rows.append(
+                [
+                    _rel(p.parent, root) or ".",
+                    s["dags"],
+                    s["paths"],
+                    s["mean_steps"],
+                    s["mean_reasoning_tokens"],
+                    s["backtrack_histogram"],
+                    s["teacher_faults"] or "none",
+                ]
+            )
+        lines += _table(
+            [
+                "run",
+                "DAGs",
+                "paths",
+                "mean steps",
+                "mean reasoning tokens",
+                "backtracks (n: paths)",
+                "teacher faults",
+            ],
+            rows,
+        )
+        found += len(rows)
+    training = sorted(root.rglob("training_summary.json"))
+    if training:
+        lines += ["## Training", ""]
+        rows = []
+        for p in training:
+            s = json.loads(p.read_text())
+            first, last = s.get("first_loss"), s.get("final_loss")
+            rows.append(
+                [
+                    _rel(p.parent, root),
+                    s["stage"],
+                    s["steps"],
+                    s["tokens_seen"],
+                    s["tokens_per_s"],
+                    f"{first:.3f}" if first else "-",
+                    f"{last:.3f}" if last else "-",
+                    s["train_seconds"],
+                ]
+            )
+        lines += _table(
+            [
+                "model",
+                "stage",
+                "steps",
+                "tokens",
+                "tokens/s",
+                "first loss",
+                "final loss",
+                "seconds",
+            ],
+            rows,
+        )
+        found += len(rows)
+    metrics = sorted(
+        p
+        for p in root.rglob("metrics.json")
+        if p.parent.name.split("-")[0] not in ("cap", "extend")
+    )
+    if metrics:
+        lines += ["## Accuracy", ""]
+        rows = []
+        for p in metrics:
+            m = json.loads(p.read_text())
+            lo, hi = m["pass@1_ci95"]
+            extra = ", ".join(
+                f"{k} {100 * v:.1f}%"
+                for k, v in m.items()
+                if k[:4] in ("maj@", "pass") and k != "pass@1" and not k.endswith("ci95")
+            )
+            rows.append(
+                [
+                    _rel(p.parent, root),
+                    f"{m['correct']}/{m['n']}",
+                    f"{100 * m['pass@1']:.1f}%",
+                    f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                    extra or "-",
+                    m["mean_steps"],
+                    m["mean_backtracks"],
+                    m["mean_reasoning_tokens"],
+                    f"{100 * m['format_error_rate']:.1f}%",
+                ]
+            )
+        lines += _table(
+            [
+                "eval",
+                "correct",
+                "pass@1",
+                "95% CI",
+                "sampling",
+                "steps",
+                "backtracks",
+                "reasoning tokens",
+                "format errors",
+            ],
+            rows,
+        )
+        found += len(rows)
+    for p in sorted(root.rglob("scale.json")):
+        s = json.loads(p.read_text())
+        lines += [f"## Inference-time scaling ({_rel(p.parent, root)})", ""]
+        lines += _table(
+            ["mode", "budget", "accuracy", "mean reasoning tokens", "mean steps", "control"],
+            [
+                [
+                    r["mode"],
+                    r["budget"],
+                    f"{100 * r['accuracy']:.1f}%",
+                    r["mean_reasoning_tokens"],
+                    r["mean_steps"],
+                    f"{100 * r['control']:.0f}%",
+                ]
+                for r in s["rows"]
+            ],
+        )
+        lines += _table(
+            ["mode", "Control", "Scaling (acc/step)", "Performance", "monotone"],
+            [
+                [
+                    mode,
+                    f"{100 * v['control']:.0f}%",
+                    f"{v['scaling']:.4f}",
+                    f"{100 * v['performance']:.1f}%",
+                    "yes" if v["monotone"] else "no",
+                ]
+                for mode, v in s["metrics"].items()
+            ],
+        )
+        if (p.parent / "scale.png").exists():
+            lines += [f"![scaling]({_rel(p.parent / 'scale.png', root)})", ""]
+        found += 1
+    for p in sorted(root.rglob("latency.json")):
+        s = json.loads(p.read_text())
+        lines += [
+            f"## Latency probe ({_rel(p.parent, root)})",
+            "",
+            f"seconds ≈ {s['intercept_s']:.4f} + {1000 * s['seconds_per_token']:.3f} ms × "
+            "completion tokens, "
+            f"R² = {s['r2']:.3f} over {s['n']} requests.",
+            "",
+        ]
+        if (p.parent / "latency.png").exists():
+            lines += [f"![latency]({_rel(p.parent / 'latency.png', root)})", ""]
+        found += 1
+    if not found:
+        lines += [
+            "Nothing to report yet: no stats.json, training_summary.json, metrics.json, "
+            "scale.json or latency.json under this directory.",
+            "",
+        ]
+    md_path, html_path = root / "report.md", root / "report.html"
+    text = "\n".join(lines)
+    md_path.write_text(text)
+    import markdown
+
+    body = markdown.markdown(text, extensions=["tables"])
+    html_path.write_text(
+        f"<!doctype html><meta charset='utf-8'><title>{root.name}</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
+        f"{body}"
+    )
+    return {"markdown": md_path, "html": html_path}

@@ -1,0 +1,94 @@
+"""``steiner scale``: accuracy and reasoning tokens per step budget (inference-time scaling).
+
+``cap`` mode sets max_steps = budget (the model may stop earlier); ``extend`` mode sets
+min_steps = budget (the model must keep going, like the seed's extension, choosing proceed
+or backtrack itself). Control is the share of runs whose step count obeys the budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from steiner.evaluate.accuracy import EvalConfig, evaluate
+from steiner.evaluate.metrics import scaling_metrics
+from steiner.infer.generate import load
+
+MODES = ("cap", "extend")
+
+
+def run_scale(
+    base: EvalConfig, budgets: list[int], modes: list[str], progress=None
+) -> dict[str, Any]:
+    out = Path(base.out)
+    model_and_tokenizer = load(base.model)
+    rows = []
+    for mode in modes:
+        for b in budgets:
+            cfg = replace(
+                base,
+                out=str(out / f"{mode}-{b}"),
+                samples=1,
+                max_steps=b if mode == "cap" else None,
+                min_steps=b if mode == "extend" else 0,
+            )
+            m = evaluate(cfg, model_and_tokenizer=model_and_tokenizer)
+            outputs = [
+                json.loads(line)
+                for line in (out / f"{mode}-{b}" / "outputs.jsonl").read_text().splitlines()
+            ]
+            steps = [o["outputs"][0]["n_steps"] for o in outputs]
+            within = [s <= b if mode == "cap" else s >= b for s in steps]
+            rows.append(
+                {
+                    "mode": mode,
+                    "budget": b,
+                    "accuracy": m["pass@1"],
+                    "n": m["n"],
+                    "mean_reasoning_tokens": m["mean_reasoning_tokens"],
+                    "mean_steps": m["mean_steps"],
+                    "control": sum(within) / len(within) if within else 0.0,
+                }
+            )
+            if progress:
+                progress(len(rows), len(modes) * len(budgets))
+    summary = {mode: scaling_metrics([r for r in rows if r["mode"] == mode]) for mode in modes}
+    result = {"model": base.model, "problems": base.problems, "rows": rows, "metrics": summary}
+    (out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    with (out / "scale.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_scale(rows, out / "scale.png")
+    return result
+
+
+def plot_scale(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        pts = [r for r in rows if r["mode"] == mode]
+        ax.plot(
+            [r["mean_reasoning_tokens"] for r in pts],
+            [100 * r["accuracy"] for r in pts],
+            marker="o",
+            label=mode,
+        )
+        for r in pts:
+            ax.annotate(
+                str(r["budget"]), (r["mean_reasoning_tokens"], 100 * r["accuracy"]), fontsize=8
+            )
+    ax.set_xlabel("mean reasoning tokens")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy vs reasoning tokens (labels: step budget)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from steiner.evaluate.metrics import majority, scaling_metrics, wilson_interval
+
+
+def test_scaling_metrics_on_a_hand_made_table():
+    rows = [
+        {"budget": 1, "accuracy": 0.2, "control": 1.0},
+        {"budget": 2, "accuracy": 0.4, "control": 1.0},
+        {"budget": 4, "accuracy": 0.5, "control": 0.5},
+    ]
+    m = scaling_metrics(rows)
+    # slopes: (0.4-0.2)/1 = 0.2, (0.5-0.2)/3 = 0.1, (0.5-0.4)/2 = 0.05 -> mean 0.35/3
+    assert m["scaling"] == pytest.approx(0.35 / 3)
+    assert m["control"] == pytest.approx(2.5 / 3)
+    assert m["performance"] == 0.5 and m["monotone"] is True
+    assert (
+        scaling_metrics(rows + [{"budget": 8, "accuracy": 0.1, "control": 1}])["monotone"] is False
+    )
+
+
+def test_wilson_and_majority():
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert majority(["B", None, "A", "B", "A"]) == "B" and majority([None, ""]) is None
+
+
+def steiner(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "steiner.cli", *args], capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def problems(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "problems.jsonl"
+    # bare records are enough: the domain derives question and answer
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "nums": [3, 4, i + 1], "target": 7 + i + 1}) + "\n"
+            for i in range(5)
+        )
+    )
+    return path
+
+
+def test_eval_writes_raw_outputs_and_resumes(tiny_model_dir, problems, tmp_path):
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--problems",
+        str(problems),
+        "--out",
+        str(tmp_path),
+        "--max-new-tokens",
+        "40",
+        "--max-steps",
+        "2",
+        "--samples",
+        "2",
+        "--batch-size",
+        "4",
+    ]
+    proc = steiner(*args)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "outputs.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    rec = json.loads(lines[0])
+    assert isinstance(rec["correct"], bool) and rec["outputs"][0]["text"].startswith(
+        "<|reasoning_start|>"
+    )
+    assert len(rec["samples"]) == 2 and "trace" in rec["outputs"][0]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n"] == 5 and "maj@2" in metrics and "pass@2" in metrics
+    assert metrics["mean_steps"] <= 2
+    assert steiner(*args).returncode == 0  # resumed: nothing left to do
+    assert len((tmp_path / "outputs.jsonl").read_text().splitlines()) == 5
+
+
+def test_scale_and_report(tiny_model_dir, problems, tmp_path):
+    proc = steiner(
+        "scale",
+        "--model",
+        str(tiny_model_dir),
+        "--problems",
+        str(problems),
+        "--out",
+        str(tmp_path / "scale"),
+        "--budgets",
+        "1,2",
+        "--mode",
+        "both",
+        "--max-new-tokens",
+        "60",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "scale" / "scale.json").read_text())
+    assert [(r["mode"], r["budget"]) for r in result["rows"]] == [
+        ("cap", 1),
+        ("cap", 2),
+        ("extend", 1),
+        ("extend", 2),
+    ]
+    assert all(r["control"] == 1.0 for r in result["rows"] if r["mode"] == "cap")
+    assert (tmp_path / "scale" / "scale.png").stat().st_size > 1000
+    assert (tmp_path / "scale" / "scale.csv").read_text().startswith("mode,budget,accuracy")
+    proc = steiner("report", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "Inference-time scaling" in report and "scale/scale.png" in report
+    assert "<table>" in (tmp_path / "report.html").read_text()
+    assert (
+        steiner(
+            "scale",
+            "--model",
+            str(tiny_model_dir),
+            "--problems",
+            str(problems),
+            "--out",
+            str(tmp_path),
+            "--budgets",
+            "1,x",
+        ).returncode
+        == 2
+    )

@@ -1,0 +1,71 @@
+import csv
+import json
+
+import pytest
+
+from steiner.domains.mcq import extract_letter, load_mcq
+
+
+def write_gpqa(path):
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(
+            fh,
+            [
+                "Record ID",
+                "Question",
+                "Correct Answer",
+                "Incorrect Answer 1",
+                "Incorrect Answer 2",
+                "Incorrect Answer 3",
+            ],
+        )
+        w.writeheader()
+        for i in range(6):
+            w.writerow(
+                {
+                    "Record ID": f"r{i}",
+                    "Question": f"What is {i}+{i}?",
+                    "Correct Answer": str(2 * i),
+                    "Incorrect Answer 1": str(2 * i + 1),
+                    "Incorrect Answer 2": str(2 * i + 2),
+                    "Incorrect Answer 3": str(2 * i + 3),
+                }
+            )
+
+
+def test_gpqa_options_shuffle_deterministically(tmp_path):
+    path = tmp_path / "gpqa.csv"
+    write_gpqa(path)
+    a, b, c = load_mcq(path, seed=0), load_mcq(path, seed=0), load_mcq(path, seed=1)
+    assert a == b and a != c
+    assert len({p["answer"] for p in a}) > 1  # the correct option does not always sit first
+    for p in a:
+        i = "ABCD".index(p["answer"])
+        assert p["options"][i] == str(2 * int(p["id"][1:]))
+        assert f"({p['answer']}) {p['options'][i]}" in p["question"]
+        assert "step by step" not in p["question"].lower()  # zero-shot, no CoT instruction
+
+
+def test_mmlu_pro_records(tmp_path):
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text(
+        json.dumps({"question_id": 7, "question": "Q?", "options": list("wxyzv"), "answer": "D"})
+        + "\n"
+    )
+    [p] = load_mcq(path)
+    assert p["id"] == "7" and p["answer"] == "D" and "(E) v" in p["question"]
+
+
+@pytest.mark.parametrize(
+    "text", ["C", "(C)", "The answer is C.", "**C**", "Answer: (C)", "c", "C. because 3"]
+)
+def test_extracts_the_letter(text):
+    assert extract_letter(text, 4) == "C"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["A or B", "(A) and (B)", "The answer is A. No, the answer is B.", "", "I don't know", "E"],
+)
+def test_rejects_ambiguous_or_missing(text):
+    assert extract_letter(text, 4) is None
