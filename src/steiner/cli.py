@@ -348,19 +348,20 @@ app.add_typer(train_app, name="train")
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-def parse_stage_config(config_cls: type, args: list[str], prog: str) -> Any:
-    """Parse a stage's dataclass from --config YAML and flags; errors become one line."""
+def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], prog: str) -> Any:
+    """Parse a stage's dataclass(es) from --config YAML and flags; errors become one line."""
     from trl import TrlParser
 
     class OneLineParser(TrlParser):
         def error(self, message: str):  # argparse would print usage and exit
             raise InputError(prog, None, message)
 
+    classes = config_cls if isinstance(config_cls, tuple) else (config_cls,)
     try:
-        (cfg,) = OneLineParser((config_cls,), prog=prog).parse_args_and_config(args=args)
+        parsed = OneLineParser(classes, prog=prog).parse_args_and_config(args=args)
     except ValueError as exc:  # unknown flags, bad YAML keys
         raise InputError(prog, None, str(exc)) from None
-    return cfg
+    return parsed if isinstance(config_cls, tuple) else parsed[0]
 
 
 def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
@@ -431,6 +432,32 @@ def train_sft(ctx: typer.Context) -> None:
 
     cfg = parse_stage_config(SFTStageConfig, ctx.args, "steiner train sft")
     print_training_summary(run_sft(cfg), cfg.output_dir)
+
+
+@train_app.command("rl", context_settings=_PASS_THROUGH, add_help_option=False)
+def train_rl(ctx: typer.Context) -> None:
+    """RL with DAG step rewards: --model DIR --problems FILE --dags dags.jsonl --output_dir DIR."""
+    from steiner.train.rewards import RewardWeights
+    from steiner.train.rl import RLStageConfig, run_rl
+
+    cfg, weights = parse_stage_config((RLStageConfig, RewardWeights), ctx.args, "steiner train rl")
+    cfg.weights = weights
+    with progress_bar() as bar:
+        task = bar.add_task("rl", total=cfg.steps)
+
+        def log(record: dict) -> None:
+            bar.update(task, completed=record["step"])
+            if record["step"] % 10 == 0 or record["step"] == cfg.steps:
+                console.print({k: v for k, v in record.items() if k != "terms"})
+
+        history = run_rl(cfg, log=log)["history"]
+    k = max(1, len(history) // 5)
+    first = sum(h["mean_reward"] for h in history[:k]) / k
+    last = sum(h["mean_reward"] for h in history[-k:]) / k
+    console.print(
+        f"mean reward, first {k} steps {first:.3f} -> last {k} steps {last:.3f}; "
+        f"saved {cfg.output_dir}"
+    )
 
 
 @app.command("generate")
