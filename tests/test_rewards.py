@@ -112,3 +112,31 @@ def test_invalid_and_unmatched_steps(problem_and_dag):
         "x",
     )
     assert score_trace(domain, problem, dag, bad_back, RewardWeights()).terms["invalid"] <= -1.0
+
+
+def test_embedding_match_for_dags_without_keys():
+    from steiner.dag import Observation, build_dag
+    from steiner.train.rewards import match_steps
+
+    texts = [
+        "Multiply the price by the quantity to get the total cost.",
+        "Subtract the discount from the total cost.",
+        "The cat sat on the warm windowsill all afternoon.",
+    ]
+    attempts = [
+        [Observation(i, t, None, "answer" if i == 1 else "alive") for i, t in enumerate(texts[:2])],
+        [Observation(2, texts[2], None, "dead")],
+    ]
+    dag = build_dag("t", "q", attempts)
+    trace = Trace(
+        [
+            Step("a", "Multiply price times quantity for the total cost.", "", ""),
+            Step("b", "Quantum chromodynamics of gluons.", "", ""),
+        ],
+        [Decision.PROCEED, Decision.END],
+        "x",
+    )
+    matches = match_steps(get_domain("text"), {"answer": "x"}, dag, trace)
+    by_text = {n.text: n.id for n in dag.nodes}
+    assert matches[0].node == by_text[texts[0]]
+    assert matches[1].node is None  # nothing similar enough

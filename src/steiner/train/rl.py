@@ -43,6 +43,8 @@ class RLStageConfig:
     learning_rate: float = 1e-4
     beta: float = 0.0
     max_grad_norm: float = 1.0
+    save_steps: int = 50  # checkpoint (model, optimizer, RNG states, history) every N steps
+    resume: bool = True  # continue from the last checkpoint in output_dir
     seed: int = 0
     # set from the reward-weight flags by the CLI (TRL's parser takes flat dataclasses)
     weights: RewardWeights = field(default_factory=RewardWeights, metadata={"help": "not a flag"})
@@ -60,6 +62,33 @@ def _logprobs(
     return (
         torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
     )
+
+
+def _last_checkpoint(output_dir: str) -> Path | None:
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(
+    out: Path, step: int, model: Any, opt: Any, rng: random.Random, history: list[dict[str, Any]]
+) -> None:
+    """Written to a temporary folder, then renamed: a crash never leaves half a checkpoint."""
+    import shutil
+
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(
+        {
+            "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": rng.getstate(),
+            "history": history,
+            "step": step,
+        },
+        tmp / "state.pt",
+    )
+    tmp.rename(final)
 
 
 def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
@@ -80,8 +109,20 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     step_end_id = tok.convert_tokens_to_ids(STEP_END)
     history: list[dict[str, Any]] = []
+    first_step = 1
+    last = _last_checkpoint(cfg.output_dir) if cfg.resume else None
+    if last is not None:
+        state = torch.load(last / "state.pt", weights_only=False)
+        model.load_state_dict(
+            AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32).state_dict()
+        )
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.setstate(state["python_rng"])
+        history, first_step = state["history"], state["step"] + 1
+        log({"resumed_from": str(last), "step": state["step"]})
     start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    for step in range(first_step, cfg.steps + 1):
         batch = rng.sample(problems, min(cfg.prompts_per_step, len(problems)))
         prompts = [
             tok.apply_chat_template(
@@ -173,6 +214,8 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         }
         history.append(record)
         log(record)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
+            _save_checkpoint(Path(cfg.output_dir), step, model, opt, rng, history)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(cfg.output_dir)
     tok.padding_side = "right"
