@@ -129,10 +129,14 @@ class StepBudget:
         )
         n = len(budgets)
         self.state = torch.full((n,), _BEGIN, dtype=torch.long, device=device)
-        self.steps = torch.zeros(n, dtype=torch.long, device=device)
-        self.reasoning_tokens = torch.zeros_like(self.steps)
-        self.step_tokens = torch.zeros_like(self.steps)
-        self.capped = torch.zeros_like(self.steps)
+        # counters per row: steps done, tokens in the current step, reasoning tokens
+        self.counters = torch.zeros(n, 3, dtype=torch.long, device=device)
+        # flags = 2 + sum(w * (counter >= threshold)): below-min is "not steps >= min_steps"
+        self.thresholds = torch.stack(
+            [self.min_steps, self.max_steps, self.max_step_tokens, self.max_reasoning], 1
+        )
+        self.flag_weights = torch.tensor([-_BELOW_MIN, _AT_MAX, _LONG_STEP, _CAPPED], device=device)
+        self.counter_columns = torch.tensor([0, 0, 1, 2], device=device)
         self._build_tables()
         self._masks: torch.Tensor | None = None  # built on first use, when the vocab is known
 
@@ -168,12 +172,19 @@ class StepBudget:
             T[s][RE] = _ANSWER
             step_inc[s][SE] = 1
         self.T = torch.tensor(T, device=dev)
-        self.step_inc = torch.tensor(step_inc, device=dev)
-        self.is_reasoning = torch.tensor(
-            [int(s in _REASONING_STATES) for s in range(_N_STATES)], device=dev
+        in_step = [int(_F0 <= s < _F0 + 9) for s in range(_N_STATES)]
+        reasoning = [int(s in _REASONING_STATES) for s in range(_N_STATES)]
+        # what each (state, token class) adds to the three counters, and which it resets
+        self.counter_inc = torch.tensor(
+            [
+                [[step_inc[s][c], in_step[s], reasoning[s]] for c in range(16)]
+                for s in range(_N_STATES)
+            ],
+            device=dev,
         )
-        self.in_step = torch.tensor([int(_F0 <= s < _F0 + 9) for s in range(_N_STATES)], device=dev)
-        self.ss_class = SS
+        self.counter_keep = torch.tensor(
+            [[1, 0 if c == SS else 1, 1] for c in range(16)], device=dev
+        )
         # modes: one "force" mode per special token, then keep-only sets, in-field, answer
         self.mode_keep = {"ss_re": 14, "p_b": 15, "p_b_re": 16}
         self.mode_in_field = {k: 17 + k for k in range(4)}
@@ -248,16 +259,15 @@ class StepBudget:
         return masks
 
     # ------------------------------------------------------------------ per token
+    @property
+    def steps(self) -> torch.Tensor:
+        return self.counters[:, 0]
+
     def update(self, tokens: torch.Tensor) -> None:
         """Advance every row's state by the token it just generated."""
         cls = self.token_class[tokens]
-        s = self.state
-        reasoning = self.is_reasoning[s]
-        self.reasoning_tokens += reasoning
-        self.steps += self.step_inc[s, cls]
-        self.step_tokens = torch.where(cls == self.ss_class, 0, self.step_tokens + self.in_step[s])
-        self.state = self.T[s, cls]
-        self.capped |= reasoning & (self.reasoning_tokens >= self.max_reasoning)
+        self.counters = self.counters * self.counter_keep[cls] + self.counter_inc[self.state, cls]
+        self.state = self.T[self.state, cls]
 
     def prepare(self, logits: torch.Tensor) -> None:
         """Build the vocabulary-sized tables once the vocabulary size is known."""
@@ -267,12 +277,10 @@ class StepBudget:
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """Apply the rules to next-token logits [rows, vocab] in place; returns them."""
         self.prepare(logits)
-        flags = (
-            self.capped
-            + _BELOW_MIN * (self.steps < self.min_steps)
-            + _AT_MAX * (self.steps >= self.max_steps)
-            + _LONG_STEP * (self.step_tokens >= self.max_step_tokens)
-        )
+        # The token cap only matters while reasoning (the begin and answer modes ignore
+        # flags), so "capped" is just the reasoning-token count against its limit.
+        reached = self.counters[:, self.counter_columns] >= self.thresholds
+        flags = _BELOW_MIN + (reached * self.flag_weights).sum(1)
         logits += self._masks[self.mode[self.state, flags, self.extend]]
         return logits
 

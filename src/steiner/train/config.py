@@ -66,28 +66,26 @@ class _StageMixin:
     lora_dropout: float = 0.05
 
 
-_CPU_DEFAULTS = dict(
-    use_cpu=_NO_GPU,
-    bf16=False,
-    activation_checkpointing=False,
-    report_to="none",
-    per_device_train_batch_size=8,
-    logging_steps=10,
-    save_steps=200,
-    save_total_limit=2,
-    learning_rate=1e-3,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.05,
-    seed=0,
-)
+@dataclass
+class _CPUDefaults(SFTConfig):
+    """The defaults both stages share (see the module docstring)."""
 
-
-def _default(name: str):
-    return field(default=_CPU_DEFAULTS[name])
+    use_cpu: bool = _NO_GPU
+    bf16: bool | None = False
+    activation_checkpointing: bool | None = False
+    report_to: str | list[str] = "none"
+    per_device_train_batch_size: int = 8
+    logging_steps: float = 10
+    save_steps: float = 200
+    save_total_limit: int | None = 2
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.05
+    seed: int = 0
 
 
 @dataclass
-class SFTStageConfig(_StageMixin, SFTConfig):
+class SFTStageConfig(_StageMixin, _CPUDefaults):
     """``steiner train sft``: TRL SFT on chat paths, loss on the assistant part only."""
 
     data: str = field(
@@ -100,24 +98,12 @@ class SFTStageConfig(_StageMixin, SFTConfig):
         default=None, metadata={"help": "Use only the first N records."}
     )
     assistant_only_loss: bool = True
-    use_cpu: bool = _default("use_cpu")
-    bf16: bool | None = _default("bf16")
-    activation_checkpointing: bool | None = _default("activation_checkpointing")
-    report_to: str | list[str] = _default("report_to")
     train_sampling_strategy: str = "group_by_length"
     max_length: int | None = 8192
-    per_device_train_batch_size: int = _default("per_device_train_batch_size")
-    logging_steps: float = _default("logging_steps")
-    save_steps: float = _default("save_steps")
-    save_total_limit: int | None = _default("save_total_limit")
-    learning_rate: float = _default("learning_rate")
-    lr_scheduler_type: str = _default("lr_scheduler_type")
-    warmup_steps: float = _default("warmup_steps")
-    seed: int = _default("seed")
 
 
 @dataclass
-class CPTStageConfig(_StageMixin, SFTConfig):
+class CPTStageConfig(_StageMixin, _CPUDefaults):
     """``steiner train cpt``: language modelling on plain text mixed with reasoning paths."""
 
     paths: list[str] = field(default_factory=list, metadata={"help": "Path records to mix in."})
@@ -128,18 +114,6 @@ class CPTStageConfig(_StageMixin, SFTConfig):
     countdown_facts: int = field(default=0, metadata={"help": "Add N countdown arithmetic facts."})
     dataset_text_field: str = "text"
     completion_only_loss: bool | None = False
-    use_cpu: bool = _default("use_cpu")
-    bf16: bool | None = _default("bf16")
-    activation_checkpointing: bool | None = _default("activation_checkpointing")
-    report_to: str | list[str] = _default("report_to")
     packing: bool = True
     packing_strategy: str = "wrapped"
     max_length: int | None = 512
-    per_device_train_batch_size: int = _default("per_device_train_batch_size")
-    logging_steps: float = _default("logging_steps")
-    save_steps: float = _default("save_steps")
-    save_total_limit: int | None = _default("save_total_limit")
-    learning_rate: float = _default("learning_rate")
-    lr_scheduler_type: str = _default("lr_scheduler_type")
-    warmup_steps: float = _default("warmup_steps")
-    seed: int = _default("seed")
