@@ -2,26 +2,15 @@
 
 import torch
 from datasets import Dataset
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from steiner.format import Decision, Step, Trace, render
 
 
-def test_sft_trainer_assistant_only_loss_runs_two_steps(tiny_tokenizer, tmp_path):
+def test_sft_trainer_assistant_only_loss_runs_two_steps(tiny_tokenizer, tiny_model_dir, tmp_path):
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-    )
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM.from_pretrained(tiny_model_dir)  # built from config in conftest
     trace = Trace([Step("a", "7-3=4", "4 25 50", "ok")], [Decision.END], "(50+25)+(7-3)")
     rows = [
         {
