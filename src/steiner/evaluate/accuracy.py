@@ -104,8 +104,8 @@ def evaluate(
                     "id": problem["id"],
                     "question": problem["question"],
                     "reference": problem.get("answer"),
-                    "correct": domain.check_answer(problem, g.answer),
-                    "outputs": [output_record(g, domain.check_answer(problem, g.answer))],
+                    "correct": (ok := domain.check_answer(problem, g.answer)),
+                    "outputs": [output_record(g, ok)],
                 }
                 if samples:
                     oks = [domain.check_answer(problem, s.answer) for s in samples]

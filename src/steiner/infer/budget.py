@@ -113,17 +113,13 @@ class StepBudget:
 
     Written as lookup tables because the rules run once per generated token: a class per
     token id, a transition per (state, class), and an additive mask per (state, flags,
-    extend_with) mode, so a step costs about twenty small tensor operations."""
+    extend_with) mode, so a step costs about a dozen small tensor operations."""
 
     def __init__(self, ids: TokenIds, budgets: list[Budget], device: torch.device | str = "cpu"):
         self.ids = ids
         device = torch.device(device)
         self.device = device
         limit = lambda vals: torch.tensor([_BIG if v is None else v for v in vals], device=device)  # noqa: E731
-        self.min_steps = torch.tensor([b.min_steps for b in budgets], device=device)
-        self.max_steps = limit([b.max_steps for b in budgets])
-        self.max_reasoning = limit([b.max_reasoning_tokens for b in budgets])
-        self.max_step_tokens = limit([b.max_step_tokens for b in budgets])
         self.extend = torch.tensor(
             [EXTEND_WITH.index(b.extend_with) for b in budgets], device=device
         )
@@ -133,7 +129,13 @@ class StepBudget:
         self.counters = torch.zeros(n, 3, dtype=torch.long, device=device)
         # flags = 2 + sum(w * (counter >= threshold)): below-min is "not steps >= min_steps"
         self.thresholds = torch.stack(
-            [self.min_steps, self.max_steps, self.max_step_tokens, self.max_reasoning], 1
+            [
+                torch.tensor([b.min_steps for b in budgets], device=device),
+                limit([b.max_steps for b in budgets]),
+                limit([b.max_step_tokens for b in budgets]),
+                limit([b.max_reasoning_tokens for b in budgets]),
+            ],
+            1,
         )
         self.flag_weights = torch.tensor([-_BELOW_MIN, _AT_MAX, _LONG_STEP, _CAPPED], device=device)
         self.counter_columns = torch.tensor([0, 0, 1, 2], device=device)

@@ -83,6 +83,7 @@ def render_walk(domain: Domain, problem: dict[str, Any], dag: Dag, moves: list[M
     nodes = dag.nodes
     keyed = dag.keyed
     steps: list[Step] = []
+    texts: list[str] = []  # each move's step text, reused for the final answer
     for m in moves:
         src, dst = nodes[m.src], nodes[m.dst]
         status = "dead" if m.decision is Decision.BACKTRACK else dst.status
@@ -102,36 +103,23 @@ def render_walk(domain: Domain, problem: dict[str, Any], dag: Dag, moves: list[M
                 where = src.step.get("summary") or src.text if m.src != dag.root else "the start"
                 content["name"] = f"back to {where}: {content['name']}"
         steps.append(Step(**content))
+        texts.append(text)
+    branch = [texts[i] for i in successful_branch(dag, moves)]
     return Trace(
         steps=steps,
         decisions=[m.decision for m in moves],
-        answer=domain.final_answer(problem, successful_branch(domain, problem, dag, moves)),
+        answer=domain.final_answer(problem, branch),
     )
 
 
-def successful_branch(
-    domain: Domain, problem: dict[str, Any], dag: Dag, moves: list[Move]
-) -> list[str]:
-    """Step texts from the root to the answer with every detour cut out."""
-    parent: dict[int, int] = {}
-    for m in moves:
-        parent[m.dst] = m.src
+def successful_branch(dag: Dag, moves: list[Move]) -> list[int]:
+    """Indices of the moves from the root to the answer, every detour cut out."""
+    into = {m.dst: i for i, m in enumerate(moves)}  # a node of the final branch is entered once
     node, chain = moves[-1].dst, []
     while node != dag.root:
-        chain.append((parent[node], node))
-        node = parent[node]
-    chain.reverse()
-    nodes = dag.nodes
-    if dag.keyed:
-        return [
-            domain.step_between(
-                problem,
-                domain.state_from_key(problem, nodes[u].key),
-                domain.state_from_key(problem, nodes[v].key),
-            )
-            for u, v in chain
-        ]
-    return [nodes[v].text for _, v in chain]
+        chain.append(into[node])
+        node = moves[into[node]].src
+    return chain[::-1]
 
 
 _TOKEN_RE = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]")
