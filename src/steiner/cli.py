@@ -27,8 +27,12 @@ app = typer.Typer(
 countdown_app = typer.Typer(
     help="The countdown domain: generate and solve problems.", no_args_is_help=True
 )
+graph_app = typer.Typer(
+    help="The graph domain: path-finding in described graphs (path-star).", no_args_is_help=True
+)
 format_app = typer.Typer(help="The 14-token reasoning format.", no_args_is_help=True)
 app.add_typer(countdown_app, name="countdown")
+app.add_typer(graph_app, name="graph")
 app.add_typer(format_app, name="format")
 
 console = Console(stderr=True)
@@ -103,6 +107,57 @@ def countdown_solve(
     )
 
 
+@graph_app.command("generate")
+def graph_generate(
+    out_path: Annotated[Path, typer.Option("--out", help="Output JSONL file.")],
+    count: Annotated[int, typer.Option(min=1, help="How many problems.")] = 1000,
+    degree: Annotated[int, typer.Option(min=1, help="Arms of the star (D).")] = 3,
+    arm_length: Annotated[int, typer.Option(min=1, help="Nodes per arm (L).")] = 4,
+    nodes: Annotated[int, typer.Option(min=2, help="Node labels are drawn from 0..N-1.")] = 60,
+    kind: Annotated[str, typer.Option(help="star (path-star) | dag (random DAG).")] = "star",
+    step: Annotated[str, typer.Option(help="A step follows one arm or one edge.")] = "arm",
+    compact: Annotated[
+        bool, typer.Option("--compact", help="Few-token step texts for tiny models.")
+    ] = False,
+    extra_edge_prob: Annotated[
+        float, typer.Option(min=0, max=1, help="dag: chance of each extra forward edge.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same file.")] = 0,
+    shortcut: Annotated[
+        bool, typer.Option("--shortcut", help="Add the steps of the shortest path.")
+    ] = False,
+) -> None:
+    """Generate graph path-finding problems (optionally as shortcut records)."""
+    from steiner.domains import graph
+
+    if kind not in graph.KINDS:
+        raise typer.BadParameter(f"--kind expects star or dag, got {kind!r}")
+    if step not in graph.STEP_MODES:
+        raise typer.BadParameter(f"--step expects arm or edge, got {step!r}")
+    if 1 + degree * arm_length > nodes:
+        raise typer.BadParameter(
+            f"--nodes must be at least 1 + degree * arm-length = {1 + degree * arm_length}"
+        )
+    start = time.perf_counter()
+    style = "compact" if compact else "verbose"
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=count)
+
+        def records():
+            for problem in graph.generate_problems(
+                count, degree, arm_length, nodes, kind, seed, step, style, extra_edge_prob
+            ):
+                bar.advance(task)
+                yield graph.shortcut_record(problem) if shortcut else problem
+
+        n = write_jsonl(out_path, records())
+    console.print(
+        f"wrote {n} {'shortcut records' if shortcut else 'problems'} ({kind}, D={degree}, "
+        f"L={arm_length}, N={nodes}) to {out_path} in {time.perf_counter() - start:.1f}s "
+        f"(seed {seed})"
+    )
+
+
 class _Message(BaseModel):
     role: str
     content: str
@@ -166,6 +221,14 @@ def synth(
     p_wrong: Annotated[
         float, typer.Option(min=0, max=1, help="Chance to take a wrong branch.")
     ] = 0.5,
+    branch_choice: Annotated[
+        str,
+        typer.Option(help="p_wrong | uniform (pick among untried branches, dead or alive)."),
+    ] = "p_wrong",
+    verify_after_answer: Annotated[
+        float,
+        typer.Option(min=0, max=1, help="Chance a path tries the other branches after success."),
+    ] = 0.0,
     max_detours: Annotated[int, typer.Option(min=0)] = 2,
     max_detour_depth: Annotated[int, typer.Option(min=1)] = 3,
     max_reasoning_tokens: Annotated[int, typer.Option(min=1)] = 4096,
@@ -206,6 +269,10 @@ def synth(
     from steiner.synth.run import SynthConfig, output_paths, run_synth
     from steiner.synth.teachers import OpenAISettings
 
+    if branch_choice not in ("p_wrong", "uniform"):
+        raise typer.BadParameter(
+            f"--branch-choice expects p_wrong or uniform, got {branch_choice!r}"
+        )
     cfg = SynthConfig(
         shortcut=shortcut,
         out=str(out),
@@ -224,6 +291,8 @@ def synth(
         paths=PathSettings(
             paths_per_dag=paths_per_dag,
             p_wrong=p_wrong,
+            branch_choice=branch_choice,
+            verify_after_answer=verify_after_answer,
             max_detours=max_detours,
             max_detour_depth=max_detour_depth,
             max_reasoning_tokens=max_reasoning_tokens,
@@ -726,44 +795,45 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]
 
 @app.command("demo")
 def demo(
+    profile: Annotated[
+        str, typer.Option(help="quick (about 15 minutes on 2 CPU cores) | full (hours).")
+    ] = "quick",
+    domain: Annotated[
+        str | None, typer.Option(help="graph | countdown (default: graph; full runs both).")
+    ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
-    count: Annotated[int, typer.Option(min=1)] = 200,
+    problems: Annotated[
+        str | None, typer.Option(help="Held-out problem file to evaluate on instead.")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Interim demo: countdown problems, shortcut solutions, solver and format check.
+    """The whole pipeline: problems, synth, init/CPT/SFT, shortcut baseline, RL, eval, scale,
+    serve + latency probe, report card (resumes from the last finished stage)."""
+    from steiner.demo import PROFILES, run_demo
 
-    The full pipeline demo (synth, train, RL, eval, scale, serve, report) replaces it.
-    """
-    start = time.perf_counter()
-    path = out_dir / "countdown-shortcut.jsonl"
-    records = [countdown.shortcut_record(p) for p in countdown.generate_problems(count, seed=seed)]
-    write_jsonl(path, records)
-    checked = sum(
-        bool(countdown.check_answer(r["nums"], r["target"], r["answer"])) for r in records
-    )
-    first = records[0]
-    sols = countdown.all_solutions(first["nums"], first["target"])
-    trace = fmt.Trace(
-        steps=[
-            fmt.Step(name=s, thought=s, summary=s, reflection="on track") for s in first["steps"]
-        ],
-        decisions=[fmt.Decision.PROCEED] * (len(first["steps"]) - 1) + [fmt.Decision.END],
-        answer=first["answer"],
-    )
-    parsed, problems = fmt.parse(fmt.render(trace))
-    table = Table(title="steiner demo (interim: foundation only)")
-    table.add_column("check")
-    table.add_column("result")
-    table.add_row("problems generated", f"{len(records)} -> {path}")
-    table.add_row("reference answers pass the checker", f"{checked}/{len(records)}")
-    table.add_row(f"solutions of {first['nums']} -> {first['target']}", str(len(sols)))
-    table.add_row(
-        "render -> parse round trip", "ok" if parsed == trace and not problems else "FAILED"
-    )
-    table.add_row("wall time", f"{time.perf_counter() - start:.1f}s")
-    out.print(table)
-    if checked != len(records) or parsed != trace or problems:
-        raise typer.Exit(1)
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"--profile expects quick or full, got {profile!r}")
+    domains = [domain] if domain else (["graph", "countdown"] if profile == "full" else ["graph"])
+    if problems and len(domains) > 1:
+        raise typer.BadParameter("--problems needs --domain (the file is of one domain)")
+    for name in domains:
+        run_dir = out_dir / name if len(domains) > 1 else out_dir
+        console.rule(f"steiner demo: {profile} profile, {name} domain -> {run_dir}")
+
+        def on_stage(stage: str, record: dict[str, Any], skipped: bool) -> None:
+            shown = {k: v for k, v in record.items() if k not in ("stage", "seconds")}
+            note = "done earlier" if skipped else f"{record['seconds']:.1f}s"
+            console.print(f"[bold]{stage:<20}[/] {note:>12}  [dim]{json.dumps(shown)}[/]")
+
+        summary = run_demo(profile, name, run_dir, problems, seed, on_stage=on_stage)
+        table = Table(title=f"steiner demo ({name}): {run_dir / 'report.md'}")
+        table.add_column("target")
+        table.add_column("measured")
+        table.add_column("met")
+        for t in summary["targets"]:
+            table.add_row(t["target"], t["measured"], "yes" if t["met"] else "[red]no[/]")
+        table.add_row("wall time", f"{summary['total_seconds'] / 60:.1f} min", "")
+        out.print(table)
 
 
 def main() -> None:

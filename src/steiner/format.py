@@ -129,28 +129,30 @@ class FormatError(ValueError):
         self.message = message
 
 
-def render_step(step: Step) -> str:
+def render_step(step: Step, separator: str = "\n") -> str:
     parts = [STEP_START]
     for name, (start, end) in STEP_FIELDS.items():
         parts.append(f"{start}{getattr(step, name)}{end}")
     parts.append(STEP_END)
-    return "\n".join(parts)
+    return separator.join(parts)
 
 
-def render(trace: Trace) -> str:
-    """Render a trace as an assistant message (reasoning, then the final answer)."""
+def render(trace: Trace, separator: str = "\n") -> str:
+    """Render a trace as an assistant message (reasoning, then the final answer).
+
+    ``separator`` goes between tokens; "" saves a tiny model about seven tokens a step."""
     if len(trace.decisions) not in (len(trace.steps), len(trace.steps) - 1):
         raise ValueError("a trace needs one decision per step (the last may be missing)")
     parts = [REASONING_START]
     # decisions may be one short of the steps (an unfinished trace)
     for step, decision in zip(trace.steps, trace.decisions + [None], strict=False):
-        parts.append(render_step(step))
+        parts.append(render_step(step, separator))
         if decision is not None and decision is not Decision.END:
             parts.append(_DECISION_TOKEN[decision])
     if trace.answer is not None:
         parts.append(REASONING_END)
         parts.append(trace.answer)
-    return "\n".join(parts)
+    return separator.join(parts)
 
 
 def parse(text: str, strict: bool = False) -> tuple[Trace, list[FormatError]]:

@@ -17,6 +17,10 @@ def get_domain(name: str) -> Domain:
         from steiner.domains.countdown import CountdownDomain
 
         return CountdownDomain()
+    if name == "graph":
+        from steiner.domains.graph import GraphDomain
+
+        return GraphDomain()
     if name == "text":
         from steiner.domains.text import TextDomain
 
@@ -25,7 +29,7 @@ def get_domain(name: str) -> Domain:
         from steiner.domains.mcq import MCQDomain
 
         return MCQDomain()  # type: ignore[return-value]  # evaluation only: no synthesis
-    raise InputError("--domain", None, f"expected countdown, text or mcq, got {name!r}")
+    raise InputError("--domain", None, f"expected countdown, graph, text or mcq, got {name!r}")
 
 
 def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[dict[str, Any]]:
@@ -45,6 +49,15 @@ class _CountdownRecord(BaseModel):
     steps: list[str] | None = None
 
 
+class _GraphRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | int
+    edges: list[tuple[int, int]]
+    start: int
+    goal: int
+    steps: list[str] | None = None
+
+
 class _TextRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | int | None = None
@@ -58,7 +71,9 @@ class _TextRecord(BaseModel):
 def guess_domain(rec: dict[str, Any]) -> str:
     if rec.get("domain"):
         return str(rec["domain"])
-    return "countdown" if "nums" in rec else "text"
+    if "nums" in rec:
+        return "countdown"
+    return "graph" if "edges" in rec else "text"
 
 
 def shortcut_from_record(
@@ -78,6 +93,24 @@ def shortcut_from_record(
             return countdown.shortcut_record(problem)
         if not countdown.check_answer(r.nums, r.target, "\n".join(r.steps)):
             raise InputError(path, line, "field 'steps': not a solution of the problem")
+        return {**problem, "steps": r.steps}
+    if domain == "graph":
+        from steiner.domains import graph
+
+        r = validate(_GraphRecord, rec, path, line)
+        try:
+            problem = graph.make_problem(str(r.id), r.edges, r.start, r.goal, rec.get("meta"))
+        except ValueError:
+            raise InputError(path, line, f"goal {r.goal} is not reachable from {r.start}") from None
+        # a record's own question (with its edge order) is kept; bare records get one
+        problem = {**problem, **rec, "id": str(r.id), "domain": "graph"}
+        problem["edges"] = [[u, v] for u, v in r.edges]
+        if r.steps is None:
+            return graph.shortcut_record(problem)
+        if not graph.check_answer(
+            r.edges, r.start, r.goal, graph.final_answer_of(problem, r.steps)
+        ):
+            raise InputError(path, line, "field 'steps': not a path from start to goal")
         return {**problem, "steps": r.steps}
     if domain == "text":
         from steiner.domains.text import split_steps
@@ -124,6 +157,12 @@ def load_shortcuts(
         ids.add(rec["id"])
         out.append(rec)
     return out
+
+
+def trace_separator(problem: dict[str, Any]) -> str:
+    """What goes between the reasoning tokens of this problem's traces: nothing for the
+    compact style (tiny models), a newline otherwise."""
+    return "" if (problem.get("meta") or {}).get("style") == "compact" else "\n"
 
 
 def walk_shortcut(domain: Domain, problem: dict[str, Any]) -> list[tuple[str, Any, Any, str, dict]]:

@@ -18,6 +18,30 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
 
+def example_trace(root: Path) -> list[str]:
+    """A correct held-out answer whose reasoning backtracked, step by step (from the first
+    eval directory that has one, outside scaling sweeps)."""
+    for path in sorted(root.rglob("outputs.jsonl")):
+        if path.parent.name.split("-")[0] in ("cap", "extend"):
+            continue
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            out = next((o for o in rec["outputs"] if o["correct"] and o["n_backtracks"]), None)
+            if out is None:
+                continue
+            lines = [f"## Example trace with a backtrack ({_rel(path.parent, root)})", ""]
+            lines += [f"Problem `{rec['id']}`: {rec.get('question', '')}", ""]
+            trace = out["trace"]
+            for i, step in enumerate(trace["steps"]):
+                decision = trace["decisions"][i] if i < len(trace["decisions"]) else "-"
+                lines.append(
+                    f"{i + 1}. **{step['name']}** — {step['thought']} → {step['summary']} "
+                    f"(*{step['reflection']}*) → `{decision}`"
+                )
+            return lines + ["", f"Answer: `{trace['answer']}` (correct)", ""]
+    return []
+
+
 def build_report(run_dir: str | Path) -> dict[str, Path]:
     root = Path(run_dir)
     if not root.is_dir():
@@ -26,6 +50,20 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         raise InputError(root, None, "expected a run directory")
     lines = [f"# Steiner report: {root.name}", ""]
     found = 0
+    demo = root / "demo.json"
+    if demo.exists():
+        d = json.loads(demo.read_text())
+        lines += [f"## Demo ({d['profile']} profile, {d['domain']} domain)", ""]
+        lines += _table(
+            ["target", "measured", "met"],
+            [[t["target"], t["measured"], "yes" if t["met"] else "**no**"] for t in d["targets"]],
+        )
+        lines += _table(
+            ["stage", "seconds"],
+            [[r["stage"], r["seconds"]] for r in d["stages"]]
+            + [["total", f"{d['total_seconds']} ({d['total_seconds'] / 60:.1f} min)"]],
+        )
+        found += 1
     synth = sorted(p for p in root.rglob("stats*.json") if "teacher-cache" not in p.parts)
     if synth:
         lines += ["## Synthesis", ""]
@@ -180,6 +218,10 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         ]
         if (p.parent / "latency.png").exists():
             lines += [f"![latency]({_rel(p.parent / 'latency.png', root)})", ""]
+        found += 1
+    example = example_trace(root)
+    if example:
+        lines += example
         found += 1
     if not found:
         lines += [

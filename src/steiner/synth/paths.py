@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steiner.dag import Dag
+from steiner.domains import trace_separator
 from steiner.domains.base import Domain
 from steiner.format import Decision, Step, Trace, reasoning_and_answer, render
 
@@ -18,6 +19,13 @@ from steiner.format import Decision, Step, Trace, reasoning_and_answer, render
 class PathSettings:
     paths_per_dag: int = 5
     p_wrong: float = 0.5  # at a branch point with an untried dead branch, take it this often
+    # "p_wrong": take an untried dead branch with probability p_wrong; "uniform": pick
+    # uniformly among the untried branches, dead or alive, as a search that cannot tell them
+    # apart would (path-star: the goal's arm is first, second, ... equally often)
+    branch_choice: str = "p_wrong"
+    # chance that a walk, once at the answer, goes back to try the untried dead branches of
+    # its branch points before ending (teaches that reasoning past success is harmless)
+    verify_after_answer: float = 0.0
     max_detours: int = 2
     max_detour_depth: int = 3
     max_reasoning_tokens: int = 4096
@@ -37,33 +45,53 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
     """A walk from the root to an answer. At a node with an untried dead-end child it may
     (probability ``p_wrong``, at most ``max_detours`` times) take that child, follow it down
     to a node judged dead, a leaf or ``max_detour_depth`` steps, then backtrack to the
-    branch point, which is already on the path, and go on from there."""
+    branch point, which is already on the path, and go on from there.
+
+    With ``verify_after_answer`` the walk may, once at the answer, go back and try every
+    untried dead branch of the branch points on its way before it ends (the answer found
+    stays the answer): traces in which reasoning goes on past success."""
     kids = dag.children()
     nodes = dag.nodes
     if nodes[dag.root].d_e is None:
         return None
     moves: list[Move] = []
-    cur, detours, back = dag.root, 0, False
     tried: set[int] = set()
+
+    def detour(cur: int, back: bool) -> None:
+        node = rng.choice([c for c in kids[cur] if nodes[c].d_e is None and c not in tried])
+        tried.add(node)
+        moves.append(Move(cur, node, back))
+        depth = 1
+        while depth < s.max_detour_depth and nodes[node].status != "dead" and kids[node]:
+            nxt = rng.choice(kids[node])
+            moves.append(Move(node, nxt))
+            node, depth = nxt, depth + 1
+        moves[-1].decision = Decision.BACKTRACK
+
+    cur, detours, back = dag.root, 0, False
+    branch = [cur]
     while nodes[cur].status != "answer":
         alive = [c for c in kids[cur] if nodes[c].d_e is not None]
         dead = [c for c in kids[cur] if nodes[c].d_e is None and c not in tried]
-        if dead and detours < s.max_detours and rng.random() < s.p_wrong:
+        p = (
+            len(dead) / max(1, len(dead) + len(alive))
+            if s.branch_choice == "uniform"
+            else s.p_wrong
+        )
+        if dead and detours < s.max_detours and rng.random() < p:
             detours += 1
-            node = rng.choice(dead)
-            tried.add(node)
-            moves.append(Move(cur, node, back))
-            depth = 1
-            while depth < s.max_detour_depth and nodes[node].status != "dead" and kids[node]:
-                nxt = rng.choice(kids[node])
-                moves.append(Move(node, nxt))
-                node, depth = nxt, depth + 1
-            moves[-1].decision = Decision.BACKTRACK
+            detour(cur, back)
             back = True
             continue
         node = rng.choice(alive)
         moves.append(Move(cur, node, back))
         cur, back = node, False
+        branch.append(cur)
+    if s.verify_after_answer and rng.random() < s.verify_after_answer:
+        for point in branch:
+            while any(nodes[c].d_e is None and c not in tried for c in kids[point]):
+                moves[-1].decision = Decision.BACKTRACK
+                detour(point, True)
     moves[-1].decision = Decision.END
     return moves
 
@@ -86,7 +114,11 @@ def render_walk(domain: Domain, problem: dict[str, Any], dag: Dag, moves: list[M
     texts: list[str] = []  # each move's step text, reused for the final answer
     for m in moves:
         src, dst = nodes[m.src], nodes[m.dst]
-        status = "dead" if m.decision is Decision.BACKTRACK else dst.status
+        # the last step of a detour is written as a dead end (a verifying walk ends on one)
+        detour_end = m.decision is Decision.BACKTRACK or (
+            m.decision is Decision.END and dst.d_e is None
+        )
+        status = "dead" if detour_end and dst.status != "answer" else dst.status
         if status == "root":
             status = "alive"
         if keyed:
@@ -115,7 +147,8 @@ def render_walk(domain: Domain, problem: dict[str, Any], dag: Dag, moves: list[M
 def successful_branch(dag: Dag, moves: list[Move]) -> list[int]:
     """Indices of the moves from the root to the answer, every detour cut out."""
     into = {m.dst: i for i, m in enumerate(moves)}  # a node of the final branch is entered once
-    node, chain = moves[-1].dst, []
+    answer = next(m.dst for m in reversed(moves) if dag.nodes[m.dst].status == "answer")
+    node, chain = answer, []
     while node != dag.root:
         chain.append(into[node])
         node = moves[into[node]].src
@@ -159,7 +192,7 @@ def sample_paths(
             dropped["no_walk"] += 1
             break
         trace = render_walk(domain, problem, dag, moves)
-        content = render(trace)
+        content = render(trace, trace_separator(problem))
         if content in seen:
             dropped["duplicates"] += 1
             continue

@@ -27,7 +27,8 @@ class InitConfig:
         metadata={"help": "Where to save the model and tokenizer.", "aliases": ["--out"]}
     )
     preset: str = field(
-        default="tiny", metadata={"help": "tiny (~1M) | small (~10M) | base (~50M)."}
+        default="tiny",
+        metadata={"help": "micro (~0.6M) | tiny (~1M) | small (~10M) | base (~50M)."},
     )
     data: list[str] = field(
         default_factory=list, metadata={"help": "Files to train the tokenizer on (from scratch)."}
@@ -42,7 +43,10 @@ class InitConfig:
     vocab_size: int | None = field(
         default=None, metadata={"help": "BPE vocabulary (default: preset's)."}
     )
-    split_digits: bool = field(default=True, metadata={"help": "One token per digit."})
+    split_digits: bool = field(
+        default=True,
+        metadata={"help": "One token per digit (off: one token per number, e.g. node ids)."},
+    )
     max_positions: int = field(default=8192, metadata={"help": "Context length of a new model."})
     seed: int = 0
 
@@ -82,6 +86,12 @@ class _CPUDefaults(SFTConfig):
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.05
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # TRL's parser turns the "none" default of this str-or-list field into [None]
+        if self.report_to is None or self.report_to == [None]:
+            self.report_to = "none"
+        super().__post_init__()
 
 
 @dataclass

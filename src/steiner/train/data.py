@@ -9,7 +9,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from steiner.domains import get_domain, load_shortcuts, shortcut_trace
+from steiner.domains import get_domain, load_shortcuts, shortcut_trace, trace_separator
 from steiner.format import render
 from steiner.io import InputError, iter_records
 
@@ -36,7 +36,7 @@ def shortcut_rows(path: str) -> list[dict[str, Any]]:
             {
                 "messages": [
                     {"role": "user", "content": problem["question"]},
-                    {"role": "assistant", "content": render(trace)},
+                    {"role": "assistant", "content": render(trace, trace_separator(problem))},
                 ]
             }
         )

@@ -1,5 +1,14 @@
-"""Model set-up: a from-scratch Qwen2 with its own BPE tokenizer, or a pretrained model with
-the 14 reasoning tokens added and initialised from their descriptive words."""
+"""Model set-up: a from-scratch Llama-architecture model with its own BPE tokenizer, or a
+pretrained model with the 14 reasoning tokens added and initialised from their descriptive
+words.
+
+Why Llama and not Qwen2 for from-scratch models: transformers 5 loads any ``qwen2``
+checkpoint's tokenizer as ``Qwen2Tokenizer``, which rebuilds the pre-tokenizer with Qwen's own
+rules (one token per digit, its word regex) and ignores the one saved in ``tokenizer.json``:
+a model trained with our tokenizer would be fed other tokens after ``from_pretrained``. For a
+``llama`` checkpoint whose ``tokenizer_config.json`` names ``TokenizersBackend``, AutoTokenizer
+loads ``tokenizer.json`` exactly as saved. The two architectures are the same decoder (RMSNorm,
+RoPE, SwiGLU, grouped-query attention) but for Qwen2's q/k/v biases."""
 
 from __future__ import annotations
 
@@ -16,16 +25,26 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
 from steiner.io import iter_records
 
-# hidden, layers, heads, kv heads, MLP width, default vocab: about 1M, 10M and 50M parameters
+# hidden, layers, heads, kv heads, MLP width, default vocab: about 0.6M, 1M, 10M and 50M
+# parameters
 PRESETS: dict[str, dict[str, int]] = {
+    # the size that learns path-star search on a 2-core CPU in minutes (graph domain)
+    "micro": dict(
+        hidden_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=384,
+        vocab_size=512,
+    ),
     "tiny": dict(
         hidden_size=128,
         num_hidden_layers=4,
@@ -76,7 +95,8 @@ def train_tokenizer(
     """A byte-level BPE tokenizer trained on the data, plus the 14 tokens and ChatML.
 
     ``split_digits`` makes every digit its own token (arithmetic generalises better);
-    turn it off where numbers are names (graph node ids)."""
+    turn it off where numbers are names (graph node ids): byte-level pre-tokenization keeps
+    " 12" (with its leading space) in one piece, so a frequent id becomes one token."""
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.pre_tokenizer = (
@@ -108,11 +128,11 @@ def train_tokenizer(
 
 def build_model(
     preset: str, tokenizer: Any, max_positions: int = 8192, seed: int = 0
-) -> Qwen2ForCausalLM:
+) -> LlamaForCausalLM:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     dims = {k: v for k, v in PRESETS[preset].items() if k != "vocab_size"}
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
@@ -122,7 +142,7 @@ def build_model(
         **dims,
     )
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    return LlamaForCausalLM(config)
 
 
 def descriptive_words(token: str) -> str:

@@ -1,0 +1,480 @@
+"""``steiner demo``: the whole pipeline on built-in problems, one stage after another, with a
+report card at the end.
+
+Every stage writes its files under the run directory and then a marker
+``.stages/NAME.json`` (atomically, with its wall time); a re-run skips the stages that have a
+marker, and the long stages resume on their own (synthesis journal, trainer checkpoints,
+evaluation outputs), so a crash loses at most the unfinished part of one stage. Like
+``cli``, this module sits on top of the pipeline: it calls the stages, nothing calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from steiner.io import InputError, write_jsonl
+
+PROFILES = ("quick", "full")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of one demo run; ``profile_settings`` gives the built-in profiles."""
+
+    domain: str = "graph"
+    train_problems: int = 20000
+    heldout_problems: int = 300
+    # graph problems
+    degree: int = 3
+    arm_length: int = 4
+    nodes: int = 60
+    # countdown problems
+    n_numbers: int = 3
+    max_number: int = 20
+    max_target: int = 60
+    # synthesis
+    attempts: int = 12
+    paths_per_dag: int = 5
+    branch_choice: str = "uniform"
+    # model and training
+    preset: str = "micro"
+    cpt_documents: int = 20000  # graph walks / countdown fact lines for CPT
+    cpt_steps: int = 150
+    sft_steps: int = 2000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    rl_steps: int = 30
+    rl_prompts_per_step: int = 8
+    rl_group_size: int = 4
+    rl_learning_rate: float = 1e-4
+    # evaluation
+    max_new_tokens: int = 192
+    scale_budgets: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    scale_limit: int = 200
+    latency_requests: int = 20
+    seed: int = 0
+
+
+def profile_settings(profile: str, domain: str) -> DemoSettings:
+    if profile not in PROFILES:
+        raise InputError("--profile", None, f"expected quick or full, got {profile!r}")
+    if domain not in ("graph", "countdown"):
+        raise InputError("--domain", None, f"expected graph or countdown, got {domain!r}")
+    s = DemoSettings(domain=domain)
+    if domain == "countdown":
+        # search traces are longer here: more steps, each one of arithmetic
+        s = replace(s, branch_choice="p_wrong", attempts=4, max_new_tokens=384, preset="tiny")
+        s = replace(s, scale_budgets=[1, 2, 4, 6, 8])
+    if profile == "full":
+        s = replace(s, heldout_problems=500, cpt_documents=100000, cpt_steps=1000)
+        s = replace(s, sft_steps=12000, rl_steps=100, scale_limit=500, latency_requests=40)
+    return s
+
+
+# ---------------------------------------------------------------- stages
+
+
+class Stage:
+    """A stage run once: its marker records that it finished and how long it took."""
+
+    def __init__(self, root: Path, name: str):
+        self.marker = root / ".stages" / f"{name}.done"  # not *.json: the report globs those
+        self.name = name
+
+    def done(self) -> dict[str, Any] | None:
+        return json.loads(self.marker.read_text()) if self.marker.exists() else None
+
+    def finish(self, seconds: float, result: dict[str, Any]) -> dict[str, Any]:
+        record = {"stage": self.name, "seconds": round(seconds, 1), **result}
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.marker)
+        return record
+
+
+def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict[str, Any]:
+    """A train split (shortcut records) and a held-out split that shares no problem with it."""
+    if s.domain == "graph":
+        from steiner.domains import graph
+
+        def generate(count: int, seed: int):
+            return graph.generate_problems(
+                count, s.degree, s.arm_length, s.nodes, "star", seed, "arm", "compact"
+            )
+
+        def shortcut(problem: dict) -> dict:
+            return graph.shortcut_record(problem)
+
+        def identity(problem: dict):
+            return (problem["start"], problem["goal"], sorted(map(tuple, problem["edges"])))
+    else:
+        from steiner.domains import countdown
+
+        def generate(count: int, seed: int):
+            return countdown.generate_problems(
+                count, s.n_numbers, 1, s.max_number, 10, s.max_target, seed
+            )
+
+        def shortcut(problem: dict) -> dict:
+            return countdown.shortcut_record(problem)
+
+        def identity(problem: dict):
+            return (sorted(problem["nums"]), problem["target"])
+
+    train = [shortcut(p) for p in generate(s.train_problems, s.seed)]
+    seen = {repr(identity(p)) for p in train}
+    if heldout_file:
+        from steiner.domains import load_problems
+
+        heldout = load_problems(heldout_file, s.domain)
+    else:
+        pool = generate(s.heldout_problems * 2, s.seed + 1_000_003)
+        heldout = [p for p in pool if repr(identity(p)) not in seen][: s.heldout_problems]
+    overlap = sum(repr(identity(p)) in seen for p in heldout)
+    write_jsonl(root / "data" / "train.jsonl", train)
+    write_jsonl(root / "data" / "heldout.jsonl", heldout)
+    if s.domain == "graph":
+        # plain text for CPT: other graphs with every arm walked out, no goal, no answer
+        docs = graph.walk_documents(
+            s.cpt_documents, s.degree, s.arm_length, s.nodes, s.seed + 2_000_003
+        )
+    else:
+        from steiner.train.data import countdown_facts
+
+        docs = countdown_facts(s.cpt_documents, s.seed, max(100, s.max_target))
+    text = "\n\n".join(docs) + "\n"
+    tmp = root / "data" / "cpt.txt.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, root / "data" / "cpt.txt")
+    return {"train": len(train), "heldout": len(heldout), "heldout_seen_in_training": overlap}
+
+
+def run_synthesis(s: DemoSettings, root: Path) -> dict[str, Any]:
+    from steiner.synth.paths import PathSettings
+    from steiner.synth.run import SynthConfig, run_synth
+
+    cfg = SynthConfig(
+        shortcut=str(root / "data" / "train.jsonl"),
+        out=str(root / "synth"),
+        attempts=s.attempts,
+        seed=s.seed,
+        workers=2,
+        paths=PathSettings(
+            paths_per_dag=s.paths_per_dag,
+            branch_choice=s.branch_choice,
+        ),
+    )
+    stats = run_synth(cfg)
+    return {k: stats[k] for k in ("dags", "paths", "mean_steps", "mean_reasoning_tokens")}
+
+
+def train_kwargs(s: DemoSettings, steps: int) -> dict[str, Any]:
+    return dict(
+        max_steps=steps,
+        per_device_train_batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        logging_steps=50,
+        save_steps=500,
+        seed=s.seed,
+        disable_tqdm=True,
+    )
+
+
+def run_training(s: DemoSettings, root: Path, which: str) -> dict[str, Any]:
+    from steiner.train.config import CPTStageConfig, SFTStageConfig
+    from steiner.train.model import init_model
+    from steiner.train.trainer import run_cpt, run_sft
+
+    models = root / "models"
+    if which == "init":
+        summary = init_model(
+            models / "init",
+            s.preset,
+            [
+                str(root / "synth" / "paths.jsonl"),
+                str(root / "data" / "train.jsonl"),
+                str(root / "data" / "cpt.txt"),
+            ],
+            split_digits=s.domain != "graph",  # node ids are names: one token each
+            max_positions=2048,
+            seed=s.seed,
+        )
+        return {"parameters": summary["parameters"], "vocab_size": summary["vocab_size"]}
+    if which == "cpt":
+        # one CPT model both branches start from: domain text only (graph walks or arithmetic
+        # facts), no solutions and no search, so the baseline gets the same head start
+        cfg = CPTStageConfig(
+            output_dir=str(models / "cpt"),
+            model=str(models / "init"),
+            texts=[str(root / "data" / "cpt.txt")],
+            **train_kwargs(s, s.cpt_steps),
+        )
+        summary = run_cpt(cfg)
+    elif which == "steiner-sft":
+        cfg = SFTStageConfig(
+            output_dir=str(models / "steiner-sft"),
+            model=str(models / "cpt"),
+            data=str(root / "synth" / "paths.jsonl"),
+            **train_kwargs(s, s.sft_steps),
+        )
+        summary = run_sft(cfg)
+    else:  # the baseline: the same problems, the same optimiser steps, straight solutions
+        cfg = SFTStageConfig(
+            output_dir=str(models / "shortcut-sft"),
+            model=str(models / "cpt"),
+            data=str(root / "data" / "train.jsonl"),
+            shortcut=True,
+            **train_kwargs(s, s.sft_steps),
+        )
+        summary = run_sft(cfg)
+    return {k: summary[k] for k in ("steps", "tokens_seen", "tokens_per_s", "final_loss")}
+
+
+def start_baseline(s: DemoSettings, root: Path) -> Any:
+    """The shortcut-baseline SFT as a separate one-thread process, so that on a CPU it trains
+    beside the Steiner SFT (two one-thread runs get more done than one two-thread run)."""
+    import subprocess
+    import sys
+
+    log = (root / "models" / "shortcut-sft.log").open("a")
+    args = [
+        sys.executable, "-m", "steiner.cli", "train", "sft",
+        "--model", str(root / "models" / "cpt"),
+        "--data", str(root / "data" / "train.jsonl"),
+        "--shortcut", "true",
+        "--output_dir", str(root / "models" / "shortcut-sft"),
+    ]  # fmt: skip
+    for key, value in train_kwargs(s, s.sft_steps).items():
+        args += [f"--{key}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def run_rl_stage(s: DemoSettings, root: Path) -> dict[str, Any]:
+    from steiner.train.rl import RLStageConfig, run_rl
+
+    cfg = RLStageConfig(
+        model=str(root / "models" / "steiner-sft"),
+        problems=str(root / "data" / "train.jsonl"),
+        dags=str(root / "synth" / "dags.jsonl"),
+        output_dir=str(root / "models" / "steiner-rl"),
+        steps=s.rl_steps,
+        prompts_per_step=s.rl_prompts_per_step,
+        group_size=s.rl_group_size,
+        max_new_tokens=s.max_new_tokens,
+        learning_rate=s.rl_learning_rate,
+        save_steps=10,
+        seed=s.seed,
+    )
+    history = run_rl(cfg, log=lambda record: None)["history"]
+    k = max(1, len(history) // 5)
+    return {
+        "steps": len(history),
+        "reward_first": round(sum(h["mean_reward"] for h in history[:k]) / k, 3),
+        "reward_last": round(sum(h["mean_reward"] for h in history[-k:]) / k, 3),
+    }
+
+
+MODELS = ("shortcut-sft", "steiner-sft", "steiner-rl")
+
+
+def run_evaluation(s: DemoSettings, root: Path, model: str) -> dict[str, Any]:
+    from steiner.evaluate.accuracy import EvalConfig, evaluate
+
+    m = evaluate(
+        EvalConfig(
+            str(root / "models" / model),
+            str(root / "data" / "heldout.jsonl"),
+            str(root / "eval" / model),
+            s.domain,
+            max_new_tokens=s.max_new_tokens,
+            batch_size=32,
+            seed=s.seed,
+        )
+    )
+    return {k: m[k] for k in ("pass@1", "correct", "n", "pass@1_ci95", "mean_backtracks")}
+
+
+def run_scaling(s: DemoSettings, root: Path) -> dict[str, Any]:
+    from steiner.evaluate.accuracy import EvalConfig
+    from steiner.evaluate.scale import MODES, run_scale
+
+    base = EvalConfig(
+        str(root / "models" / "steiner-rl"),
+        str(root / "data" / "heldout.jsonl"),
+        str(root / "scale"),
+        s.domain,
+        max_new_tokens=s.max_new_tokens * 2,  # extend mode forces extra steps
+        batch_size=32,
+        limit=s.scale_limit,
+    )
+    result = run_scale(base, s.scale_budgets, list(MODES))
+    return {mode: v for mode, v in result["metrics"].items()}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_latency(s: DemoSettings, root: Path) -> dict[str, Any]:
+    """``serve`` the RL model on loopback in a thread, probe it, stop it."""
+    import uvicorn
+
+    from steiner.evaluate.latency import probe, save_probe
+    from steiner.infer.server import ServerSettings, create_app
+
+    port = free_port()
+    app = create_app(ServerSettings(str(root / "models" / "steiner-rl"), "steiner-rl"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started:
+            if time.time() > deadline or not thread.is_alive():
+                raise RuntimeError("the demo server did not start")
+            time.sleep(0.1)
+        records = probe(
+            f"http://127.0.0.1:{port}/v1", "steiner-rl", s.latency_requests, max_tokens=256
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    fit = save_probe(records, root / "latency")
+    return {k: fit[k] for k in ("n", "intercept_s", "seconds_per_token", "r2")}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def targets(root: Path) -> list[dict[str, Any]]:
+    """The demo's claims, each checked against what the run measured."""
+    acc = {}
+    for model in MODELS:
+        path = root / "eval" / model / "metrics.json"
+        if path.exists():
+            acc[model] = json.loads(path.read_text())["pass@1"]
+    out = []
+    if {"shortcut-sft", "steiner-sft"} <= acc.keys():
+        gap = 100 * (acc["steiner-sft"] - acc["shortcut-sft"])
+        out.append(
+            {"target": "Steiner-SFT beats shortcut-SFT by >= 25 points", "measured": f"{gap:+.1f}"}
+            | {"met": gap >= 25}
+        )
+    if {"steiner-sft", "steiner-rl"} <= acc.keys():
+        gain = 100 * (acc["steiner-rl"] - acc["steiner-sft"])
+        out.append(
+            {"target": "RL beats its SFT start by >= 4 points", "measured": f"{gain:+.1f}"}
+            | {"met": gain >= 4}
+        )
+    scale = root / "scale" / "scale.json"
+    if scale.exists():
+        result = json.loads(scale.read_text())
+        for mode, v in result["metrics"].items():
+            curve = ", ".join(
+                f"{r['budget']}: {100 * r['accuracy']:.1f}%"
+                for r in result["rows"]
+                if r["mode"] == mode
+            )
+            out.append(
+                {"target": f"accuracy rises with the step budget ({mode})", "measured": curve}
+                | {"met": bool(v["monotone"]) and v["scaling"] > 0}
+            )
+    return out
+
+
+def run_demo(
+    profile: str = "quick",
+    domain: str = "graph",
+    out: str | Path = "runs/demo",
+    problems: str | None = None,
+    seed: int = 0,
+    settings: DemoSettings | None = None,
+    on_stage: Callable[[str, dict[str, Any], bool], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the summary written to ``demo.json``."""
+    s = settings or replace(profile_settings(profile, domain), seed=seed)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    settings_path = root / "demo_settings.json"
+    wanted = {"profile": profile, "problems": problems, **asdict(s)}
+    if settings_path.exists() and json.loads(settings_path.read_text()) != wanted:
+        raise InputError(
+            settings_path, None, "this directory holds a demo with other settings; use a new --out"
+        )
+    settings_path.write_text(json.dumps(wanted, indent=2) + "\n")
+    import torch
+
+    parallel = (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available()
+    baseline: dict[str, Any] = {}
+
+    def steiner_sft() -> dict[str, Any]:
+        if not parallel or Stage(root, "shortcut-sft").done():
+            return run_training(s, root, "steiner-sft")
+        baseline["process"] = start_baseline(s, root)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run_training(s, root, "steiner-sft")
+        finally:
+            torch.set_num_threads(threads)
+
+    def shortcut_sft() -> dict[str, Any]:
+        process = baseline.get("process")
+        if process is None:
+            return run_training(s, root, "shortcut-sft")
+        if process.wait() != 0:
+            raise RuntimeError(f"the baseline SFT failed; see {root / 'models/shortcut-sft.log'}")
+        summary = json.loads((root / "models/shortcut-sft/training_summary.json").read_text())
+        keys = ("steps", "tokens_seen", "tokens_per_s", "final_loss", "train_seconds")
+        return {"ran_beside_steiner_sft": True, **{k: summary[k] for k in keys}}
+
+    stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("problems", lambda: make_problems(s, root, problems)),
+        ("synth", lambda: run_synthesis(s, root)),
+        ("init", lambda: run_training(s, root, "init")),
+        ("cpt", lambda: run_training(s, root, "cpt")),
+        ("steiner-sft", steiner_sft),
+        ("shortcut-sft", shortcut_sft),
+        ("rl", lambda: run_rl_stage(s, root)),
+        *[(f"eval-{m}", lambda m=m: run_evaluation(s, root, m)) for m in MODELS],
+        ("scale", lambda: run_scaling(s, root)),
+        ("serve-latency", lambda: run_latency(s, root)),
+    ]
+    records = []
+    for name, run in stages:
+        stage = Stage(root, name)
+        record = stage.done()
+        skipped = record is not None
+        if record is None:
+            start = time.perf_counter()
+            result = run()
+            record = stage.finish(time.perf_counter() - start, result)
+        records.append(record)
+        if on_stage:
+            on_stage(name, record, skipped)
+    summary = {
+        "profile": profile,
+        "domain": s.domain,
+        "stages": records,
+        "total_seconds": round(sum(r["seconds"] for r in records), 1),
+        "targets": targets(root),
+    }
+    tmp = root / "demo.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, root / "demo.json")
+    from steiner.evaluate.report import build_report
+
+    build_report(root)
+    return summary

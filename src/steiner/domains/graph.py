@@ -1,0 +1,390 @@
+"""Path-finding in a described directed graph (path-star by default).
+
+A path-star graph is a center with D arms of L nodes each; the goal is the leaf of one arm.
+Following an edge is trivial, but choosing the right arm up front needs planning backwards
+from the goal: a model trained only on the direct path learns to follow edges and picks the
+right arm about 1/D of the time (Bachmann & Nagarajan 2024). A model that searches — try an
+arm, see the dead end, go back — does not need to plan.
+
+Problem records carry ``edges`` ([[u, v], ...], directed), ``start`` and ``goal``. The
+question lists the edges in a seeded shuffled order. The state of a search is the node it
+stands on (its DAG key); a step follows one arm (edges until a branch point, a leaf or the
+goal) or one edge (``meta.step = "edge"``). A dead end is a leaf that is not the goal: that
+is all a searcher can see without knowing the way.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from steiner.domains.countdown import CheckResult
+
+DOMAIN = "graph"
+KINDS = ("star", "dag")
+STEP_MODES = ("arm", "edge")
+STYLES = ("compact", "verbose")
+
+Edges = list[tuple[int, int]]
+
+
+def children_of(edges: Any) -> dict[int, list[int]]:
+    """Out-neighbours of every node, in edge order."""
+    kids: dict[int, list[int]] = {}
+    for u, v in edges:
+        kids.setdefault(int(u), []).append(int(v))
+        kids.setdefault(int(v), [])
+    return kids
+
+
+def shortest_path(edges: Any, start: int, goal: int) -> list[int] | None:
+    """A shortest start→goal path (breadth-first, children in edge order), or None."""
+    kids = children_of(edges)
+    parent: dict[int, int | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        if node == goal:
+            path = [node]
+            while parent[path[-1]] is not None:
+                path.append(parent[path[-1]])  # type: ignore[arg-type]
+            return path[::-1]
+        for child in kids.get(node, []):
+            if child not in parent:
+                parent[child] = node
+                queue.append(child)
+    return None
+
+
+def reachable(edges: Any, start: int) -> set[int]:
+    kids = children_of(edges)
+    seen, stack = {start}, [start]
+    while stack:
+        for child in kids.get(stack.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return seen
+
+
+# ---------------------------------------------------------------- checking answers
+
+_PATH_RE = re.compile(r"^\s*\d+(?:\s*(?:->|>|→|,|\s)\s*\d+)*\s*\.?\s*$")
+_MAX_ANSWER_CHARS = 2000
+
+
+def parse_path(text: str) -> list[int] | None:
+    """Node ids of a path written ``12>45>7`` (or with ``->``, ``→``, commas, spaces)."""
+    if not isinstance(text, str) or len(text) > _MAX_ANSWER_CHARS or not _PATH_RE.match(text):
+        return None
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+def check_answer(edges: Any, start: int, goal: int, answer: str) -> CheckResult:
+    """A valid edge-by-edge path from start to goal, visiting no node twice."""
+    path = parse_path(answer)
+    if path is None:
+        return CheckResult(False, "not a path of node ids like 3>14>15")
+    if path[0] != start:
+        return CheckResult(False, f"starts at {path[0]}, not {start}")
+    if path[-1] != goal:
+        return CheckResult(False, f"ends at {path[-1]}, not {goal}")
+    if len(set(path)) != len(path):
+        return CheckResult(False, "visits a node twice")
+    edge_set = {(int(u), int(v)) for u, v in edges}
+    for u, v in zip(path, path[1:], strict=False):
+        if (u, v) not in edge_set:
+            return CheckResult(False, f"no edge {u}>{v}")
+    return CheckResult(True)
+
+
+# ---------------------------------------------------------------- problems
+
+
+def path_text(nodes: list[int], style: str = "verbose") -> str:
+    """``8>4>16`` (verbose), or `` 8 4 16`` (compact): a space before every id, so that with
+    a byte-level tokenizer each id is one token, the same wherever it appears, and the next
+    node of a path directly follows the one it leaves (a one-token look-up in the edge list)."""
+    if style == "compact":
+        return "".join(f" {n}" for n in nodes)
+    return ">".join(map(str, nodes))
+
+
+def question_text(
+    edges: Any, start: int, goal: int, rng: random.Random, style: str = "verbose"
+) -> str:
+    if style == "compact":
+        shown = [f" {u} {v}" for u, v in edges]
+        rng.shuffle(shown)
+        return f"Find a path from {start} to {goal}. Edges:{','.join(shown)}"
+    shown = [f"{u}>{v}" for u, v in edges]
+    rng.shuffle(shown)
+    return f"Find a path from {start} to {goal}. Edges: {' '.join(shown)}"
+
+
+def path_star(
+    rng: random.Random, degree: int, arm_length: int, nodes: int
+) -> tuple[Edges, int, int]:
+    """Edges (center outward), center and goal of one path-star graph."""
+    labels = rng.sample(range(nodes), 1 + degree * arm_length)
+    center, rest = labels[0], labels[1:]
+    edges: Edges = []
+    leaves = []
+    for a in range(degree):
+        arm = [center, *rest[a * arm_length : (a + 1) * arm_length]]
+        edges += list(zip(arm, arm[1:], strict=False))
+        leaves.append(arm[-1])
+    return edges, center, rng.choice(leaves)
+
+
+def random_dag(
+    rng: random.Random, degree: int, arm_length: int, nodes: int, extra_edge_prob: float = 0.1
+) -> tuple[Edges, int, int]:
+    """A random DAG on ``1 + degree * arm_length`` nodes (the size of the matching path-star):
+    every node gets one parent earlier in a random order (so all are reachable from the
+    first), plus extra forward edges; the goal is a random sink at distance >= 2."""
+    labels = rng.sample(range(nodes), 1 + degree * arm_length)
+    start = labels[0]
+    edges: Edges = [(labels[rng.randrange(i)], labels[i]) for i in range(1, len(labels))]
+    have = set(edges)
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            if (labels[i], labels[j]) not in have and rng.random() < extra_edge_prob:
+                edges.append((labels[i], labels[j]))
+    kids = children_of(edges)
+    sinks = [n for n in labels[1:] if not kids[n]]
+    far = [n for n in sinks if len(shortest_path(edges, start, n) or []) >= 3]
+    return edges, start, rng.choice(far or sinks)
+
+
+def make_problem(
+    pid: str,
+    edges: Any,
+    start: int,
+    goal: int,
+    meta: dict | None = None,
+    question_seed: int | None = None,
+) -> dict:
+    edges = [[int(u), int(v)] for u, v in edges]
+    path = shortest_path(edges, int(start), int(goal))
+    if path is None:
+        raise ValueError(f"problem {pid}: {goal} is not reachable from {start}")
+    meta = dict(meta or {})
+    rng = random.Random(question_seed if question_seed is not None else f"{pid}:question")
+    return {
+        "id": pid,
+        "domain": DOMAIN,
+        "question": question_text(edges, int(start), int(goal), rng, meta.get("style", "")),
+        "answer": path_text(path),
+        "meta": meta,
+        "edges": edges,
+        "start": int(start),
+        "goal": int(goal),
+    }
+
+
+def generate_problems(
+    count: int,
+    degree: int = 3,
+    arm_length: int = 4,
+    nodes: int = 60,
+    kind: str = "star",
+    seed: int = 0,
+    step: str = "arm",
+    style: str = "verbose",
+    extra_edge_prob: float = 0.1,
+) -> Iterator[dict]:
+    """Seeded problems; ``meta`` records how they were made and how steps are written."""
+    if kind not in KINDS or step not in STEP_MODES or style not in STYLES:
+        raise ValueError(f"kind in {KINDS}, step in {STEP_MODES}, style in {STYLES}")
+    if degree < 1 or arm_length < 1:
+        raise ValueError("degree and arm_length must be at least 1")
+    if 1 + degree * arm_length > nodes:
+        raise ValueError(f"{1 + degree * arm_length} graph nodes need nodes >= that many labels")
+    rng = random.Random(seed)
+    for i in range(count):
+        if kind == "star":
+            edges, start, goal = path_star(rng, degree, arm_length, nodes)
+        else:
+            edges, start, goal = random_dag(rng, degree, arm_length, nodes, extra_edge_prob)
+        meta = {"seed": seed, "kind": kind, "degree": degree, "arm_length": arm_length}
+        meta |= {"nodes": nodes, "step": step, "style": style}
+        yield make_problem(
+            f"graph-{seed}-{i}", edges, start, goal, meta, question_seed=rng.getrandbits(32)
+        )
+
+
+def walk_documents(
+    count: int, degree: int = 3, arm_length: int = 4, nodes: int = 60, seed: int = 0
+) -> Iterator[str]:
+    """Plain-text documents for continual pre-training: a path-star graph described as in a
+    question, then every arm walked out in a random order. Almost every token of a walk is an
+    edge look-up, the skill both search and shortcut need, so a tiny model learns it from far
+    fewer tokens than from solutions, where one token in four is a look-up. No goal is
+    named: nothing here says which arm to choose."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        edges, start, _goal = path_star(rng, degree, arm_length, nodes)
+        kids = children_of(edges)
+        arms = [
+            path_text([start, *chain(kids, start, k, -1, "arm")], "compact") for k in kids[start]
+        ]
+        rng.shuffle(arms)
+        shown = [f" {u} {v}" for u, v in edges]
+        rng.shuffle(shown)
+        yield f"Edges:{','.join(shown)}. Arms from {start}:{','.join(arms)}"
+
+
+def step_mode(problem: dict) -> str:
+    return (problem.get("meta") or {}).get("step", "arm")
+
+
+def style(problem: dict) -> str:
+    return (problem.get("meta") or {}).get("style", "verbose")
+
+
+def chain(kids: dict[int, list[int]], node: int, first: int, goal: int, mode: str) -> list[int]:
+    """The nodes a step from ``node`` through ``first`` enters: one edge, or (arm mode) on
+    while there is exactly one way on and the goal is not reached."""
+    out = [first]
+    if mode == "arm":
+        while out[-1] != goal and len(kids.get(out[-1], [])) == 1:
+            out.append(kids[out[-1]][0])
+    return out
+
+
+def shortcut_steps(problem: dict) -> list[str]:
+    """The shortest path cut into steps (arms or edges), each written as its node chain."""
+    path = shortest_path(problem["edges"], int(problem["start"]), int(problem["goal"])) or []
+    kids = children_of(problem["edges"])
+    steps, i = [], 0
+    while i < len(path) - 1:
+        nodes = chain(kids, path[i], path[i + 1], problem["goal"], step_mode(problem))
+        nodes = nodes[: len(path) - 1 - i]  # a shortest path may leave an arm's chain early
+        steps.append(path_text([path[i], *nodes]))
+        i += len(nodes)
+    return steps
+
+
+def final_answer_of(problem: dict, texts: list[str]) -> str:
+    """The whole path from the step texts of one branch (each a chain of node ids)."""
+    path = [int(problem["start"])]
+    for text in texts:
+        nodes = [int(x) for x in re.findall(r"\d+", text)]
+        path += nodes[1:] if nodes and nodes[0] == path[-1] else nodes
+    return path_text(path, style(problem))
+
+
+def shortcut_record(problem: dict) -> dict:
+    return {**problem, "steps": shortcut_steps(problem)}
+
+
+# ---------------------------------------------------------------- synthesis interface
+
+
+class GraphDomain:
+    """States are graph nodes, keys exact; the oracle picks arms at random (it does not know
+    which one leads to the goal) and judges a step only by what it can see there."""
+
+    name = DOMAIN
+
+    def start_state(self, problem: dict) -> int:
+        return int(problem["start"])
+
+    def __init__(self) -> None:
+        # synthesis asks for a node's children at every step of every attempt
+        self._kids_cache: dict[tuple, dict[int, list[int]]] = {}
+
+    def _kids(self, problem: dict) -> dict[int, list[int]]:
+        key = (str(problem["id"]), problem["start"], problem["goal"], len(problem["edges"]))
+        kids = self._kids_cache.get(key)
+        if kids is None:
+            if len(self._kids_cache) > 100_000:
+                self._kids_cache.clear()
+            kids = self._kids_cache[key] = children_of(problem["edges"])
+        return kids
+
+    def apply_step(self, problem: dict, state: int, text: str) -> int | None:
+        """Follow the node ids written in ``text`` from ``state`` (the first may repeat the
+        current node); None when an edge does not exist or nothing is written."""
+        nodes = [int(x) for x in re.findall(r"\d+", text or "")]
+        if nodes and nodes[0] == state:
+            nodes = nodes[1:]
+        if not nodes:
+            return None
+        kids = self._kids(problem)
+        node = state
+        for nxt in nodes:
+            if nxt not in kids.get(node, []):
+                return None
+            node = nxt
+        return node
+
+    def state_key(self, state: int) -> str:
+        return str(state)
+
+    def state_from_key(self, problem: dict, key: str) -> int:
+        return int(key)
+
+    def label(self, problem: dict, state: int) -> str:
+        if state == problem["goal"]:
+            return "answer"
+        return "alive" if self._kids(problem).get(state) else "dead"
+
+    def propose_step(self, problem: dict, state: int, rng: random.Random) -> str | None:
+        options = self._kids(problem).get(state, [])
+        if not options:
+            return None
+        first = rng.choice(options)
+        nodes = chain(self._kids(problem), state, first, problem["goal"], step_mode(problem))
+        return path_text([state, *nodes])
+
+    def step_between(self, problem: dict, before: int, after: int) -> str:
+        path = shortest_path(problem["edges"], before, after)
+        if path is None:
+            raise ValueError(f"problem {problem['id']}: no way from {before} to {after}")
+        return path_text(path)
+
+    def write_step(
+        self,
+        problem: dict,
+        before: int,
+        text: str,
+        after: int,
+        status: str,
+        back_to: int | None = None,
+    ) -> dict[str, str]:
+        nodes = [int(x) for x in re.findall(r"\d+", text)]
+        if nodes and nodes[0] == before:
+            nodes = nodes[1:]
+        goal = problem["goal"]
+        back = "" if back_to is None else f"back to {back_to}:"
+        if style(problem) == "compact":
+            # a tiny model's trace: a few tokens a step (the node names carry the search); the
+            # thought walks on from the node the step leaves, one id token per hop
+            return {
+                "name": f"{back} {nodes[0]}",
+                "thought": path_text([before, *nodes], "compact"),
+                "summary": f" {after}",
+                "reflection": {"answer": "goal", "dead": "dead", "alive": "on"}[status],
+            }
+        # after a backtrack the name says where the walk returned to (see DESIGN.md)
+        return {
+            "name": f"{back + ' ' if back else ''}follow {before}>{nodes[0]}",
+            "thought": f"Follow the edges {path_text([before, *nodes])}.",
+            "summary": f"at {after}",
+            "reflection": {
+                "answer": f"{after} is the goal.",
+                "dead": f"{after} has no way on and is not the goal {goal}: a dead end; go back.",
+                "alive": f"{after} has a way on; keep going.",
+            }[status],
+        }
+
+    def final_answer(self, problem: dict, texts: list[str]) -> str:
+        return final_answer_of(problem, texts)
+
+    def check_answer(self, problem: dict, answer: str) -> bool:
+        return bool(check_answer(problem["edges"], problem["start"], problem["goal"], answer))

@@ -1,0 +1,58 @@
+import json
+import shutil
+
+from transformers import AutoModelForCausalLM
+
+from steiner.demo import MODELS, DemoSettings, run_demo
+
+
+def tiny_settings() -> DemoSettings:
+    return DemoSettings(
+        train_problems=40,
+        heldout_problems=8,
+        cpt_documents=200,
+        cpt_steps=3,
+        sft_steps=6,
+        batch_size=8,
+        rl_steps=2,
+        rl_prompts_per_step=2,
+        rl_group_size=2,
+        max_new_tokens=48,
+        scale_budgets=[1, 2],
+        scale_limit=4,
+        latency_requests=3,
+    )
+
+
+def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    seen: list[tuple[str, bool]] = []
+    summary = run_demo(
+        out=out, settings=tiny_settings(), on_stage=lambda n, r, skipped: seen.append((n, skipped))
+    )
+    names = [n for n, _ in seen]
+    assert names[:3] == ["problems", "synth", "init"] and names[-1] == "serve-latency"
+    assert not any(skipped for _, skipped in seen)
+    for model in MODELS:  # the three final models load with from_pretrained
+        assert AutoModelForCausalLM.from_pretrained(out / "models" / model) is not None
+        metrics = json.loads((out / "eval" / model / "metrics.json").read_text())
+        assert metrics["n"] == 8
+    # held-out problems never appear in training
+    train = {line for line in (out / "data" / "train.jsonl").read_text().splitlines()}
+    heldout = [json.loads(x) for x in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert not {h["question"] for h in heldout} & {json.loads(t)["question"] for t in train}
+    report = (out / "report.md").read_text()
+    for section in ("## Demo", "## Synthesis", "## Accuracy", "Inference-time scaling", "Latency"):
+        assert section in report, section
+    assert (out / "report.html").exists() and (out / "scale" / "scale.png").exists()
+    assert [t["target"] for t in summary["targets"]][0].startswith("Steiner-SFT beats")
+
+    # a crash after RL: the finished stages are skipped, the lost ones run again
+    for stage in ("eval-steiner-rl", "scale", "serve-latency"):
+        (out / ".stages" / f"{stage}.done").unlink()
+    shutil.rmtree(out / "scale")
+    seen.clear()
+    run_demo(out=out, settings=tiny_settings(), on_stage=lambda n, r, s: seen.append((n, s)))
+    rerun = {n for n, skipped in seen if not skipped}
+    assert rerun == {"eval-steiner-rl", "scale", "serve-latency"}
+    assert (out / "scale" / "scale.json").exists()

@@ -1,0 +1,196 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from steiner.dag import compute_stats, read_dags
+from steiner.domains import graph as gr
+from steiner.domains import load_problems, load_shortcuts, shortcut_trace
+from steiner.format import Decision, parse, render
+from steiner.synth.paths import PathSettings
+from steiner.synth.run import SynthConfig, run_synth
+
+
+def steiner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "steiner.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_generator_is_deterministic_and_builds_path_stars(tmp_path):
+    a = list(gr.generate_problems(50, seed=3))
+    b = list(gr.generate_problems(50, seed=3))
+    assert a == b and a != list(gr.generate_problems(50, seed=4))
+    for p in a:
+        kids = gr.children_of(p["edges"])
+        labels = {n for e in p["edges"] for n in e}
+        assert len(labels) == 13 and labels <= set(range(60))  # 1 + D*L distinct labels
+        assert len(kids[p["start"]]) == 3  # D arms leave the center
+        leaves = [n for n, ks in kids.items() if not ks]
+        assert len(leaves) == 3 and p["goal"] in leaves
+        path = gr.parse_path(p["answer"])
+        assert path is not None and len(path) == 5 and path[0] == p["start"]
+        # the question lists every edge once, in a shuffled order
+        shown = p["question"].split("Edges: ")[1].split()
+        assert sorted(shown) == sorted(f"{u}>{v}" for u, v in p["edges"])
+    orders = [p["question"].split("Edges: ")[1] for p in a]
+    canonical = [" ".join(f"{u}>{v}" for u, v in p["edges"]) for p in a]
+    assert sum(o != c for o, c in zip(orders, canonical, strict=True)) > 40
+    # the CLI writes the same bytes twice
+    for name in ("x.jsonl", "y.jsonl"):
+        args = ["graph", "generate", "--count", "20", "--seed", "9", "--out", str(tmp_path / name)]
+        assert steiner(*args, "--shortcut").returncode == 0
+    assert (tmp_path / "x.jsonl").read_bytes() == (tmp_path / "y.jsonl").read_bytes()
+
+
+def test_random_dags_have_a_reachable_goal():
+    for p in gr.generate_problems(100, kind="dag", degree=3, arm_length=3, nodes=40, seed=1):
+        path = gr.shortest_path(p["edges"], p["start"], p["goal"])
+        assert path is not None and len(path) >= 2
+        assert gr.check_answer(p["edges"], p["start"], p["goal"], p["answer"])
+        assert not gr.children_of(p["edges"])[p["goal"]]  # a sink
+        assert p["start"] not in {v for _, v in p["edges"]}  # nothing leads back to the start
+
+
+def test_checker_accepts_solver_paths_and_rejects_wrong_ones():
+    problems = [*gr.generate_problems(100, seed=5), *gr.generate_problems(100, kind="dag")]
+    for p in problems:
+        edges, s, g = p["edges"], p["start"], p["goal"]
+        path = gr.shortest_path(edges, s, g)
+        assert path is not None
+        for sep in (">", " -> ", ", ", " "):
+            assert gr.check_answer(edges, s, g, sep.join(map(str, path)))
+        bad = {
+            "wrong edge": [s, *path[2:]],  # skips a node: s -> path[2] is no edge
+            "wrong end": path[:-1],
+            "repeated node": [*path, path[-1]],
+            "wrong start": path[1:],
+        }
+        for why, nodes in bad.items():
+            result = gr.check_answer(edges, s, g, ">".join(map(str, nodes)))
+            assert not result, why
+    p = next(gr.generate_problems(1, seed=0))
+    for text in ("", "first 3 then 4", "__import__('os')", "1>2; 3", "9" * 3000):
+        assert not gr.check_answer(p["edges"], p["start"], p["goal"], text)
+
+
+def test_bare_records_work_everywhere(tmp_path):
+    bare = tmp_path / "bare.jsonl"
+    full = list(gr.generate_problems(5, seed=2))
+    bare.write_text(
+        "".join(
+            json.dumps({k: p[k] for k in ("id", "edges", "start", "goal")}) + "\n" for p in full
+        )
+    )
+    for loaded in (load_shortcuts(bare), load_problems(bare)):
+        assert [p["domain"] for p in loaded] == ["graph"] * 5
+        for p, src in zip(loaded, full, strict=True):
+            assert p["answer"] == src["answer"] and p["steps"] == [src["answer"]]
+    unreachable = tmp_path / "bad.jsonl"
+    unreachable.write_text(json.dumps({"id": 1, "edges": [[1, 2]], "start": 2, "goal": 1}) + "\n")
+    r = steiner("synth", "--shortcut", str(unreachable), "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_steps_by_arm_or_edge_and_compact_traces():
+    p = next(gr.generate_problems(1, seed=7, step="edge", style="compact"))
+    rec = gr.shortcut_record(p)
+    assert len(rec["steps"]) == 4  # one edge a step
+    arm = gr.shortcut_record(next(gr.generate_problems(1, seed=7)))
+    assert len(arm["steps"]) == 1 and arm["steps"][0] == arm["answer"]
+    domain = gr.GraphDomain()
+    trace = shortcut_trace(domain, rec)
+    assert domain.check_answer(rec, trace.answer)
+    compact = render(trace, "")
+    assert "\n" not in compact
+    parsed = parse(compact)[0]  # fields come back stripped of the spaces before each id
+    assert [s.thought for s in parsed.steps] == [s.thought.strip() for s in trace.steps]
+    assert parsed.answer == trace.answer.strip() == " ".join(rec["answer"].split(">"))
+    assert [s.reflection for s in trace.steps] == ["on", "on", "on", "goal"]
+    # a step may repeat the node it starts from, and must follow real edges
+    assert domain.apply_step(rec, rec["start"], rec["steps"][0]) is not None
+    assert domain.apply_step(rec, rec["start"], f"{rec['goal']}") is None
+
+
+@pytest.fixture(scope="module")
+def graph_synth(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("graph-synth")
+    shortcut = tmp / "shortcut.jsonl"
+    args = ["graph", "generate", "--count", "200", "--seed", "4", "--shortcut", "--compact"]
+    assert steiner(*args, "--out", str(shortcut)).returncode == 0
+    cfg = SynthConfig(
+        shortcut=str(shortcut),
+        out=str(tmp / "out"),
+        attempts=12,
+        seed=1,
+        paths=PathSettings(branch_choice="uniform"),
+    )
+    return tmp, run_synth(cfg)
+
+
+def test_synth_on_200_graphs_gives_search_dags_and_valid_paths(graph_synth):
+    tmp, stats = graph_synth
+    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
+    dags = list(read_dags(tmp / "out" / "dags.jsonl"))
+    assert stats["dags"] == 200 and stats["failed_attempts"] == 0
+    for dag in dags:
+        # the same checks as countdown's DAGs: stats recomputed from the edges agree
+        fresh = {n.id: (n.e_in, n.e_out, n.d_s, n.d_e) for n in compute_stats(dag).nodes}
+        assert fresh == {n.id: (n.e_in, n.e_out, n.d_s, n.d_e) for n in dag.nodes}
+        problem = problems[dag.problem_id]
+        answers = [n for n in dag.nodes if n.status == "answer"]
+        assert [n.key for n in answers] == [str(problem["goal"])]
+        assert dag.nodes[dag.root].d_e == 1  # one arm away
+        for n in dag.nodes:
+            if n.id != dag.root and n.status != "answer":
+                assert n.d_e is None and n.status == "dead"  # leaves of the other arms
+    assert sum(len(d.nodes) == 4 for d in dags) > 190  # 12 attempts find all 3 arms
+    hist = stats["backtrack_histogram"]
+    assert set(hist) == {"0", "1", "2"} and min(hist.values()) > 150
+    paths = [json.loads(x) for x in (tmp / "out" / "paths.jsonl").read_text().splitlines()]
+    domain = gr.GraphDomain()
+    for rec in paths:
+        trace, _ = parse(rec["messages"][1]["content"], strict=True)
+        problem = problems[rec["problem_id"]]
+        assert domain.check_answer(problem, trace.answer)
+        for i, d in enumerate(trace.decisions):
+            reflection = trace.steps[i].reflection
+            assert reflection == ("dead" if d is Decision.BACKTRACK else "goal")
+    assert steiner("format", "check", str(tmp / "out" / "paths.jsonl")).returncode == 0
+
+
+def test_verifying_walks_go_on_past_the_goal_and_still_answer_it(graph_synth):
+    import random as rnd
+
+    from steiner.synth.paths import render_walk, sample_walk
+
+    tmp, _ = graph_synth
+    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
+    domain = gr.GraphDomain()
+    settings = PathSettings(branch_choice="uniform", verify_after_answer=1.0)
+    rng = rnd.Random(0)
+    goal_not_last = 0
+    for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
+        problem = problems[dag.problem_id]
+        moves = sample_walk(dag, rng, settings)
+        trace = render_walk(domain, problem, dag, moves)
+        arms = len(gr.children_of(problem["edges"])[problem["start"]])
+        assert trace.n_steps == len(dag.nodes) - 1 == arms  # every arm the DAG knows, once
+        assert trace.decisions[-1] is Decision.END and domain.check_answer(problem, trace.answer)
+        reflections = [s.reflection for s in trace.steps]
+        assert reflections.count("goal") == 1 and reflections.count("dead") == arms - 1
+        goal_not_last += reflections[-1] != "goal"
+    assert goal_not_last > 20  # most verifying walks end on a dead arm, answering the goal's
+
+
+def test_walk_documents_walk_every_arm_along_real_edges():
+    docs = list(gr.walk_documents(30, seed=1))
+    assert docs == list(gr.walk_documents(30, seed=1))
+    for doc in docs:
+        edge_text, arm_text = doc.split(". Arms from ")
+        edges = [tuple(map(int, e.split())) for e in edge_text.removeprefix("Edges:").split(",")]
+        start, arms = arm_text.split(":")
+        walked = [gr.parse_path(a) for a in arms.split(",")]
+        assert len(walked) == 3 and all(w[0] == int(start) and len(w) == 5 for w in walked)
+        assert {(u, v) for w in walked for u, v in zip(w, w[1:], strict=False)} == set(edges)
