@@ -120,13 +120,21 @@ def test_unknown_flag_and_bad_values_are_one_line_exit_2(tmp_path):
 
 
 def test_help_everywhere():
-    for args in ([], ["countdown"], ["countdown", "generate"], ["format", "check"], ["demo"]):
+    for args in ([], ["countdown"], ["graph", "generate"], ["format", "check"], ["demo"]):
         proc = steiner(*args, "--help")
         assert proc.returncode == 0 and "Usage" in proc.stdout, args
 
 
-def test_interim_demo_runs(tmp_path):
-    proc = steiner("demo", "--out", str(tmp_path), "--count", "50")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "50/50" in proc.stdout
-    assert (tmp_path / "countdown-shortcut.jsonl").exists()
+def test_demo_rejects_bad_options_in_one_line(tmp_path):
+    for args, expected in (
+        (["--profile", "huge"], "--profile expects quick or full"),
+        (["--profile", "full", "--problems", "x.jsonl"], "--problems needs --domain"),
+    ):
+        proc = steiner("demo", "--out", str(tmp_path / "d"), *args)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    # a directory holding a demo with other settings is refused, not overwritten
+    (tmp_path / "d").mkdir(exist_ok=True)
+    (tmp_path / "d" / "demo_settings.json").write_text('{"profile": "full"}')
+    proc = steiner("demo", "--out", str(tmp_path / "d"))
+    assert proc.returncode == 2 and "other settings" in proc.stderr

@@ -51,6 +51,7 @@ class DemoSettings:
     sft_steps: int = 2000
     batch_size: int = 32
     learning_rate: float = 3e-3
+    lr_scheduler_type: str = "cosine"
     rl_steps: int = 30
     rl_prompts_per_step: int = 8
     rl_group_size: int = 4
@@ -182,6 +183,8 @@ def train_kwargs(s: DemoSettings, steps: int) -> dict[str, Any]:
         max_steps=steps,
         per_device_train_batch_size=s.batch_size,
         learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler_type,
+        warmup_steps=min(100, steps // 10),
         logging_steps=50,
         save_steps=500,
         seed=s.seed,

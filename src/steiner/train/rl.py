@@ -202,7 +202,7 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
                 terms[k] = terms.get(k, 0.0) + v / len(scored)
         record = {
             "step": step,
-            "loss": round(float(loss), 4),
+            "loss": round(loss.item(), 4),
             "mean_reward": round(sum(totals) / len(totals), 4),
             "accuracy": round(
                 sum(s.terms.get("correct", 0) > 0 for s, _ in scored) / len(scored), 4
