@@ -219,6 +219,9 @@ def run_training(s: DemoSettings, root: Path, which: str) -> dict[str, Any]:
             output_dir=str(models / "cpt"),
             model=str(models / "init"),
             texts=[str(root / "data" / "cpt.txt")],
+            # graph walks stay one per row: packed rows would put several graphs that reuse
+            # the same node labels in one attention window
+            packing=s.domain != "graph",
             **train_kwargs(s, s.cpt_steps),
         )
         summary = run_cpt(cfg)
