@@ -60,7 +60,12 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         )
         lines += _table(
             ["stage", "seconds"],
-            [[r["stage"], r["seconds"]] for r in d["stages"]]
+            [
+                [r["stage"], r["seconds"]]
+                if not r.get("ran_beside_steiner_sft")
+                else [r["stage"], f"{r['train_seconds']} (ran beside steiner-sft)"]
+                for r in d["stages"]
+            ]
             + [["total", f"{d['total_seconds']} ({d['total_seconds'] / 60:.1f} min)"]],
         )
         found += 1
