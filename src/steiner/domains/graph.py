@@ -42,7 +42,10 @@ def children_of(edges: Any) -> dict[int, list[int]]:
 
 def shortest_path(edges: Any, start: int, goal: int) -> list[int] | None:
     """A shortest start→goal path (breadth-first, children in edge order), or None."""
-    kids = children_of(edges)
+    return _breadth_first(children_of(edges), start, goal)
+
+
+def _breadth_first(kids: dict[int, list[int]], start: int, goal: int) -> list[int] | None:
     parent: dict[int, int | None] = {start: None}
     queue = deque([start])
     while queue:
@@ -57,17 +60,6 @@ def shortest_path(edges: Any, start: int, goal: int) -> list[int] | None:
                 parent[child] = node
                 queue.append(child)
     return None
-
-
-def reachable(edges: Any, start: int) -> set[int]:
-    kids = children_of(edges)
-    seen, stack = {start}, [start]
-    while stack:
-        for child in kids.get(stack.pop(), []):
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return seen
 
 
 # ---------------------------------------------------------------- checking answers
@@ -113,16 +105,21 @@ def path_text(nodes: list[int], style: str = "verbose") -> str:
     return ">".join(map(str, nodes))
 
 
-def question_text(
-    edges: Any, start: int, goal: int, rng: random.Random, style: str = "verbose"
-) -> str:
+def edge_list(edges: Any, rng: random.Random, style: str = "verbose") -> str:
+    """``Edges: 8>55 16>7 …`` (verbose) or ``Edges: 8 55, 16 7, …`` (compact), shuffled."""
     if style == "compact":
         shown = [f" {u} {v}" for u, v in edges]
         rng.shuffle(shown)
-        return f"Find a path from {start} to {goal}. Edges:{','.join(shown)}"
+        return f"Edges:{','.join(shown)}"
     shown = [f"{u}>{v}" for u, v in edges]
     rng.shuffle(shown)
-    return f"Find a path from {start} to {goal}. Edges: {' '.join(shown)}"
+    return f"Edges: {' '.join(shown)}"
+
+
+def question_text(
+    edges: Any, start: int, goal: int, rng: random.Random, style: str = "verbose"
+) -> str:
+    return f"Find a path from {start} to {goal}. {edge_list(edges, rng, style)}"
 
 
 def path_star(
@@ -156,7 +153,7 @@ def random_dag(
                 edges.append((labels[i], labels[j]))
     kids = children_of(edges)
     sinks = [n for n in labels[1:] if not kids[n]]
-    far = [n for n in sinks if len(shortest_path(edges, start, n) or []) >= 3]
+    far = [n for n in sinks if len(_breadth_first(kids, start, n) or []) >= 3]
     return edges, start, rng.choice(far or sinks)
 
 
@@ -233,9 +230,7 @@ def walk_documents(
             path_text([start, *chain(kids, start, k, -1, "arm")], "compact") for k in kids[start]
         ]
         rng.shuffle(arms)
-        shown = [f" {u} {v}" for u, v in edges]
-        rng.shuffle(shown)
-        yield f"Edges:{','.join(shown)}. Arms from {start}:{','.join(arms)}"
+        yield f"{edge_list(edges, rng, 'compact')}. Arms from {start}:{','.join(arms)}"
 
 
 def step_mode(problem: dict) -> str:
@@ -258,8 +253,8 @@ def chain(kids: dict[int, list[int]], node: int, first: int, goal: int, mode: st
 
 def shortcut_steps(problem: dict) -> list[str]:
     """The shortest path cut into steps (arms or edges), each written as its node chain."""
-    path = shortest_path(problem["edges"], int(problem["start"]), int(problem["goal"])) or []
     kids = children_of(problem["edges"])
+    path = _breadth_first(kids, int(problem["start"]), int(problem["goal"])) or []
     steps, i = [], 0
     while i < len(path) - 1:
         nodes = chain(kids, path[i], path[i + 1], problem["goal"], step_mode(problem))
@@ -269,12 +264,18 @@ def shortcut_steps(problem: dict) -> list[str]:
     return steps
 
 
+def nodes_entered(text: str, node: int) -> list[int]:
+    """The node ids a step written as ``text`` enters from ``node`` (the text may repeat
+    ``node`` first)."""
+    nodes = [int(x) for x in re.findall(r"\d+", text or "")]
+    return nodes[1:] if nodes and nodes[0] == node else nodes
+
+
 def final_answer_of(problem: dict, texts: list[str]) -> str:
     """The whole path from the step texts of one branch (each a chain of node ids)."""
     path = [int(problem["start"])]
     for text in texts:
-        nodes = [int(x) for x in re.findall(r"\d+", text)]
-        path += nodes[1:] if nodes and nodes[0] == path[-1] else nodes
+        path += nodes_entered(text, path[-1])
     return path_text(path, style(problem))
 
 
@@ -291,12 +292,12 @@ class GraphDomain:
 
     name = DOMAIN
 
-    def start_state(self, problem: dict) -> int:
-        return int(problem["start"])
-
     def __init__(self) -> None:
         # synthesis asks for a node's children at every step of every attempt
         self._kids_cache: dict[tuple, dict[int, list[int]]] = {}
+
+    def start_state(self, problem: dict) -> int:
+        return int(problem["start"])
 
     def _kids(self, problem: dict) -> dict[int, list[int]]:
         key = (str(problem["id"]), problem["start"], problem["goal"], len(problem["edges"]))
@@ -310,9 +311,7 @@ class GraphDomain:
     def apply_step(self, problem: dict, state: int, text: str) -> int | None:
         """Follow the node ids written in ``text`` from ``state`` (the first may repeat the
         current node); None when an edge does not exist or nothing is written."""
-        nodes = [int(x) for x in re.findall(r"\d+", text or "")]
-        if nodes and nodes[0] == state:
-            nodes = nodes[1:]
+        nodes = nodes_entered(text, state)
         if not nodes:
             return None
         kids = self._kids(problem)
@@ -343,7 +342,7 @@ class GraphDomain:
         return path_text([state, *nodes])
 
     def step_between(self, problem: dict, before: int, after: int) -> str:
-        path = shortest_path(problem["edges"], before, after)
+        path = _breadth_first(self._kids(problem), before, after)
         if path is None:
             raise ValueError(f"problem {problem['id']}: no way from {before} to {after}")
         return path_text(path)
@@ -357,9 +356,7 @@ class GraphDomain:
         status: str,
         back_to: int | None = None,
     ) -> dict[str, str]:
-        nodes = [int(x) for x in re.findall(r"\d+", text)]
-        if nodes and nodes[0] == before:
-            nodes = nodes[1:]
+        nodes = nodes_entered(text, before)
         goal = problem["goal"]
         back = "" if back_to is None else f"back to {back_to}:"
         if style(problem) == "compact":
@@ -373,7 +370,7 @@ class GraphDomain:
             }
         # after a backtrack the name says where the walk returned to (see DESIGN.md)
         return {
-            "name": f"{back + ' ' if back else ''}follow {before}>{nodes[0]}",
+            "name": f"{back} follow {before}>{nodes[0]}".lstrip(),
             "thought": f"Follow the edges {path_text([before, *nodes])}.",
             "summary": f"at {after}",
             "reflection": {
