@@ -50,6 +50,22 @@ def progress_bar() -> Progress:
     )
 
 
+def write_generated(
+    out_path: Path, problems: Any, count: int, to_shortcut: Any, shortcut: bool
+) -> int:
+    """Write generated problems (as shortcut records with ``shortcut``) under a progress bar;
+    returns how many were written."""
+    with progress_bar() as bar:
+        task = bar.add_task("generating", total=count)
+
+        def records():
+            for problem in problems:
+                bar.advance(task)
+                yield to_shortcut(problem) if shortcut else problem
+
+        return write_jsonl(out_path, records())
+
+
 @countdown_app.command("generate")
 def countdown_generate(
     out_path: Annotated[Path, typer.Option("--out", help="Output JSONL file.")],
@@ -68,17 +84,10 @@ def countdown_generate(
     if min_number > max_number or min_target > max_target:
         raise typer.BadParameter("empty number or target range")
     start = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("generating", total=count)
-
-        def records():
-            for problem in countdown.generate_problems(
-                count, n_numbers, min_number, max_number, min_target, max_target, seed
-            ):
-                bar.advance(task)
-                yield countdown.shortcut_record(problem) if shortcut else problem
-
-        n = write_jsonl(out_path, records())
+    problems = countdown.generate_problems(
+        count, n_numbers, min_number, max_number, min_target, max_target, seed
+    )
+    n = write_generated(out_path, problems, count, countdown.shortcut_record, shortcut)
     console.print(
         f"wrote {n} {'shortcut records' if shortcut else 'problems'} to {out_path} "
         f"in {time.perf_counter() - start:.1f}s (seed {seed})"
@@ -140,17 +149,10 @@ def graph_generate(
         )
     start = time.perf_counter()
     style = "compact" if compact else "verbose"
-    with progress_bar() as bar:
-        task = bar.add_task("generating", total=count)
-
-        def records():
-            for problem in graph.generate_problems(
-                count, degree, arm_length, nodes, kind, seed, step, style, extra_edge_prob
-            ):
-                bar.advance(task)
-                yield graph.shortcut_record(problem) if shortcut else problem
-
-        n = write_jsonl(out_path, records())
+    problems = graph.generate_problems(
+        count, degree, arm_length, nodes, kind, seed, step, style, extra_edge_prob
+    )
+    n = write_generated(out_path, problems, count, graph.shortcut_record, shortcut)
     console.print(
         f"wrote {n} {'shortcut records' if shortcut else 'problems'} ({kind}, D={degree}, "
         f"L={arm_length}, N={nodes}) to {out_path} in {time.perf_counter() - start:.1f}s "
