@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from steiner.io import InputError, write_jsonl
+from steiner.io import InputError, write_json, write_jsonl, write_lines
 
 PROFILES = ("quick", "full")
 
@@ -95,10 +95,7 @@ class Stage:
 
     def finish(self, seconds: float, result: dict[str, Any]) -> dict[str, Any]:
         record = {"stage": self.name, "seconds": round(seconds, 1), **result}
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.marker)
+        write_json(self.marker, record)
         return record
 
 
@@ -112,8 +109,7 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
                 count, s.degree, s.arm_length, s.nodes, "star", seed, "arm", "compact"
             )
 
-        def shortcut(problem: dict) -> dict:
-            return graph.shortcut_record(problem)
+        shortcut = graph.shortcut_record
 
         def identity(problem: dict):
             return (problem["start"], problem["goal"], sorted(map(tuple, problem["edges"])))
@@ -125,8 +121,7 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
                 count, s.n_numbers, 1, s.max_number, 10, s.max_target, seed
             )
 
-        def shortcut(problem: dict) -> dict:
-            return countdown.shortcut_record(problem)
+        shortcut = countdown.shortcut_record
 
         def identity(problem: dict):
             return (sorted(problem["nums"]), problem["target"])
@@ -152,10 +147,7 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
         from steiner.train.data import countdown_facts
 
         docs = countdown_facts(s.cpt_documents, s.seed, max(100, s.max_target))
-    text = "\n\n".join(docs) + "\n"
-    tmp = root / "data" / "cpt.txt.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, root / "data" / "cpt.txt")
+    write_lines(root / "data" / "cpt.txt", ["\n\n".join(docs) + "\n"])
     return {"train": len(train), "heldout": len(heldout), "heldout_seen_in_training": overlap}
 
 
@@ -419,7 +411,7 @@ def run_demo(
         raise InputError(
             settings_path, None, "this directory holds a demo with other settings; use a new --out"
         )
-    settings_path.write_text(json.dumps(wanted, indent=2) + "\n")
+    write_json(settings_path, wanted)
     import torch
 
     parallel = (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available()
@@ -477,9 +469,7 @@ def run_demo(
         "total_seconds": round(sum(r["seconds"] for r in records), 1),
         "targets": targets(root),
     }
-    tmp = root / "demo.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, root / "demo.json")
+    write_json(root / "demo.json", summary)
     from steiner.evaluate.report import build_report
 
     build_report(root)

@@ -78,19 +78,30 @@ def validate(model: type[M], record: dict[str, Any], path: str | os.PathLike, li
         raise InputError(path, line, f"field '{field}': {err['msg']}") from None
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
-    """Write records atomically (temp file + rename): a crash never leaves half a file."""
+def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
+    """Write text atomically (temp file + rename): a crash never leaves half a file.
+    Returns how many pieces were written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            for line in lines:
+                fh.write(line)
                 n += 1
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return n
+
+
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> None:
+    """One indented JSON document, written atomically."""
+    write_lines(path, [json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"])
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically (temp file + rename): a crash never leaves half a file."""
+    return write_lines(path, (json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))

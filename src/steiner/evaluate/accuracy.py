@@ -18,6 +18,7 @@ from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, wilson_interval
 from steiner.infer.budget import Budget
 from steiner.infer.generate import Completion, generate, load
+from steiner.io import write_json
 
 
 @dataclass
@@ -121,7 +122,7 @@ def evaluate(
             if progress:
                 progress(len(problems) - len(todo) + start + len(batch), len(problems))
     metrics = summarize(_read_done(outputs_path), [p["id"] for p in problems], cfg)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from steiner.io import write_json
+
 PROMPTS = [
     "Using the numbers {a}, {b}, {c}, reach {t}.",
     "What is {a} plus {b} times {c}?",
@@ -91,7 +93,7 @@ def save_probe(records: list[dict[str, Any]], out: str | Path) -> dict[str, Any]
     fit = fit_line([r["completion_tokens"] for r in records], [r["seconds"] for r in records])
     (out / "latency.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {"n": len(records), **fit}
-    (out / "latency.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "latency.json", summary)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,6 +16,7 @@ from typing import Any
 from steiner.evaluate.accuracy import EvalConfig, evaluate
 from steiner.evaluate.metrics import scaling_metrics
 from steiner.infer.generate import load
+from steiner.io import write_json
 
 MODES = ("cap", "extend")
 
@@ -57,7 +58,7 @@ def run_scale(
                 progress(len(rows), len(modes) * len(budgets))
     summary = {mode: scaling_metrics([r for r in rows if r["mode"] == mode]) for mode in modes}
     result = {"model": base.model, "problems": base.problems, "rows": rows, "metrics": summary}
-    (out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "scale.json", result)
     with (out / "scale.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, list(rows[0]))
         writer.writeheader()

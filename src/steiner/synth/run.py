@@ -23,7 +23,7 @@ from typing import Any
 from steiner.dag import Dag, Observation, build_dag
 from steiner.domains import get_domain, load_shortcuts, walk_shortcut
 from steiner.domains.base import Domain
-from steiner.io import InputError
+from steiner.io import InputError, write_json
 from steiner.synth.cluster import cluster_texts
 from steiner.synth.paths import PathSettings, default_token_count, sample_paths, tokenizer_counter
 from steiner.synth.teachers import Job, OpenAISettings, OpenAITeacher, OracleTeacher, StepOut
@@ -279,9 +279,7 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
             progress(done, len(problems))
 
     stats = summarize(_read_journal(files["journal"]), len(problems))
-    tmp = files["stats"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, files["stats"])
+    write_json(files["stats"], stats, sort_keys=True)
     # requests made by this invocation describe the run, not the files: not in stats.json
     return {**stats, "requests": requests}
 

@@ -9,13 +9,13 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from steiner.domains.base import ALIVE, ANSWER, DEAD, Domain
+from steiner.io import write_lines
 
 STATUSES = (ALIVE, DEAD, ANSWER)
 
@@ -176,12 +176,7 @@ class ResponseCache:
         return entry
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(entry, fh)
-        os.replace(tmp, path)
+        write_lines(self._path(key), [json.dumps(entry)])
 
 
 @dataclass

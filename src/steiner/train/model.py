@@ -13,7 +13,6 @@ RoPE, SwiGLU, grouped-query attention) but for Qwen2's q/k/v biases."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -31,7 +30,7 @@ from transformers import (
 )
 
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
-from steiner.io import iter_records
+from steiner.io import iter_records, write_json
 
 # hidden, layers, heads, kv heads, MLP width, default vocab: about 0.6M, 1M, 10M and 50M
 # parameters
@@ -217,5 +216,5 @@ def init_model(
         "vocab_size": len(tokenizer),
         "new_token_ids": new_ids,
     }
-    (out / "steiner_init.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "steiner_init.json", summary)
     return summary

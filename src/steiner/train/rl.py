@@ -11,7 +11,6 @@ policy-gradient step (one update per batch, so the ratio is 1 and clipping is in
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from steiner.domains import get_domain, load_shortcuts
 from steiner.format import STEP_END, parse
 from steiner.infer.budget import Budget
 from steiner.infer.hf import StepBudgetLogitsProcessor
+from steiner.io import write_json
 from steiner.train.rewards import RewardWeights, process_advantages, score_trace
 
 
@@ -221,5 +221,5 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     tok.padding_side = "right"
     tok.save_pretrained(cfg.output_dir)
     summary = {"config": asdict(cfg), "history": history}
-    (Path(cfg.output_dir) / "rl_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(Path(cfg.output_dir) / "rl_summary.json", summary)
     return summary
