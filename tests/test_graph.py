@@ -108,6 +108,9 @@ def test_steps_by_arm_or_edge_and_compact_traces():
     assert [s.thought for s in parsed.steps] == [s.thought.strip() for s in trace.steps]
     assert parsed.answer == trace.answer.strip() == " ".join(rec["answer"].split(">"))
     assert [s.reflection for s in trace.steps] == ["on", "on", "on", "goal"]
+    # each summary is the node reached, then the goal it is compared with
+    reached = [int(s.thought.split()[-1]) for s in trace.steps]
+    assert [s.summary.split() for s in trace.steps] == [[str(n), str(rec["goal"])] for n in reached]
     # a step may repeat the node it starts from, and must follow real edges
     assert domain.apply_step(rec, rec["start"], rec["steps"][0]) is not None
     assert domain.apply_step(rec, rec["start"], f"{rec['goal']}") is None

@@ -361,11 +361,14 @@ class GraphDomain:
         back = "" if back_to is None else f"back to {back_to}:"
         if style(problem) == "compact":
             # a tiny model's trace: a few tokens a step (the node names carry the search); the
-            # thought walks on from the node the step leaves, one id token per hop
+            # thought walks on from the node the step leaves, one id token per hop. The summary
+            # puts the goal beside the node reached, so the reflection compares two adjacent
+            # tokens: a micro model learned perfect look-ups but never learned to find the goal
+            # in the question for that comparison (README, Results)
             return {
                 "name": f"{back} {nodes[0]}",
                 "thought": path_text([before, *nodes], "compact"),
-                "summary": f" {after}",
+                "summary": f" {after} {goal}",
                 "reflection": {"answer": "goal", "dead": "dead", "alive": "on"}[status],
             }
         # after a backtrack the name says where the walk returned to (see DESIGN.md)
