@@ -77,12 +77,22 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
         raise InputError("--domain", None, f"expected graph or countdown, got {domain!r}")
     s = DemoSettings(domain=domain)
     if domain == "countdown":
-        # search traces are longer here: more steps, each one of arithmetic
-        s = replace(s, branch_choice="p_wrong", attempts=4, max_new_tokens=384, preset="tiny")
-        # the settings the countdown results were measured with
-        s = replace(s, learning_rate=3e-3, lr_scheduler_type="cosine", paths_per_dag=5)
-        s = replace(s, train_problems=20000)
-        s = replace(s, scale_budgets=[1, 2, 4, 6, 8])
+        # search traces are longer here (more steps, each one of arithmetic); training as the
+        # countdown results were measured
+        s = replace(
+            s,
+            branch_choice="p_wrong",
+            attempts=4,
+            max_new_tokens=384,
+            preset="tiny",
+            scale_budgets=[1, 2, 4, 6, 8],
+            learning_rate=3e-3,
+            lr_scheduler_type="cosine",
+            paths_per_dag=5,
+            train_problems=20000,
+            sft_steps=2000,
+            train_sampling_strategy="group_by_length",
+        )
     if profile == "full":
         s = replace(s, heldout_problems=500, cpt_documents=100000, cpt_steps=1000)
         s = replace(s, sft_steps=12000, rl_steps=100, scale_limit=500, latency_requests=40)
