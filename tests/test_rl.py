@@ -1,10 +1,19 @@
 """30 RL steps with DAG step rewards raise the mean reward of a tiny SFT model (countdown-3)."""
 
+import copy
+import importlib.metadata
+import importlib.util
+import inspect
 import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
+from steiner.infer.vllm_budget import request_processor, token_ids_or_none
+from steiner.io import InputError
+from steiner.train import rl
 from steiner.train.config import SFTStageConfig
 from steiner.train.rl import RLStageConfig, run_rl
 from steiner.train.trainer import run_sft
@@ -89,8 +98,10 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.slow
-def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def small_countdown(tmp_path_factory):
+    """20 countdown-3 problems with their DAGs."""
+    tmp = tmp_path_factory.mktemp("countdown")
     steiner(
         "countdown",
         "generate",
@@ -102,33 +113,146 @@ def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir):
         "3",
         "--shortcut",
         "--out",
-        str(tmp_path / "sc.jsonl"),
+        str(tmp / "sc.jsonl"),
     )
-    steiner("synth", "--shortcut", str(tmp_path / "sc.jsonl"), "--out", str(tmp_path / "synth"))
+    steiner("synth", "--shortcut", str(tmp / "sc.jsonl"), "--out", str(tmp / "synth"))
+    return tmp / "sc.jsonl", tmp / "synth" / "dags.jsonl"
 
-    def cfg(out):
-        return RLStageConfig(
-            model=str(tiny_model_dir),
-            problems=str(tmp_path / "sc.jsonl"),
-            dags=str(tmp_path / "synth" / "dags.jsonl"),
-            output_dir=str(tmp_path / out),
-            steps=4,
-            save_steps=2,
-            max_new_tokens=24,
-            prompts_per_step=2,
-            group_size=2,
-        )
 
+def small_rl_config(model, data, output_dir, **overrides) -> RLStageConfig:
+    problems, dags = data
+    settings = dict(
+        model=str(model),
+        problems=str(problems),
+        dags=str(dags),
+        output_dir=str(output_dir),
+        steps=4,
+        save_steps=2,
+        max_new_tokens=24,
+        prompts_per_step=2,
+        group_size=2,
+    )
+    return RLStageConfig(**(settings | overrides))
+
+
+@pytest.mark.slow
+def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, small_countdown):
     def crash_at_3(record):
         if record.get("step") == 3 and "loss" in record:
             raise Crash
 
     with pytest.raises(Crash):
-        run_rl(cfg("a"), log=crash_at_3)
+        run_rl(small_rl_config(tiny_model_dir, small_countdown, tmp_path / "a"), log=crash_at_3)
     assert (tmp_path / "a" / "checkpoint-2" / "state.pt").exists()
     resumed_log = []
-    resumed = run_rl(cfg("a"), log=resumed_log.append)["history"]
+    resumed = run_rl(
+        small_rl_config(tiny_model_dir, small_countdown, tmp_path / "a"), log=resumed_log.append
+    )["history"]
     assert resumed_log[0] == {"resumed_from": str(tmp_path / "a" / "checkpoint-2"), "step": 2}
-    clean = run_rl(cfg("b"), log=lambda r: None)["history"]
+    clean = run_rl(
+        small_rl_config(tiny_model_dir, small_countdown, tmp_path / "b"), log=lambda r: None
+    )["history"]
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed) == strip(clean)
+
+
+class CPUStandInForVLLM:
+    """Plays TRL's ``VLLMGeneration`` on CPU: an engine with its own copy of the weights that,
+    for every request, runs the processor our vLLM entry point gives it (``request_processor``
+    from the request's ``extra_args``), one token at a time, as vLLM does."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.engine = copy.deepcopy(kwargs["model"]).eval()
+        self.ids = token_ids_or_none(kwargs["processing_class"])
+        self.syncs, self.completions = 0, []
+
+    def sync_weights(self):
+        self.engine.load_state_dict(self.kwargs["model"].state_dict())
+        self.syncs += 1
+
+    def generate(self, prompts, images, num_generations):
+        params = self.kwargs["generation_kwargs"]
+        completions = []
+        for prompt in prompts:  # colocate mode: one sample per row, rows repeat the prompts
+            processor = request_processor(self.ids, params["extra_args"], "cpu")
+            out: list[int] = []
+            while len(out) < self.kwargs["max_completion_length"]:
+                with torch.no_grad():
+                    logits = self.engine(torch.tensor([prompt + out])).logits[0, -1]
+                logits = processor(out, logits) / self.kwargs["temperature"]
+                out.append(int(torch.multinomial(torch.softmax(logits, -1), 1)))
+                if out[-1] in params["stop_token_ids"]:
+                    break
+            completions.append(out)
+        self.completions += completions
+        return prompts, completions, None, None
+
+
+@pytest.mark.slow
+def test_rl_generates_through_trl_vllm_backend(
+    tmp_path, tiny_model_dir, small_countdown, monkeypatch
+):
+    """--use_vllm hands sampling to TRL's VLLMGeneration with arguments its (pinned) signature
+    accepts, switches the step budget on through extra_args, and pushes the weights to the
+    engine after every update."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    engines = []
+
+    def stand_in(cfg, model, accelerator, tokenizer):
+        kwargs = rl.vllm_generation_kwargs(cfg, model, accelerator, tokenizer)
+        inspect.signature(VLLMGeneration).bind(**kwargs)
+        engines.append(CPUStandInForVLLM(**kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(rl, "vllm_generation", stand_in)
+    cfg = small_rl_config(
+        tiny_model_dir, small_countdown, tmp_path / "rl", steps=3, use_vllm=True, save_steps=0
+    )
+    history = run_rl(cfg, log=lambda r: None)["history"]
+    (engine,) = engines
+    assert len(history) == 3 and engine.syncs == 1 + 3
+    assert len(engine.completions) == 3 * cfg.prompts_per_step * cfg.group_size
+    # the budget ran inside the engine: a random model starts every completion as forced
+    start = engine.ids.reasoning_start
+    assert all(c[0] == start for c in engine.completions)
+    # the engine holds the trained weights, not the ones it started from
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "rl").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    engine_state = engine.engine.state_dict()
+    assert all(torch.equal(engine_state[k], trained[k]) for k in trained)
+    assert any(not torch.equal(initial[k], trained[k]) for k in trained)
+
+
+def test_rl_vllm_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
+    cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, vllm_mode="remote")
+    with pytest.raises(InputError, match="colocate or server"):
+        rl.vllm_generation_kwargs(cfg, None, None, None)
+    if importlib.util.find_spec("vllm") is None:
+        cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, use_vllm=True)
+        with pytest.raises(InputError, match="vLLM is not installed"):
+            run_rl(cfg, log=lambda r: None)
+
+
+def test_step_budget_is_a_vllm_entry_point():
+    """vLLM loads every processor of this group into each engine it starts."""
+    (point,) = [
+        ep
+        for ep in importlib.metadata.entry_points(group="vllm.logits_processors")
+        if ep.value.startswith("steiner.")
+    ]
+    assert point.value == "steiner.infer.vllm_budget:StepBudgetVLLM"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
+    reason="needs vLLM and a GPU",
+)
+def test_rl_with_real_vllm(tmp_path, tiny_model_dir, small_countdown):
+    cfg = small_rl_config(
+        tiny_model_dir, small_countdown, tmp_path / "rl", steps=2, use_vllm=True, save_steps=0
+    )
+    history = run_rl(cfg, log=lambda r: None)["history"]
+    assert len(history) == 2 and all(h["mean_steps"] >= 0 for h in history)
+    assert (tmp_path / "rl" / "model.safetensors").exists()

@@ -57,7 +57,12 @@ class Budget:
         extra = extra or {}
         keys = ("min_steps", "max_steps", "max_reasoning_tokens", "max_step_tokens", "extend_with")
         given = {k: extra[k] for k in keys if extra.get(k) is not None}
-        return cls(**given) if given else None
+        if not given:
+            return None
+        counts = {k: v for k, v in given.items() if k != "extend_with"}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
+            raise ValueError(f"step budget counts must be integers, got {counts}")
+        return cls(**given)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,18 @@
 """``steiner train rl``: policy optimisation with DAG step rewards (process-supervised GRPO).
 
-A compact loop rather than TRL's GRPOTrainer: GRPOTrainer computes one advantage per
-sequence inside private methods, and the per-token advantages of process supervision would
-mean overriding them (fragile across TRL releases). Each step samples ``group_size``
-completions for each of ``prompts_per_step`` problems, scores every step against the
-problem's DAG, turns the group into per-token advantages, and takes one clipped
+A compact loop on ``accelerate`` rather than TRL's GRPOTrainer: GRPOTrainer computes one
+advantage per sequence inside private methods, and the per-token advantages of process
+supervision would mean overriding them (fragile across TRL releases). Each step samples
+``group_size`` completions for each of ``prompts_per_step`` problems, scores every step against
+the problem's DAG, turns the group into per-token advantages, and takes one clipped
 policy-gradient step (one update per batch, so the ratio is 1 and clipping is inactive; with
 ``beta`` > 0 a k3 KL term to the reference model is added).
+
+Sampling is ``model.generate`` with the step budget's format rules, or, with ``use_vllm``,
+TRL's own vLLM backend (``VLLMGeneration``: an engine colocated on the training GPUs, or a
+``trl vllm-serve`` server), whose engine applies the same rules through the processor this
+package registers with vLLM. Under ``accelerate launch`` every process takes its share of
+each step's prompts and gradients are averaged across processes.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
 from steiner.format import STEP_END, parse
-from steiner.infer.budget import Budget
+from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.hf import StepBudgetLogitsProcessor
-from steiner.io import write_json
+from steiner.io import InputError, write_json
 from steiner.train.rewards import RewardWeights, process_advantages, score_trace
 
 
@@ -46,6 +54,12 @@ class RLStageConfig:
     save_steps: int = 50  # checkpoint (model, optimizer, RNG states, history) every N steps
     resume: bool = True  # continue from the last checkpoint in output_dir
     seed: int = 0
+    # generation through vLLM on GPUs; the names and defaults are those of TRL's GRPOConfig
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"  # or "server": a `trl vllm-serve --model MODEL` started first
+    vllm_server_base_url: str | None = None  # server mode; None: http://0.0.0.0:8000
+    vllm_gpu_memory_utilization: float = 0.3  # colocate: the share of GPU memory vLLM takes
+    vllm_tensor_parallel_size: int = 1  # colocate
     # set from the reward-weight flags by the CLI (TRL's parser takes flat dataclasses)
     weights: RewardWeights = field(default_factory=RewardWeights, metadata={"help": "not a flag"})
 
@@ -53,6 +67,82 @@ class RLStageConfig:
 def _completion_ids(row: list[int], end_ids: tuple[int, ...]) -> list[int]:
     stop = next((i for i, t in enumerate(row) if t in end_ids), None)
     return row if stop is None else row[: stop + 1]
+
+
+# Any budget field switches the step-budget processor on inside vLLM; min_steps 0 asks for the
+# format rules alone, as ``Budget()`` does for ``model.generate``.
+FORMAT_RULES_EXTRA = {"min_steps": 0}
+
+
+def vllm_generation_kwargs(
+    cfg: RLStageConfig, model: Any, accelerator: Accelerator, tokenizer: Any
+) -> dict[str, Any]:
+    """Arguments of TRL's ``VLLMGeneration`` (TRL is pinned; a test binds them to its
+    signature)."""
+    if cfg.vllm_mode not in ("colocate", "server"):
+        raise InputError("--vllm_mode", None, f"expected colocate or server, got {cfg.vllm_mode!r}")
+    return dict(
+        model=model,
+        accelerator=accelerator,
+        processing_class=tokenizer,
+        mode=cfg.vllm_mode,
+        server_base_url=cfg.vllm_server_base_url,
+        tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        temperature=cfg.temperature,
+        max_completion_length=cfg.max_new_tokens,
+        logprobs=None,  # the loop recomputes log-probabilities with the training model
+        generation_kwargs={
+            "extra_args": dict(FORMAT_RULES_EXTRA),
+            "stop_token_ids": list(TokenIds.from_tokenizer(tokenizer).eos),
+        },
+    )
+
+
+def vllm_generation(
+    cfg: RLStageConfig, model: Any, accelerator: Accelerator, tokenizer: Any
+) -> Any:
+    import importlib.util
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    if importlib.util.find_spec("vllm") is None:
+        raise InputError("--use_vllm", None, "vLLM is not installed (pip install vllm, on GPUs)")
+    return VLLMGeneration(**vllm_generation_kwargs(cfg, model, accelerator, tokenizer))
+
+
+def sample_completions(
+    model: Any,
+    tokenizer: Any,
+    enc: dict[str, torch.Tensor],
+    cfg: RLStageConfig,
+    vllm: Any | None = None,
+) -> list[list[int]]:
+    """Completion token ids for each prompt row of ``enc`` (left-padded; ``group_size``
+    copies of each prompt in a row), each cut after its first end-of-turn token."""
+    eos = TokenIds.from_tokenizer(tokenizer).eos
+    if vllm is not None:
+        prompts = [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)
+        ]
+        _, completions, _, _ = vllm.generate(prompts, None, cfg.group_size)
+        return [_completion_ids(list(c), eos) for c in completions]
+    processor = StepBudgetLogitsProcessor(tokenizer, Budget())
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_k=None,
+            top_p=None,
+            logits_processor=[processor],
+            eos_token_id=list(eos),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    n_prompt = enc["input_ids"].shape[1]
+    return [_completion_ids(r, eos) for r in out[:, n_prompt:].tolist()]
 
 
 def _logprobs(
@@ -94,6 +184,14 @@ def _save_checkpoint(
 def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    accelerator = Accelerator()
+    if cfg.prompts_per_step % accelerator.num_processes:
+        raise InputError(
+            "--prompts_per_step",
+            None,
+            f"expected a multiple of the number of processes ({accelerator.num_processes}), "
+            f"got {cfg.prompts_per_step}",
+        )
     problems = load_shortcuts(cfg.problems)
     dags = {d.problem_id: d for d in read_dags(cfg.dags)}
     problems = [p for p in problems if p["id"] in dags]
@@ -102,7 +200,9 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     ref = (
-        AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).eval()
+        AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        .to(accelerator.device)
+        .eval()
         if cfg.beta
         else None
     )
@@ -121,9 +221,16 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         rng.setstate(state["python_rng"])
         history, first_step = state["history"], state["step"] + 1
         log({"resumed_from": str(last), "step": state["step"]})
+    model, opt = accelerator.prepare(model, opt)
+    policy = accelerator.unwrap_model(model)
+    vllm = None
+    if cfg.use_vllm:
+        vllm = vllm_generation(cfg, policy, accelerator, tok)
+        vllm.sync_weights()  # the engine loaded cfg.model; a resumed run has moved on
     start = time.perf_counter()
     for step in range(first_step, cfg.steps + 1):
         batch = rng.sample(problems, min(cfg.prompts_per_step, len(problems)))
+        batch = batch[accelerator.process_index :: accelerator.num_processes]
         prompts = [
             tok.apply_chat_template(
                 [{"role": "user", "content": p["question"]}],
@@ -133,23 +240,11 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             for p in batch
             for _ in range(cfg.group_size)
         ]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        processor = StepBudgetLogitsProcessor(tok, Budget())
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            accelerator.device
+        )
         model.eval()
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=True,
-                temperature=cfg.temperature,
-                top_k=None,
-                top_p=None,
-                logits_processor=[processor],
-                eos_token_id=list(processor.ids.eos),
-                pad_token_id=tok.pad_token_id,
-            )
-        n_prompt = enc["input_ids"].shape[1]
-        completions = [_completion_ids(r, processor.ids.eos) for r in out[:, n_prompt:].tolist()]
+        completions = sample_completions(policy, tok, enc, cfg, vllm)
         scored, ends = [], []
         for i, ids in enumerate(completions):
             problem = batch[i // cfg.group_size]
@@ -177,6 +272,8 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             comp[i, : len(c)] = torch.tensor(c)
             mask[i, : len(c)] = 1
             adv[i, : len(c)] = advantages[i]
+        comp, mask, adv = (t.to(accelerator.device) for t in (comp, mask, adv))
+        n_prompt = enc["input_ids"].shape[1]
         input_ids = torch.cat([enc["input_ids"], comp], 1)
         attention = torch.cat([enc["attention_mask"], mask.long()], 1)
         model.train()
@@ -191,35 +288,39 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             )
         loss = (loss_tokens * mask).sum() / mask.sum()
         opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
-        totals = [s.total for s, _ in scored]
-        traces = [t for _, t in scored]
+        if vllm is not None:
+            vllm.sync_weights()
+        # every process's samples, for the log (gather_object returns its input on one process)
+        samples = gather_object([(s.total, s.terms, t.n_steps, t.n_backtracks) for s, t in scored])
         terms: dict[str, float] = {}
-        for s, _ in scored:
-            for k, v in s.terms.items():
-                terms[k] = terms.get(k, 0.0) + v / len(scored)
+        for _, sample_terms, _, _ in samples:
+            for k, v in sample_terms.items():
+                terms[k] = terms.get(k, 0.0) + v / len(samples)
         record = {
             "step": step,
             "loss": round(loss.item(), 4),
-            "mean_reward": round(sum(totals) / len(totals), 4),
-            "accuracy": round(
-                sum(s.terms.get("correct", 0) > 0 for s, _ in scored) / len(scored), 4
-            ),
-            "mean_steps": round(sum(t.n_steps for t in traces) / len(traces), 3),
-            "mean_backtracks": round(sum(t.n_backtracks for t in traces) / len(traces), 3),
+            "mean_reward": round(sum(x[0] for x in samples) / len(samples), 4),
+            "accuracy": round(sum(x[1].get("correct", 0) > 0 for x in samples) / len(samples), 4),
+            "mean_steps": round(sum(x[2] for x in samples) / len(samples), 3),
+            "mean_backtracks": round(sum(x[3] for x in samples) / len(samples), 3),
             "terms": {k: round(v, 4) for k, v in sorted(terms.items())},
             "seconds": round(time.perf_counter() - start, 1),
         }
         history.append(record)
         log(record)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
-            _save_checkpoint(Path(cfg.output_dir), step, model, opt, rng, history)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(cfg.output_dir)
-    tok.padding_side = "right"
-    tok.save_pretrained(cfg.output_dir)
+            if accelerator.is_main_process:
+                _save_checkpoint(Path(cfg.output_dir), step, policy, opt, rng, history)
+            accelerator.wait_for_everyone()
     summary = {"config": asdict(cfg), "history": history}
-    write_json(Path(cfg.output_dir) / "rl_summary.json", summary)
+    if accelerator.is_main_process:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        policy.save_pretrained(cfg.output_dir)
+        tok.padding_side = "right"
+        tok.save_pretrained(cfg.output_dir)
+        write_json(Path(cfg.output_dir) / "rl_summary.json", summary)
+    accelerator.wait_for_everyone()
     return summary
