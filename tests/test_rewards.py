@@ -90,6 +90,33 @@ def test_reward_ranks_direct_over_backtrack_over_loop_over_wrong(problem_and_dag
     assert score_trace(domain, problem, dag, unfinished, w).total < totals[0]
 
 
+def test_a_sampled_completion_scores_as_its_trace(problem_and_dag, tiny_tokenizer):
+    """RL scores token ids that end with the end-of-turn token; the answer the checker reads
+    must not carry it (it once did, and every right answer scored as wrong)."""
+    from steiner.format import render
+    from steiner.infer.budget import TokenIds
+    from steiner.train.rl import score_completion
+
+    domain, problem, dag, _ = problem_and_dag
+    states = [domain.start_state(problem)]
+    for text in problem["steps"]:
+        states.append(domain.apply_step(problem, states[-1], text))
+    steps = [
+        step_into(domain, problem, a, b, "alive") for a, b in zip(states, states[1:], strict=False)
+    ]
+    decisions = [Decision.PROCEED] * (len(steps) - 1) + [Decision.END]
+    direct = Trace(steps, decisions, domain.final_answer(problem, problem["steps"]))
+    eos = TokenIds.from_tokenizer(tiny_tokenizer).eos
+    ids = tiny_tokenizer(render(direct), add_special_tokens=False)["input_ids"]
+    expected = score_trace(domain, problem, dag, direct, RewardWeights())
+    for completion in (ids + [eos[0]], ids):  # stopped, or cut at max_new_tokens right there
+        scored, trace = score_completion(
+            tiny_tokenizer, completion, eos, domain, problem, dag, RewardWeights()
+        )
+        assert scored.terms["correct"] > 0 and scored.total == expected.total
+        assert trace.answer == direct.answer
+
+
 def test_each_term_can_be_switched_off(problem_and_dag):
     domain, problem, dag, dead = problem_and_dag
     start = domain.start_state(problem)

@@ -30,11 +30,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
-from steiner.format import STEP_END, parse
+from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.io import InputError, write_json
-from steiner.train.rewards import RewardWeights, process_advantages, score_trace
+from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 
 @dataclass
@@ -50,6 +50,9 @@ class RLStageConfig:
     temperature: float = 1.0
     learning_rate: float = 1e-4
     beta: float = 0.0
+    # how token losses are averaged (TRL's names): "dapo" weighs every token the same, "grpo"
+    # every sample the same whatever its length
+    loss_type: str = "dapo"
     max_grad_norm: float = 1.0
     save_steps: int = 50  # checkpoint (model, optimizer, RNG states, history) every N steps
     resume: bool = True  # continue from the last checkpoint in output_dir
@@ -109,6 +112,23 @@ def vllm_generation(
     if importlib.util.find_spec("vllm") is None:
         raise InputError("--use_vllm", None, "vLLM is not installed (pip install vllm, on GPUs)")
     return VLLMGeneration(**vllm_generation_kwargs(cfg, model, accelerator, tokenizer))
+
+
+def score_completion(
+    tokenizer: Any,
+    ids: list[int],
+    eos: tuple[int, ...],
+    domain: Any,
+    problem: dict[str, Any],
+    dag: Any,
+    weights: RewardWeights,
+) -> tuple[Scored, Trace]:
+    """Score one sampled completion. Its end-of-turn token stays in the tokens trained on (the
+    model learns to stop) but not in the text read: the checker would see the answer
+    ``54 25 19 30 22<|im_end|>`` and call a right answer wrong."""
+    text_ids = ids[:-1] if ids and ids[-1] in eos else ids
+    trace, _ = parse(tokenizer.decode(text_ids, skip_special_tokens=False))
+    return score_trace(domain, problem, dag, trace, weights), trace
 
 
 def sample_completions(
@@ -208,6 +228,7 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     step_end_id = tok.convert_tokens_to_ids(STEP_END)
+    eos = TokenIds.from_tokenizer(tok).eos
     history: list[dict[str, Any]] = []
     first_step = 1
     last = _last_checkpoint(cfg.output_dir) if cfg.resume else None
@@ -248,8 +269,8 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         scored, ends = [], []
         for i, ids in enumerate(completions):
             problem = batch[i // cfg.group_size]
-            trace, _ = parse(tok.decode(ids, skip_special_tokens=False))
-            s = score_trace(domain, problem, dags[problem["id"]], trace, cfg.weights)
+            dag = dags[problem["id"]]
+            s, trace = score_completion(tok, ids, eos, domain, problem, dag, cfg.weights)
             step_ends = [j for j, t in enumerate(ids) if t == step_end_id][: len(s.step_rewards)]
             step_ends += [len(ids) - 1] * (len(s.step_rewards) - len(step_ends))  # a cut last step
             scored.append((s, trace))
@@ -286,7 +307,10 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             loss_tokens = loss_tokens + cfg.beta * (
                 torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
             )
-        loss = (loss_tokens * mask).sum() / mask.sum()
+        if cfg.loss_type == "grpo":
+            loss = ((loss_tokens * mask).sum(1) / mask.sum(1)).mean()
+        else:
+            loss = (loss_tokens * mask).sum() / mask.sum()
         opt.zero_grad()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
