@@ -45,6 +45,10 @@ class DemoSettings:
     attempts: int = 12
     paths_per_dag: int = 1
     branch_choice: str = "uniform"
+    # a share of walks that, having reached the goal, try the remaining arms before answering
+    # (meant for extend mode). 0: with 0.25 the micro model's edge look-up did not form in
+    # 2,500 steps (loss 0.30, Steiner-SFT 0.3 %; README, Results)
+    verify_after_answer: float = 0.0
     # model and training
     preset: str = "micro"
     cpt_documents: int = 20000  # graph walks / countdown fact lines for CPT
@@ -58,7 +62,7 @@ class DemoSettings:
     # random batches, not SFT's length-grouped default: grouped batches kept the edge
     # look-up from forming in 3,000 steps where random ones formed it at ~1,150 (README)
     train_sampling_strategy: str = "random"
-    rl_steps: int = 30
+    rl_steps: int = 60
     rl_prompts_per_step: int = 8
     rl_group_size: int = 4
     rl_learning_rate: float = 1e-4
@@ -95,7 +99,7 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
         )
     if profile == "full":
         s = replace(s, heldout_problems=500, cpt_documents=100000, cpt_steps=1000)
-        s = replace(s, sft_steps=12000, rl_steps=100, scale_limit=500, latency_requests=40)
+        s = replace(s, sft_steps=12000, rl_steps=200, scale_limit=500, latency_requests=40)
     return s
 
 
@@ -183,6 +187,7 @@ def run_synthesis(s: DemoSettings, root: Path) -> dict[str, Any]:
         paths=PathSettings(
             paths_per_dag=s.paths_per_dag,
             branch_choice=s.branch_choice,
+            verify_after_answer=s.verify_after_answer,
         ),
     )
     stats = run_synth(cfg)
@@ -392,8 +397,10 @@ def targets(root: Path) -> list[dict[str, Any]]:
         )
     if {"steiner-sft", "steiner-rl"} <= acc.keys():
         gain = 100 * (acc["steiner-rl"] - acc["steiner-sft"])
+        # the start is shown: from 97 % a gain of 4 points cannot happen
+        measured = f"{gain:+.1f} (from {100 * acc['steiner-sft']:.1f} %)"
         out.append(
-            {"target": "RL beats its SFT start by >= 4 points", "measured": f"{gain:+.1f}"}
+            {"target": "RL beats its SFT start by >= 4 points", "measured": measured}
             | {"met": gain >= 4}
         )
     scale = root / "scale" / "scale.json"

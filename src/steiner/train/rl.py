@@ -47,12 +47,17 @@ class RLStageConfig:
     prompts_per_step: int = 4
     group_size: int = 4
     max_new_tokens: int = 256
-    temperature: float = 1.0
+    # Defaults measured on the graph demo's SFT model (README, Results): without the KL term
+    # every run collapsed (lr 1e-4 in 17 steps, 3e-5 by 100 steps: garbage node ids, 0 %);
+    # at 1.0 most sampled failures are sampling noise rather than the model's own mistakes,
+    # and weighing every token the same let the long failed samples push the sampled tokens
+    # down overall. temperature 0.7 + beta 0.04 + per-sample averaging: +1.0 to +5.7 points.
+    temperature: float = 0.7
     learning_rate: float = 1e-4
-    beta: float = 0.0
-    # how token losses are averaged (TRL's names): "dapo" weighs every token the same, "grpo"
-    # every sample the same whatever its length
-    loss_type: str = "dapo"
+    beta: float = 0.04  # k3 KL to the starting model; 0 drops the reference model
+    # how token losses are averaged (TRL's names): "grpo" weighs every sample the same
+    # whatever its length, "dapo" every token the same
+    loss_type: str = "grpo"
     max_grad_norm: float = 1.0
     save_steps: int = 50  # checkpoint (model, optimizer, RNG states, history) every N steps
     resume: bool = True  # continue from the last checkpoint in output_dir
@@ -166,9 +171,13 @@ def sample_completions(
 
 
 def _logprobs(
-    model: Any, input_ids: torch.Tensor, attention: torch.Tensor, n_prompt: int
+    model: Any, input_ids: torch.Tensor, attention: torch.Tensor, n_prompt: int, temperature: float
 ) -> torch.Tensor:
+    """Log-probabilities of the completion tokens under the distribution they were sampled
+    from (logits divided by the sampling temperature, as TRL does), so the update stays
+    on-policy at any temperature."""
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, n_prompt - 1 : -1]
+    logits = logits / temperature
     return (
         torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
     )
@@ -204,6 +213,8 @@ def _save_checkpoint(
 def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    if cfg.loss_type not in ("grpo", "dapo"):
+        raise InputError("--loss_type", None, f"expected grpo or dapo, got {cfg.loss_type!r}")
     accelerator = Accelerator()
     if cfg.prompts_per_step % accelerator.num_processes:
         raise InputError(
@@ -298,12 +309,12 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         input_ids = torch.cat([enc["input_ids"], comp], 1)
         attention = torch.cat([enc["attention_mask"], mask.long()], 1)
         model.train()
-        logp = _logprobs(model, input_ids, attention, n_prompt)
+        logp = _logprobs(model, input_ids, attention, n_prompt, cfg.temperature)
         ratio = torch.exp(logp - logp.detach())  # one update per batch: the old policy is this one
         loss_tokens = -ratio * adv
         if ref is not None:
             with torch.no_grad():
-                ref_logp = _logprobs(ref, input_ids, attention, n_prompt)
+                ref_logp = _logprobs(ref, input_ids, attention, n_prompt, cfg.temperature)
             loss_tokens = loss_tokens + cfg.beta * (
                 torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
             )
