@@ -1,7 +1,9 @@
 """RL throughput: `steiner train rl` (DAG step rewards) vs TRL GRPOTrainer with an outcome-only
 reward, same tiny SFT model and prompts, 16 completions per step (4 prompts x 4), one run.
 
-Goal (issue 7): >= 0.8x TRL's samples/s (step rewards should cost little).
+Goal (issue 7): >= 0.8x TRL's samples/s (step rewards should cost little). Both sides use
+our RL defaults for what they share (KL term, sampling temperature, per-sample loss), so the
+ratio measures the step rewards and the loop, not a setting.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def main() -> None:
         dataset = Dataset.from_list(
             [{"prompt": [{"role": "user", "content": q}]} for q in problems]
         )
+        defaults = RLStageConfig()
         args = GRPOConfig(
             output_dir=str(tmp / "trl"),
             max_steps=STEPS,
@@ -104,6 +107,9 @@ def main() -> None:
             logging_steps=1000,
             activation_checkpointing=False,
             learning_rate=2e-4,
+            beta=defaults.beta,
+            temperature=defaults.temperature,
+            loss_type=defaults.loss_type,
         )
         trainer = GRPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(tmp / "sft"),
