@@ -225,7 +225,11 @@ def test_rl_generates_through_trl_vllm_backend(
     assert any(not torch.equal(initial[k], trained[k]) for k in trained)
 
 
-def test_rl_vllm_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
+def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
+    for bad, message in (({"loss_type": "mean"}, "grpo or dapo"), ({"temperature": 0}, "> 0")):
+        cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, **bad)
+        with pytest.raises(InputError, match=message):
+            run_rl(cfg, log=lambda r: None)
     cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, vllm_mode="remote")
     with pytest.raises(InputError, match="colocate or server"):
         rl.vllm_generation_kwargs(cfg, None, None, None)

@@ -141,11 +141,11 @@ def sample_completions(
     tokenizer: Any,
     enc: dict[str, torch.Tensor],
     cfg: RLStageConfig,
+    eos: tuple[int, ...],
     vllm: Any | None = None,
 ) -> list[list[int]]:
     """Completion token ids for each prompt row of ``enc`` (left-padded; ``group_size``
-    copies of each prompt in a row), each cut after its first end-of-turn token."""
-    eos = TokenIds.from_tokenizer(tokenizer).eos
+    copies of each prompt in a row), each cut after its first end-of-turn token (``eos``)."""
     if vllm is not None:
         prompts = [
             ids[mask.bool()].tolist()
@@ -215,6 +215,8 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
     if cfg.loss_type not in ("grpo", "dapo"):
         raise InputError("--loss_type", None, f"expected grpo or dapo, got {cfg.loss_type!r}")
+    if cfg.temperature <= 0:
+        raise InputError("--temperature", None, f"expected > 0 (RL samples), got {cfg.temperature}")
     accelerator = Accelerator()
     if cfg.prompts_per_step % accelerator.num_processes:
         raise InputError(
@@ -276,7 +278,7 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             accelerator.device
         )
         model.eval()
-        completions = sample_completions(policy, tok, enc, cfg, vllm)
+        completions = sample_completions(policy, tok, enc, cfg, eos, vllm)
         scored, ends = [], []
         for i, ids in enumerate(completions):
             problem = batch[i // cfg.group_size]
