@@ -811,8 +811,15 @@ def demo(
 ) -> None:
     """The whole pipeline: problems, synth, init/CPT/SFT, shortcut baseline, RL, eval, scale,
     serve + latency probe, report card (resumes from the last finished stage)."""
+    import datasets
+    import transformers
+
     from steiner.demo import PROFILES, run_demo
 
+    # one display: the stage lines and the trainers' loss lines, not a progress bar for every
+    # dataset map, weight load and shard write
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     if profile not in PROFILES:
         raise typer.BadParameter(f"--profile expects quick or full, got {profile!r}")
     domains = [domain] if domain else (["graph", "countdown"] if profile == "full" else ["graph"])
