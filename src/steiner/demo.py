@@ -156,8 +156,15 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
 
         heldout = load_problems(heldout_file, s.domain)
     else:
-        pool = generate(s.heldout_problems * 2, s.seed + 1_000_003)
-        heldout = [p for p in pool if repr(identity(p)) not in seen][: s.heldout_problems]
+        # a large pool: countdown-3 is a small space that the training split mostly covers
+        # (2x the wanted count once left 79 of 300 unseen); a longer pool keeps the same prefix
+        pool = generate(s.heldout_problems * 30, s.seed + 1_000_003)
+        heldout, taken = [], set(seen)
+        for problem in pool:
+            key = repr(identity(problem))
+            if key not in taken and len(heldout) < s.heldout_problems:
+                taken.add(key)
+                heldout.append(problem)
     overlap = sum(repr(identity(p)) in seen for p in heldout)
     write_jsonl(root / "data" / "train.jsonl", train)
     write_jsonl(root / "data" / "heldout.jsonl", heldout)
