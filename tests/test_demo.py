@@ -13,6 +13,7 @@ def tiny_settings() -> DemoSettings:
         cpt_documents=200,
         cpt_steps=3,
         sft_steps=6,
+        verify_sft_steps=2,
         batch_size=8,
         rl_steps=2,
         rl_prompts_per_step=2,
@@ -31,7 +32,16 @@ def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
         out=out, settings=tiny_settings(), on_stage=lambda n, r, skipped: seen.append((n, skipped))
     )
     names = [n for n, _ in seen]
-    assert names[:3] == ["problems", "synth", "init"] and names[-1] == "serve-latency"
+    assert names[:4] == ["problems", "synth", "synth-verify", "init"]
+    assert names[-1] == "serve-latency"
+    # the Steiner SFT's last steps train on walks that verify and return to the answer
+    verify_paths = [json.loads(x) for x in (out / "synth-verify" / "paths.jsonl").open()]
+    assert any(p["n_backtracks"] > 0 and p["n_steps"] > 3 for p in verify_paths)
+    walks = json.loads((out / "models/steiner-sft-walks/training_summary.json").read_text())
+    final = json.loads((out / "models/steiner-sft/training_summary.json").read_text())
+    assert (walks["steps"], final["steps"]) == (4, 2)
+    sft_stage = json.loads((out / ".stages" / "steiner-sft.done").read_text())
+    assert sft_stage["steps"] == 6
     assert not any(skipped for _, skipped in seen)
     for model in MODELS:  # the three final models load with from_pretrained
         assert AutoModelForCausalLM.from_pretrained(out / "models" / model) is not None

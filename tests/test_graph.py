@@ -187,6 +187,34 @@ def test_verifying_walks_go_on_past_the_goal_and_still_answer_it(graph_synth):
     assert goal_not_last > 20  # most verifying walks end on a dead arm, answering the goal's
 
 
+def test_verifying_walks_can_return_to_the_answer_and_end_on_it(graph_synth):
+    import random as rnd
+
+    from steiner.synth.paths import render_walk, sample_walk
+
+    tmp, _ = graph_synth
+    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
+    domain = gr.GraphDomain()
+    settings = PathSettings(branch_choice="uniform", verify_after_answer=1.0, return_to_answer=True)
+    rng = rnd.Random(0)
+    returned = 0
+    for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
+        problem = problems[dag.problem_id]
+        trace = render_walk(domain, problem, dag, sample_walk(dag, rng, settings))
+        arms = len(gr.children_of(problem["edges"])[problem["start"]])
+        reflections = [s.reflection for s in trace.steps]
+        assert reflections[-1] == "goal" and trace.decisions[-1] is Decision.END
+        assert trace.answer == trace.steps[-1].thought  # the last step is the answer
+        assert domain.check_answer(problem, trace.answer)
+        goal_found_earlier = reflections.count("goal") == 2
+        returned += goal_found_earlier
+        # a walk that found the goal last has nothing to verify and does not repeat it
+        assert trace.n_steps == arms + goal_found_earlier
+        if goal_found_earlier:
+            assert trace.steps[-1].name.startswith("back to")
+    assert returned > 20
+
+
 def test_walk_documents_walk_every_arm_along_real_edges():
     docs = list(gr.walk_documents(30, seed=1))
     assert docs == list(gr.walk_documents(30, seed=1))

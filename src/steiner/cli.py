@@ -231,6 +231,10 @@ def synth(
         float,
         typer.Option(min=0, max=1, help="Chance a path tries the other branches after success."),
     ] = 0.0,
+    return_to_answer: Annotated[
+        bool,
+        typer.Option(help="A verifying path then walks the answer's branch again, ending on it."),
+    ] = False,
     max_detours: Annotated[int, typer.Option(min=0)] = 2,
     max_detour_depth: Annotated[int, typer.Option(min=1)] = 3,
     max_reasoning_tokens: Annotated[int, typer.Option(min=1)] = 4096,
@@ -295,6 +299,7 @@ def synth(
             p_wrong=p_wrong,
             branch_choice=branch_choice,
             verify_after_answer=verify_after_answer,
+            return_to_answer=return_to_answer,
             max_detours=max_detours,
             max_detour_depth=max_detour_depth,
             max_reasoning_tokens=max_reasoning_tokens,

@@ -26,6 +26,7 @@ class PathSettings:
     # chance that a walk, once at the answer, goes back to try the untried dead branches of
     # its branch points before ending (teaches that reasoning past success is harmless)
     verify_after_answer: float = 0.0
+    return_to_answer: bool = False
     max_detours: int = 2
     max_detour_depth: int = 3
     max_reasoning_tokens: int = 4096
@@ -49,7 +50,9 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
 
     With ``verify_after_answer`` the walk may, once at the answer, go back and try every
     untried dead branch of the branch points on its way before it ends (the answer found
-    stays the answer): traces in which reasoning goes on past success."""
+    stays the answer): traces in which reasoning goes on past success. With
+    ``return_to_answer`` such a walk then goes back to the root and walks the answer's branch
+    again, so that its last step is the answer, as in every other walk."""
     kids = dag.children()
     nodes = dag.nodes
     if nodes[dag.root].d_e is None:
@@ -88,10 +91,17 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
         cur, back = node, False
         branch.append(cur)
     if s.verify_after_answer and rng.random() < s.verify_after_answer:
+        verified = len(moves)
         for point in branch:
             while any(nodes[c].d_e is None and c not in tried for c in kids[point]):
                 moves[-1].decision = Decision.BACKTRACK
                 detour(point, True)
+        if s.return_to_answer and len(moves) > verified:
+            # the answer is read off the last step: a small model copies that far more
+            # easily than a step further back (verify walks without this broke the copy)
+            moves[-1].decision = Decision.BACKTRACK
+            for i, (src, dst) in enumerate(zip(branch, branch[1:], strict=False)):
+                moves.append(Move(src, dst, back=i == 0))
     moves[-1].decision = Decision.END
     return moves
 
