@@ -195,42 +195,23 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
     return {"train": len(train), "heldout": len(heldout), "heldout_seen_in_training": overlap}
 
 
-def run_synthesis(s: DemoSettings, root: Path) -> dict[str, Any]:
+def run_synthesis(s: DemoSettings, root: Path, verify_phase: bool = False) -> dict[str, Any]:
+    """DAGs and walks of the training problems; with ``verify_phase``, the walks of the Steiner
+    SFT's last part, of which some verify and return to the answer (``DIR/synth-verify``)."""
     from steiner.synth.paths import PathSettings
     from steiner.synth.run import SynthConfig, run_synth
 
     cfg = SynthConfig(
         shortcut=str(root / "data" / "train.jsonl"),
-        out=str(root / "synth"),
+        out=str(root / ("synth-verify" if verify_phase else "synth")),
         attempts=s.attempts,
-        seed=s.seed,
+        seed=s.seed + verify_phase,  # the verify phase gets other walks than the first
         workers=2,
         paths=PathSettings(
             paths_per_dag=s.paths_per_dag,
             branch_choice=s.branch_choice,
-            verify_after_answer=s.verify_after_answer,
-        ),
-    )
-    stats = run_synth(cfg)
-    return {k: stats[k] for k in ("dags", "paths", "mean_steps", "mean_reasoning_tokens")}
-
-
-def run_verify_synthesis(s: DemoSettings, root: Path) -> dict[str, Any]:
-    """Walks for the last part of the Steiner SFT: some verify and return to the answer."""
-    from steiner.synth.paths import PathSettings
-    from steiner.synth.run import SynthConfig, run_synth
-
-    cfg = SynthConfig(
-        shortcut=str(root / "data" / "train.jsonl"),
-        out=str(root / "synth-verify"),
-        attempts=s.attempts,
-        seed=s.seed + 1,  # other walks than the first phase's
-        workers=2,
-        paths=PathSettings(
-            paths_per_dag=s.paths_per_dag,
-            branch_choice=s.branch_choice,
-            verify_after_answer=s.verify_sft_share,
-            return_to_answer=True,
+            verify_after_answer=s.verify_sft_share if verify_phase else s.verify_after_answer,
+            return_to_answer=verify_phase,
         ),
     )
     stats = run_synth(cfg)
@@ -529,10 +510,12 @@ def run_demo(
         keys = ("steps", "tokens_seen", "tokens_per_s", "final_loss", "train_seconds")
         return {"ran_beside_steiner_sft": True, **{k: summary[k] for k in keys}}
 
+    synthesis = [("synth", lambda: run_synthesis(s, root))]
+    if s.verify_sft_steps:
+        synthesis.append(("synth-verify", lambda: run_synthesis(s, root, verify_phase=True)))
     stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("problems", lambda: make_problems(s, root, problems)),
-        ("synth", lambda: run_synthesis(s, root)),
-        *([("synth-verify", lambda: run_verify_synthesis(s, root))] if s.verify_sft_steps else []),
+        *synthesis,
         ("init", lambda: run_training(s, root, "init")),
         ("cpt", lambda: run_training(s, root, "cpt")),
         ("steiner-sft", steiner_sft),
