@@ -175,8 +175,10 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
         pool = generate(s.heldout_problems * 30, s.seed + 1_000_003)
         heldout, taken = [], set(seen)
         for problem in pool:
+            if len(heldout) == s.heldout_problems:
+                break
             key = repr(identity(problem))
-            if key not in taken and len(heldout) < s.heldout_problems:
+            if key not in taken:
                 taken.add(key)
                 heldout.append(problem)
     overlap = sum(repr(identity(p)) in seen for p in heldout)
