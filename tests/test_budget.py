@@ -139,6 +139,36 @@ def test_vllm_request_processor_logic(tiny_tokenizer):
         assert proc.seen == len(output)
 
 
+def test_vllm_request_processor_refuses_placeholders(tiny_tokenizer):
+    """Under async scheduling vLLM may hand over -1 for tokens it has not copied back; masking
+    from a guessed state would corrupt the trace, so the processor stops with the fix."""
+    from steiner.infer.vllm_budget import VLLM_PROCESSOR, RequestStepBudget
+
+    ids = TokenIds.from_tokenizer(tiny_tokenizer)
+    proc = RequestStepBudget(ids, Budget(max_steps=2), torch.device("cpu"))
+    proc([ids.reasoning_start], torch.randn(len(tiny_tokenizer)))
+    with pytest.raises(RuntimeError, match=VLLM_PROCESSOR):
+        proc([ids.reasoning_start, -1], torch.randn(len(tiny_tokenizer)))
+
+
+def test_one_step_budget_processor_per_engine():
+    """The entry point and an explicit logits_processors each build one; only the first acts."""
+    from steiner.infer.vllm_budget import first_for_engine
+
+    class Processor:
+        def __init__(self, config):
+            self.vllm_config = config
+
+    config, other = object(), object()
+    first, second, elsewhere = Processor(config), Processor(config), Processor(other)
+    assert first_for_engine(config, first)
+    assert not first_for_engine(config, second)
+    assert first_for_engine(config, first)  # asking again does not demote it
+    assert first_for_engine(other, elsewhere)
+    del first
+    assert first_for_engine(config, Processor(config))  # a finished engine frees its slot
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (CUDA only)"
 )
@@ -146,3 +176,58 @@ def test_vllm_adapter_class():
     from steiner.infer.vllm_budget import StepBudgetVLLM
 
     assert StepBudgetVLLM.is_argmax_invariant(object.__new__(StepBudgetVLLM)) is False
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
+    reason="needs vLLM and a GPU",
+)
+def test_vllm_engine_applies_the_step_budget(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """In a real engine (async scheduling on, the processor passed explicitly as the README
+    says, and also loaded from the entry point): a request whose extra_args ask for k steps
+    gets exactly k, a request without them is left alone, a budget that cannot be met is
+    refused."""
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # CUDA may be up in pytest
+    from vllm import LLM, SamplingParams
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    from steiner.infer.vllm_budget import VLLM_PROCESSOR
+
+    ids = TokenIds.from_tokenizer(tiny_tokenizer)
+    prompts = [
+        tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in QUESTIONS
+    ]
+    llm = LLM(
+        model=str(tiny_model_dir),
+        gpu_memory_utilization=0.2,
+        max_model_len=512,
+        seed=0,
+        enforce_eager=True,
+        logits_processors=[VLLM_PROCESSOR],
+    )
+
+    def texts(llm, params):
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [
+            tiny_tokenizer.decode([t for t in o.outputs[0].token_ids if t not in ids.eos])
+            for o in outs
+        ]
+
+    try:
+        for k in (1, 3):
+            extra = {"min_steps": k, "max_steps": k, "max_step_tokens": 5}
+            params = SamplingParams(temperature=1.0, max_tokens=200, seed=k, extra_args=extra)
+            for text in texts(llm, params):
+                trace, _ = fmt.parse(text)
+                assert text.startswith(fmt.REASONING_START), text
+                assert trace.n_steps == k and trace.finished, text
+        plain = texts(llm, SamplingParams(temperature=1.0, max_tokens=8, seed=0))
+        assert not all(t.startswith(fmt.REASONING_START) for t in plain)
+        with pytest.raises(ValueError, match="min_steps"):
+            llm.generate(prompts[:1], SamplingParams(extra_args={"min_steps": 3, "max_steps": 2}))
+    finally:
+        del llm
+        cleanup_dist_env_and_memory()

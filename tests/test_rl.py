@@ -4,14 +4,18 @@ import copy
 import importlib.metadata
 import importlib.util
 import inspect
+import os
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from steiner.infer.vllm_budget import request_processor, token_ids_or_none
+from steiner.infer.budget import TokenIds
+from steiner.infer.vllm_budget import VLLM_PROCESSOR, request_processor, token_ids_or_none
 from steiner.io import InputError
 from steiner.train import rl
 from steiner.train.config import SFTStageConfig
@@ -175,7 +179,7 @@ class CPUStandInForVLLM:
         params = self.kwargs["generation_kwargs"]
         completions = []
         for prompt in prompts:  # colocate mode: one sample per row, rows repeat the prompts
-            processor = request_processor(self.ids, params["extra_args"], "cpu")
+            processor = request_processor(self.ids, params["extra_args"], self.engine.device)
             out: list[int] = []
             while len(out) < self.kwargs["max_completion_length"]:
                 with torch.no_grad():
@@ -215,8 +219,10 @@ def test_rl_generates_through_trl_vllm_backend(
     assert len(history) == 3 and engine.syncs == 1 + 3
     assert len(engine.completions) == 3 * cfg.prompts_per_step * cfg.group_size
     # the budget ran inside the engine: a random model starts every completion as forced
-    start = engine.ids.reasoning_start
-    assert all(c[0] == start for c in engine.completions)
+    ids = engine.ids
+    for c in engine.completions:
+        assert c[0] == ids.reasoning_start and c[1] in (ids.step_start, ids.reasoning_end), c
+        assert all(not (a == b == ids.step_start) for a, b in pairwise(c)), c
     # the engine holds the trained weights, not the ones it started from
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "rl").state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
@@ -253,10 +259,65 @@ def test_step_budget_is_a_vllm_entry_point():
     importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
     reason="needs vLLM and a GPU",
 )
-def test_rl_with_real_vllm(tmp_path, tiny_model_dir, small_countdown):
+def test_rl_with_real_vllm(tmp_path, tiny_model_dir, small_countdown, monkeypatch):
+    """TRL's colocated engine samples under the format rules: every completion opens the
+    reasoning and then a step (or ends it), and never opens two steps in a row."""
+    completions = []
+
+    def recording(*args):
+        engine = real_vllm_generation(*args)
+        generate = engine.generate
+
+        def record(*a, **k):
+            out = generate(*a, **k)
+            completions.extend(list(c) for c in out[1])
+            return out
+
+        engine.generate = record
+        return engine
+
+    real_vllm_generation = rl.vllm_generation
+    monkeypatch.setattr(rl, "vllm_generation", recording)
     cfg = small_rl_config(
         tiny_model_dir, small_countdown, tmp_path / "rl", steps=2, use_vllm=True, save_steps=0
     )
     history = run_rl(cfg, log=lambda r: None)["history"]
-    assert len(history) == 2 and all(h["mean_steps"] >= 0 for h in history)
-    assert (tmp_path / "rl" / "model.safetensors").exists()
+    assert len(history) == 2 and (tmp_path / "rl" / "model.safetensors").exists()
+    ids = TokenIds.from_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert len(completions) == 2 * cfg.prompts_per_step * cfg.group_size
+    for c in completions:
+        assert c[0] == ids.reasoning_start and c[1] in (ids.step_start, ids.reasoning_end), c
+        assert all(not (a == b == ids.step_start) for a, b in pairwise(c)), c
+
+
+def test_colocated_vllm_engine_gets_the_step_budget(
+    tmp_path, tiny_model_dir, small_countdown, monkeypatch
+):
+    """Loaded from the entry point alone the processor is blind under vLLM's async scheduling,
+    so the engine TRL builds in colocate mode is given it explicitly, for that call only."""
+    import trl.generation.vllm_generation as trl_vllm
+
+    engines = []
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            engines.append(kwargs)
+
+    accelerator = Accelerator()  # as run_rl builds it (the state is per process)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, use_vllm=True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "vllm" else find_spec(name, *a),
+    )
+    monkeypatch.setattr(trl_vllm, "is_vllm_available", lambda *a, **k: True)
+    monkeypatch.setattr(trl_vllm, "LLM", RecordingLLM, raising=False)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # TRL sets RANK, MASTER_PORT, ...
+    rl.vllm_generation(cfg, model, accelerator, tokenizer)
+    (kwargs,) = engines
+    assert kwargs["logits_processors"] == [VLLM_PROCESSOR]
+    assert kwargs["model"] == model.name_or_path and kwargs["gpu_memory_utilization"] == 0.3
+    assert trl_vllm.LLM is RecordingLLM

@@ -1,21 +1,26 @@
 """The step budget as a vLLM V1 logits processor.
 
-Installing this package registers ``StepBudgetVLLM`` under vLLM's ``vllm.logits_processors``
-entry point, so every vLLM engine in the environment loads it (``vllm serve``, ``LLM(...)``,
-``trl vllm-serve``, the engine TRL colocates for ``steiner train rl --use_vllm``); naming it
-explicitly works too:
+Name it when the engine starts:
 
     vllm serve MODEL --logits-processors steiner.infer.vllm_budget:StepBudgetVLLM
+    LLM(MODEL, logits_processors=[VLLM_PROCESSOR])
 
 It does nothing to a request unless the request asks for control through ``extra_args``
 (OpenAI API: ``vllm_xargs``), e.g. ``{"min_steps": 4, "max_steps": 8,
 "max_reasoning_tokens": 2048, "extend_with": "model"}``; ``{"min_steps": 0}`` asks for the
 format rules alone. This module imports without vLLM installed; the class exists only where
 vLLM does.
+
+Installing this package also registers it under vLLM's ``vllm.logits_processors`` entry point,
+so every engine loads it. But vLLM's async scheduling (on by default) shows a processor the
+tokens it sampled only when some processor was passed explicitly; loaded from the entry point
+alone it would see placeholders (-1) and mask blind, so it refuses instead. Named explicitly
+as well, it is built twice per engine and the second copy stays idle.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -26,6 +31,15 @@ try:
     from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 except ImportError:  # vLLM is optional (CUDA-only); the core is tested everywhere
     AdapterLogitsProcessor = None
+
+VLLM_PROCESSOR = "steiner.infer.vllm_budget:StepBudgetVLLM"  # vLLM's <module>:<class> form
+PLACEHOLDER = -1  # vLLM's stand-in for a sampled token it has not copied back yet
+HIDDEN_TOKENS = (
+    "the step budget cannot see the tokens vLLM sampled (async scheduling hides them from "
+    "processors loaded only through the entry point): start the engine with "
+    f"logits_processors=[{VLLM_PROCESSOR!r}] (vllm serve --logits-processors {VLLM_PROCESSOR}) "
+    "or with async scheduling off"
+)
 
 
 class RequestStepBudget:
@@ -38,6 +52,8 @@ class RequestStepBudget:
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         self.core.prepare(logits)
+        if PLACEHOLDER in output_ids[self.seen :]:
+            raise RuntimeError(HIDDEN_TOKENS)
         for token in output_ids[self.seen :]:
             self.core.update(torch.tensor([token], device=logits.device))
         self.seen = len(output_ids)
@@ -51,6 +67,21 @@ def token_ids_or_none(tokenizer: Any) -> TokenIds | None:
         return TokenIds.from_tokenizer(tokenizer)
     except ValueError:
         return None
+
+
+_ENGINE_PROCESSOR: dict[int, weakref.ref] = {}
+
+
+def first_for_engine(vllm_config: Any, processor: Any) -> bool:
+    """Whether ``processor`` is the first step-budget processor built for this engine's config
+    (the entry point and an explicit ``logits_processors`` each build one; the same mask
+    twice would only cost time). Weak references: a finished engine frees its slot."""
+    first = _ENGINE_PROCESSOR.get(id(vllm_config))
+    owner = first() if first is not None else None
+    if owner is not None and owner is not processor and owner.vllm_config is vllm_config:
+        return False
+    _ENGINE_PROCESSOR[id(vllm_config)] = weakref.ref(processor)
+    return True
 
 
 def request_processor(
@@ -76,6 +107,8 @@ if AdapterLogitsProcessor is not None:
             tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer)
             self.ids = token_ids_or_none(tokenizer)
             self.device = device
+            self.vllm_config = vllm_config
+            self.active = first_for_engine(vllm_config, self)
 
         @classmethod
         def validate_params(cls, params: Any) -> None:
@@ -85,4 +118,6 @@ if AdapterLogitsProcessor is not None:
             return False  # it forces and forbids tokens
 
         def new_req_logits_processor(self, params: Any) -> RequestStepBudget | None:
+            if not self.active:
+                return None
             return request_processor(self.ids, getattr(params, "extra_args", None), self.device)

@@ -10,9 +10,9 @@ policy-gradient step (one update per batch, so the ratio is 1 and clipping is in
 
 Sampling is ``model.generate`` with the step budget's format rules, or, with ``use_vllm``,
 TRL's own vLLM backend (``VLLMGeneration``: an engine colocated on the training GPUs, or a
-``trl vllm-serve`` server), whose engine applies the same rules through the processor this
-package registers with vLLM. Under ``accelerate launch`` every process takes its share of
-each step's prompts and gradients are averaged across processes.
+``trl vllm-serve`` server), whose engine applies the same rules through ``StepBudgetVLLM``.
+Under ``accelerate launch`` every process takes its share of each step's prompts and gradients
+are averaged across processes.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +35,7 @@ from steiner.domains import get_domain, load_shortcuts
 from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.hf import StepBudgetLogitsProcessor
+from steiner.infer.vllm_budget import VLLM_PROCESSOR
 from steiner.io import InputError, write_json
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
@@ -64,7 +67,7 @@ class RLStageConfig:
     seed: int = 0
     # generation through vLLM on GPUs; the names and defaults are those of TRL's GRPOConfig
     use_vllm: bool = False
-    vllm_mode: str = "colocate"  # or "server": a `trl vllm-serve --model MODEL` started first
+    vllm_mode: str = "colocate"  # or "server": `trl vllm-serve` started first (README: RL)
     vllm_server_base_url: str | None = None  # server mode; None: http://0.0.0.0:8000
     vllm_gpu_memory_utilization: float = 0.3  # colocate: the share of GPU memory vLLM takes
     vllm_tensor_parallel_size: int = 1  # colocate
@@ -112,11 +115,18 @@ def vllm_generation(
 ) -> Any:
     import importlib.util
 
-    from trl.generation.vllm_generation import VLLMGeneration
+    import trl.generation.vllm_generation as trl_vllm
 
     if importlib.util.find_spec("vllm") is None:
         raise InputError("--use_vllm", None, "vLLM is not installed (pip install vllm, on GPUs)")
-    return VLLMGeneration(**vllm_generation_kwargs(cfg, model, accelerator, tokenizer))
+    kwargs = vllm_generation_kwargs(cfg, model, accelerator, tokenizer)
+    if cfg.vllm_mode == "server":
+        return trl_vllm.VLLMGeneration(**kwargs)
+    # TRL builds the colocated engine itself and takes no engine arguments; the step budget
+    # must be passed explicitly or vLLM's async scheduling hides the sampled tokens from it
+    # (see steiner.infer.vllm_budget), so TRL gets an LLM with it bound, for this call only.
+    with patch.object(trl_vllm, "LLM", partial(trl_vllm.LLM, logits_processors=[VLLM_PROCESSOR])):
+        return trl_vllm.VLLMGeneration(**kwargs)
 
 
 def score_completion(
