@@ -160,6 +160,14 @@ def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, s
     assert strip(resumed) == strip(clean)
 
 
+def assert_format_rules_held(completions: list[list[int]], ids: TokenIds) -> None:
+    """Each completion opens the reasoning, then a step (or ends it), and never opens two steps
+    in a row: what the step budget's format rules force on even a random model."""
+    for c in completions:
+        assert c[0] == ids.reasoning_start and c[1] in (ids.step_start, ids.reasoning_end), c
+        assert all(not (a == b == ids.step_start) for a, b in pairwise(c)), c
+
+
 class CPUStandInForVLLM:
     """Plays TRL's ``VLLMGeneration`` on CPU: an engine with its own copy of the weights that,
     for every request, runs the processor our vLLM entry point gives it (``request_processor``
@@ -219,10 +227,7 @@ def test_rl_generates_through_trl_vllm_backend(
     assert len(history) == 3 and engine.syncs == 1 + 3
     assert len(engine.completions) == 3 * cfg.prompts_per_step * cfg.group_size
     # the budget ran inside the engine: a random model starts every completion as forced
-    ids = engine.ids
-    for c in engine.completions:
-        assert c[0] == ids.reasoning_start and c[1] in (ids.step_start, ids.reasoning_end), c
-        assert all(not (a == b == ids.step_start) for a, b in pairwise(c)), c
+    assert_format_rules_held(engine.completions, engine.ids)
     # the engine holds the trained weights, not the ones it started from
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "rl").state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
@@ -283,11 +288,9 @@ def test_rl_with_real_vllm(tmp_path, tiny_model_dir, small_countdown, monkeypatc
     )
     history = run_rl(cfg, log=lambda r: None)["history"]
     assert len(history) == 2 and (tmp_path / "rl" / "model.safetensors").exists()
-    ids = TokenIds.from_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
     assert len(completions) == 2 * cfg.prompts_per_step * cfg.group_size
-    for c in completions:
-        assert c[0] == ids.reasoning_start and c[1] in (ids.step_start, ids.reasoning_end), c
-        assert all(not (a == b == ids.step_start) for a, b in pairwise(c)), c
+    ids = TokenIds.from_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert_format_rules_held(completions, ids)
 
 
 def test_colocated_vllm_engine_gets_the_step_budget(

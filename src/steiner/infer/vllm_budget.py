@@ -52,9 +52,10 @@ class RequestStepBudget:
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         self.core.prepare(logits)
-        if PLACEHOLDER in output_ids[self.seen :]:
+        new = output_ids[self.seen :]
+        if PLACEHOLDER in new:
             raise RuntimeError(HIDDEN_TOKENS)
-        for token in output_ids[self.seen :]:
+        for token in new:
             self.core.update(torch.tensor([token], device=logits.device))
         self.seen = len(output_ids)
         return self.core.mask(logits.unsqueeze(0)).squeeze(0)
