@@ -1,9 +1,13 @@
 import json
 import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
 
+import torch
 from transformers import AutoModelForCausalLM
 
-from steiner.demo import MODELS, DemoSettings, run_demo
+from steiner.demo import MODELS, DemoSettings, run_demo, take_both_cores
 
 
 def tiny_settings() -> DemoSettings:
@@ -37,6 +41,8 @@ def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
     # the Steiner SFT's last steps train on walks that verify and return to the answer
     verify_paths = [json.loads(x) for x in (out / "synth-verify" / "paths.jsonl").open()]
     assert any(p["n_backtracks"] > 0 and p["n_steps"] > 3 for p in verify_paths)
+    # and only as many of them as the phase's batches take (2 steps x 8)
+    assert len(verify_paths) == 16
     walks = json.loads((out / "models/steiner-sft-walks/training_summary.json").read_text())
     final = json.loads((out / "models/steiner-sft/training_summary.json").read_text())
     assert (walks["steps"], final["steps"]) == (4, 2)
@@ -56,6 +62,10 @@ def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
         assert section in report, section
     assert (out / "report.html").exists() and (out / "scale" / "scale.png").exists()
     assert [t["target"] for t in summary["targets"]][0].startswith("Steiner-SFT beats")
+    # the report card checks the quick profile's time too (this tiny run is far under it)
+    assert summary["targets"][-1]["target"] == "the quick profile takes <= 20 minutes"
+    assert summary["targets"][-1]["met"] is True
+    assert "the quick profile takes <= 20 minutes" in report
 
     # a crash after RL: the finished stages are skipped, the lost ones run again
     for stage in ("eval-steiner-rl", "scale", "serve-latency"):
@@ -78,3 +88,20 @@ def test_heldout_split_is_full_distinct_and_unseen_in_a_small_problem_space(tmp_
     assert result == {"train": 6000, "heldout": 150, "heldout_seen_in_training": 0}
     rows = [json.loads(x) for x in (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()]
     assert len({(tuple(sorted(r["nums"])), r["target"]) for r in rows}) == 150
+
+
+def test_steiner_sft_takes_both_cores_at_a_fixed_step_after_the_baseline_ends():
+    baseline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        callback = take_both_cores(baseline, from_step=3, threads=2)
+        for step in range(3):  # before the step: one thread, whether or not the baseline ended
+            callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
+            assert torch.get_num_threads() == 1 and baseline.poll() is None
+        callback.on_step_begin(None, SimpleNamespace(global_step=3), None)
+        # it waited for the baseline to end, then took both threads
+        assert baseline.poll() == 0 and torch.get_num_threads() == 2
+    finally:
+        baseline.kill()
+        torch.set_num_threads(threads)

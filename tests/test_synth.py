@@ -167,3 +167,17 @@ def test_bad_shortcut_file_is_one_line_exit_2(tmp_path):
         "synth", "--shortcut", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")
     )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_limit_synthesizes_the_first_problems_only(synth_run, tmp_path):
+    tmp, _ = synth_run
+    out = tmp_path / "first40"
+    args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(out)]
+    result = steiner(*args, "--seed", "3", "--limit", "40")
+    assert result.returncode == 0, result.stderr
+    # the same DAGs as the full run's first 40: a problem's randomness does not depend on
+    # how many come after it
+    full = (tmp / "out" / "dags.jsonl").read_text().splitlines()
+    assert (out / "dags.jsonl").read_text().splitlines() == full[:40]
+    # a limit is a setting of the run: another one cannot continue it
+    assert steiner(*args, "--seed", "3", "--limit", "60").returncode != 0

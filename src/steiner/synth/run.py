@@ -43,6 +43,7 @@ class SynthConfig:
     tokenizer: str | None = None  # count tokens with this HF tokenizer (default: approximate)
     seed: int = 0
     shard: str | None = None  # "i/N": this process handles problems i, i+N, i+2N, ...
+    limit: int | None = None  # only the first N problems of the file
     chunk_size: int = 64
     workers: int = 1  # processes for the oracle teacher
     paths: PathSettings = field(default_factory=PathSettings)
@@ -53,6 +54,8 @@ class SynthConfig:
         d = asdict(self)
         for k in ("workers", "out", "chunk_size"):
             d.pop(k)
+        if d["limit"] is None:  # so runs from before the field existed still resume
+            d.pop("limit")
         d["openai"].pop("concurrency")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -209,7 +212,7 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     if not problems:
         raise InputError(cfg.shortcut, None, "no records")
     i, n = parse_shard(cfg.shard)
-    problems = problems[i::n]
+    problems = problems[: cfg.limit][i::n]
     files = output_paths(cfg)
     files["dags"].parent.mkdir(parents=True, exist_ok=True)
     journal = _read_journal(files["journal"])
