@@ -347,8 +347,9 @@ def take_both_cores(process: Any, from_step: int, threads: int) -> Any:
     """A trainer callback: at ``from_step`` the Steiner SFT waits for the baseline process
     beside it to end, then trains on ``threads`` threads. A fixed step, not "whenever the
     baseline ends", so the same command gives the same weights (the thread count can change
-    the float sums); the baseline's rows are shorter and it ends first, at ~62 % of the first
-    SFT phase (1,015 s vs step 1,240 of 2,000 in a quick run), so the wait is short."""
+    the float sums); the baseline's rows are shorter and it ends first, at 60-62 % of the
+    first SFT phase (in two quick runs: 955 s, at step 1,200 of 2,000; 1,015 s, at step
+    ~1,240), so the wait is short."""
     import torch
     from transformers import TrainerCallback
 
