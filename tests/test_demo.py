@@ -2,6 +2,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import torch
@@ -91,16 +93,22 @@ def test_heldout_split_is_full_distinct_and_unseen_in_a_small_problem_space(tmp_
 
 
 def test_steiner_sft_takes_both_cores_at_a_fixed_step_after_the_baseline_ends():
-    baseline = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    # a stand-in baseline that runs until its stdin closes
+    baseline = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         callback = take_both_cores(baseline, from_step=3, threads=2)
-        for step in range(3):  # before the step: one thread, whether or not the baseline ended
+        for step in range(3):  # before the step: one thread, and no waiting
             callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
             assert torch.get_num_threads() == 1 and baseline.poll() is None
+        threading.Timer(1.0, baseline.stdin.close).start()
+        start = time.perf_counter()
         callback.on_step_begin(None, SimpleNamespace(global_step=3), None)
         # it waited for the baseline to end, then took both threads
+        assert time.perf_counter() - start >= 0.9
         assert baseline.poll() == 0 and torch.get_num_threads() == 2
     finally:
         baseline.kill()
