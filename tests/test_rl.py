@@ -250,6 +250,32 @@ def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
             run_rl(cfg, log=lambda r: None)
 
 
+def test_forced_decisions_are_the_tokens_after_the_first_step_ends():
+    E = 7  # a stand-in step-end id
+    ids = [1, 2, E, 3, 4, E, 5, 6, E, 8]
+    assert rl.forced_decisions(ids, E, 0) == [] and rl.forced_decisions(ids, E, 1) == []
+    assert rl.forced_decisions(ids, E, 2) == [3]
+    assert rl.forced_decisions(ids, E, 3) == [3, 6]
+    assert rl.forced_decisions(ids, E, 9) == [3, 6, 9]
+    assert rl.forced_decisions([1, E], E, 3) == []  # cut right after a step end
+
+
+def test_rl_samples_some_groups_under_a_forced_minimum(tmp_path, tiny_model_dir, small_countdown):
+    cfg = small_rl_config(
+        tiny_model_dir, small_countdown, tmp_path, steps=2, save_steps=0, forced_min_share=1.0
+    )
+    history = run_rl(cfg, log=lambda r: None)["history"]
+    assert all(2 <= r["forced_min_steps"] <= 3 for r in history)
+    plain = small_rl_config(tiny_model_dir, small_countdown, tmp_path / "plain", steps=2)
+    assert all(r["forced_min_steps"] == 0 for r in run_rl(plain, log=lambda r: None)["history"])
+    for bad, message in (
+        ({"forced_min_share": 0.5, "use_vllm": True}, "with --use_vllm"),
+        ({"forced_min_steps": 1}, ">= 2"),
+    ):
+        with pytest.raises(InputError, match=message):
+            run_rl(small_rl_config(tiny_model_dir, small_countdown, tmp_path, **bad))
+
+
 def test_step_budget_is_a_vllm_entry_point():
     """vLLM loads every processor of this group into each engine it starts."""
     (point,) = [

@@ -71,6 +71,11 @@ class RLStageConfig:
     vllm_server_base_url: str | None = None  # server mode; None: http://0.0.0.0:8000
     vllm_gpu_memory_utilization: float = 0.3  # colocate: the share of GPU memory vLLM takes
     vllm_tensor_parallel_size: int = 1  # colocate
+    # a share of steps whose groups are sampled under a forced minimum of 2..forced_min_steps
+    # steps (extend mode, as `steiner scale` forces it), so that RL keeps the skill of reasoning
+    # past the answer; the forced decisions are left out of the loss (model.generate only)
+    forced_min_share: float = 0.0
+    forced_min_steps: int = 3
     # set from the reward-weight flags by the CLI (TRL's parser takes flat dataclasses)
     weights: RewardWeights = field(default_factory=RewardWeights, metadata={"help": "not a flag"})
 
@@ -153,6 +158,7 @@ def sample_completions(
     cfg: RLStageConfig,
     eos: tuple[int, ...],
     vllm: Any | None = None,
+    budget: Budget | None = None,
 ) -> list[list[int]]:
     """Completion token ids for each prompt row of ``enc`` (left-padded; ``group_size``
     copies of each prompt in a row), each cut after its first end-of-turn token (``eos``)."""
@@ -163,7 +169,7 @@ def sample_completions(
         ]
         _, completions, _, _ = vllm.generate(prompts, None, cfg.group_size)
         return [_completion_ids(list(c), eos) for c in completions]
-    processor = StepBudgetLogitsProcessor(tokenizer, Budget())
+    processor = StepBudgetLogitsProcessor(tokenizer, budget or Budget())
     with torch.no_grad():
         out = model.generate(
             **enc,
@@ -178,6 +184,13 @@ def sample_completions(
         )
     n_prompt = enc["input_ids"].shape[1]
     return [_completion_ids(r, eos) for r in out[:, n_prompt:].tolist()]
+
+
+def forced_decisions(ids: list[int], step_end_id: int, min_steps: int) -> list[int]:
+    """Positions of the decisions a minimum of ``min_steps`` forced: the token after each of
+    the first ``min_steps - 1`` step ends, sampled with ``<|reasoning_end|>`` forbidden."""
+    ends = [j for j, t in enumerate(ids) if t == step_end_id][: max(0, min_steps - 1)]
+    return [j + 1 for j in ends if j + 1 < len(ids)]
 
 
 def _logprobs(
@@ -227,6 +240,10 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         raise InputError("--loss_type", None, f"expected grpo or dapo, got {cfg.loss_type!r}")
     if cfg.temperature <= 0:
         raise InputError("--temperature", None, f"expected > 0 (RL samples), got {cfg.temperature}")
+    if cfg.forced_min_share and cfg.use_vllm:
+        raise InputError("--forced_min_share", None, "expected 0 with --use_vllm")
+    if cfg.forced_min_steps < 2:
+        raise InputError("--forced_min_steps", None, f"expected >= 2, got {cfg.forced_min_steps}")
     accelerator = Accelerator()
     if cfg.prompts_per_step % accelerator.num_processes:
         raise InputError(
@@ -287,8 +304,11 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
             accelerator.device
         )
+        forced = 0
+        if cfg.forced_min_share and rng.random() < cfg.forced_min_share:
+            forced = rng.randint(2, cfg.forced_min_steps)
         model.eval()
-        completions = sample_completions(policy, tok, enc, cfg, eos, vllm)
+        completions = sample_completions(policy, tok, enc, cfg, eos, vllm, Budget(min_steps=forced))
         scored, ends = [], []
         for i, ids in enumerate(completions):
             problem = batch[i // cfg.group_size]
@@ -316,6 +336,8 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             comp[i, : len(c)] = torch.tensor(c)
             mask[i, : len(c)] = 1
             adv[i, : len(c)] = advantages[i]
+            for j in forced_decisions(c, step_end_id, forced):
+                mask[i, j] = 0  # the processor chose "not end" here, not the policy
         comp, mask, adv = (t.to(accelerator.device) for t in (comp, mask, adv))
         n_prompt = enc["input_ids"].shape[1]
         input_ids = torch.cat([enc["input_ids"], comp], 1)
@@ -348,6 +370,7 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
                 terms[k] = terms.get(k, 0.0) + v / len(samples)
         record = {
             "step": step,
+            "forced_min_steps": forced,
             "loss": round(loss.item(), 4),
             "mean_reward": round(sum(x[0] for x in samples) / len(samples), 4),
             "accuracy": round(sum(x[1].get("correct", 0) > 0 for x in samples) / len(samples), 4),
