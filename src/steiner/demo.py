@@ -86,6 +86,11 @@ class DemoSettings:
     latency_requests: int = 20
     seed: int = 0
 
+    @property
+    def verify_walks(self) -> int:
+        """The walks the verify phase's batches take: it synthesizes and tokenizes no more."""
+        return self.verify_sft_steps * self.batch_size
+
     def __post_init__(self) -> None:
         if not 0 <= self.verify_sft_steps < self.sft_steps:
             raise ValueError("verify_sft_steps must be >= 0 and below sft_steps")
@@ -212,8 +217,7 @@ def run_synthesis(s: DemoSettings, root: Path, verify_phase: bool = False) -> di
         out=str(root / ("synth-verify" if verify_phase else "synth")),
         attempts=s.attempts,
         seed=s.seed + verify_phase,  # the verify phase gets other walks than the first
-        # the verify phase trains on as many walks as its batches take, no more
-        limit=s.verify_sft_steps * s.batch_size if verify_phase else None,
+        limit=s.verify_walks if verify_phase else None,
         workers=2,
         paths=PathSettings(
             paths_per_dag=s.paths_per_dag,
@@ -294,8 +298,7 @@ def run_training(
                 output_dir=str(models / "steiner-sft"),
                 model=str(models / "steiner-sft-walks"),
                 data=str(root / "synth-verify" / "paths.jsonl"),
-                # only as many walks as the phase's batches take (tokenizing is ~1.3 ms each)
-                limit_problems=verify * s.batch_size,
+                limit_problems=s.verify_walks,  # tokenizing is ~1.3 ms a walk
                 **{
                     **train_kwargs(s, verify),
                     "learning_rate": s.verify_sft_learning_rate,
