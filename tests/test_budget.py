@@ -89,13 +89,62 @@ def test_state_updates_incrementally(tiny_tokenizer):
     core = StepBudget(ids, [Budget(min_steps=2, extend_with="proceed")])
     vocab = len(tiny_tokenizer)
     seq = [ids.reasoning_start, ids.step_start, 5, 6, ids.step_end]
+
+    def allowed(logits: torch.Tensor) -> set[int]:  # whitespace aside
+        return set((logits[0] == 0).nonzero().flatten().tolist()) - set(ids.spaces)
+
     logits = core.step(None, torch.zeros(1, vocab))
-    assert logits[0].argmax() == ids.reasoning_start
+    assert allowed(logits) == {ids.reasoning_start}
     for tok in seq[1:]:
         logits = core.step(torch.tensor([tok]), torch.zeros(1, vocab))
-    assert int(core.steps[0]) == 1 and logits[0].argmax() == ids.proceed
+    assert int(core.steps[0]) == 1 and allowed(logits) == {ids.proceed}
     logits = core.step(torch.tensor([ids.proceed]), torch.zeros(1, vocab))
-    assert logits[0].argmax() == ids.step_start
+    assert allowed(logits) == {ids.step_start}
+
+
+def example_trace() -> fmt.Trace:
+    step = fmt.Step("Add 50 and 25", "50+25=75", "left 3 7 75", "far from 79")
+    return fmt.Trace(
+        steps=[step, fmt.Step("Back to 3 7 25 50", "7-3=4", "left 4 25 50", "promising"), step],
+        decisions=[fmt.Decision.BACKTRACK, fmt.Decision.PROCEED, fmt.Decision.END],
+        answer="(50+25)+(7-3)",
+    )
+
+
+@pytest.mark.parametrize("separator", ["\n", ""])
+def test_every_token_of_a_rendered_trace_is_allowed(tiny_tokenizer, separator):
+    """Teacher-force a training-style trace through the budget: no token of it is masked,
+    so a model trained on newline-separated traces can write them (the budget once forced
+    each structural token straight after the last one and pushed such models off their text
+    at every step boundary: countdown scored 0 %)."""
+    ids = TokenIds.from_tokenizer(tiny_tokenizer)
+    assert tiny_tokenizer.convert_tokens_to_ids("Ċ") in ids.spaces  # "\n"
+    tokens = tiny_tokenizer(fmt.render(example_trace(), separator), add_special_tokens=False)
+    core = StepBudget(ids, [Budget(min_steps=3, max_steps=3)])
+    last = None
+    for token in tokens["input_ids"]:
+        logits = core.step(last, torch.zeros(1, len(tiny_tokenizer)))
+        assert logits[0, token] == 0, tiny_tokenizer.decode([token])
+        last = torch.tensor([token])
+    assert int(core.steps[0]) == 3
+
+
+def test_one_whitespace_token_at_most_before_a_structural_token(tiny_tokenizer):
+    ids = TokenIds.from_tokenizer(tiny_tokenizer)
+    newline = tiny_tokenizer.convert_tokens_to_ids("Ċ")
+    core = StepBudget(ids, [Budget(max_step_tokens=3)])
+    vocab = len(tiny_tokenizer)
+    # the first token is <|reasoning_start|>, with no whitespace before it
+    assert core.step(None, torch.zeros(1, vocab))[0, newline] == float("-inf")
+    logits = core.step(torch.tensor([ids.reasoning_start]), torch.zeros(1, vocab))
+    assert logits[0, newline] == 0 and logits[0, ids.step_start] == 0
+    logits = core.step(torch.tensor([newline]), torch.zeros(1, vocab))
+    assert logits[0, newline] == float("-inf")  # a second one would stall the structure
+    assert logits[0, ids.step_start] == 0 and logits[0, ids.reasoning_end] == 0
+    # a step grown past max_step_tokens is closed with no whitespace in between
+    for token in [ids.step_start, ids.fields[0], 5, 6, 7]:
+        logits = core.step(torch.tensor([token]), torch.zeros(1, vocab))
+    assert logits[0, newline] == float("-inf") and logits[0].argmax() == ids.fields[1]
 
 
 def test_budget_validation():
@@ -134,8 +183,8 @@ def test_vllm_request_processor_logic(tiny_tokenizer):
     ]
     for output, forced in expectations:
         logits = proc(output, torch.randn(vocab))
-        assert torch.isfinite(logits).sum() == 1 or logits.argmax() == forced
-        assert int(logits.argmax()) == forced
+        finite = set(torch.isfinite(logits).nonzero().flatten().tolist())
+        assert finite - set(ids.spaces) == {forced}  # whitespace may come first
         assert proc.seen == len(output)
 
 

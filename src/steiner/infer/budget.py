@@ -19,11 +19,17 @@ Rules, per row (DESIGN.md "Step budget"):
   current step and forces ``<|reasoning_end|>`` (it wins over ``min_steps``); closing takes
   up to 10 forced structural tokens past the cap;
 - end-of-sequence tokens are forbidden while reasoning; after ``<|reasoning_end|>`` the answer
-  is plain text (the 14 tokens are forbidden there).
+  is plain text (the 14 tokens are forbidden there);
+- where a structural token is forced or chosen from a set, one whitespace-only token may come
+  first (not at the first token, nor while a cap closes the step): whitespace between the
+  tokens is not significant, and traces rendered with a newline between tokens (every style
+  but the graph domain's compact one) put one there, so forbidding it would push such a model
+  off the text it was trained on at every step boundary.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +82,7 @@ class TokenIds:
     eos: tuple[int, ...]
     fields: tuple[int, ...]  # inside a step, in order: 4 x (field start, field end), step end
     specials: tuple[int, ...]  # all 14
+    spaces: tuple[int, ...] = ()  # tokens that decode to whitespace only
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TokenIds:
@@ -96,7 +103,28 @@ class TokenIds:
             tuple(sorted(i for i in eos if i is not None)),
             tuple(ids[t] for pair in fmt.STEP_FIELDS.values() for t in pair) + (ids[fmt.STEP_END],),
             tuple(ids.values()),
+            whitespace_ids(tokenizer),
         )
+
+
+_WHITESPACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def whitespace_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Ids of the tokens that decode to whitespace only ("\n", " ", ...), once per tokenizer:
+    decoding a 150k vocabulary takes a moment, and a processor is built per generate call."""
+    try:
+        return _WHITESPACE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
+    out = tuple(i for i, text in enumerate(texts) if text and not text.strip())
+    try:
+        _WHITESPACE[tokenizer] = out
+    except TypeError:  # an object without weak references: not cached
+        pass
+    return out
 
 
 # Automaton states: BEGIN, OUTSIDE (after <|reasoning_start|>), 9 positions inside a step
@@ -110,6 +138,9 @@ _BIG = 1 << 40  # "no limit"
 _OTHER, _EOS = 0, 15
 # Flag bits of a row when choosing its mask.
 _CAPPED, _BELOW_MIN, _AT_MAX, _LONG_STEP = 1, 2, 4, 8
+# 22 masks, then the same again with whitespace tokens allowed (only the first 17 are used so)
+_LENIENT = 22
+_MODES = 2 * _LENIENT
 
 
 class StepBudget:
@@ -192,12 +223,15 @@ class StepBudget:
         self.counter_keep = torch.tensor(
             [[1, 0 if c == SS else 1, 1] for c in range(16)], device=dev
         )
-        # modes: one "force" mode per special token, then keep-only sets, in-field, answer
+        # modes: one "force" mode per special token, then keep-only sets, in-field, answer;
+        # modes 22 on are the force and keep modes that also allow one whitespace token
         self.mode_keep = {"ss_re": 14, "p_b": 15, "p_b_re": 16}
         self.mode_in_field = {k: 17 + k for k in range(4)}
         self.mode_answer = 21
         force = {tok: c for c, tok in enumerate(special)}
         mode = [[[0] * 3 for _ in range(16)] for _ in range(_N_STATES)]
+        # whether a whitespace token may come before the structural token this mode asks for
+        space_ok = [[[False] * 3 for _ in range(16)] for _ in range(_N_STATES)]
         for s in range(_N_STATES):
             for flags in range(16):
                 capped, below = bool(flags & _CAPPED), bool(flags & _BELOW_MIN)
@@ -236,12 +270,17 @@ class StepBudget:
                     else:
                         m = self.mode_answer
                     mode[s][flags][ext] = m
+                    # not at the first token (training puts none there), and not while a cap
+                    # closes the step, so that closing stays within its bound
+                    space_ok[s][flags][ext] = m < 17 and s != _BEGIN and not (capped or long_step)
         self.mode = torch.tensor(mode, device=dev)
+        self.space_ok = torch.tensor(space_ok, device=dev)
+        self.after_space = torch.zeros(len(self.state), dtype=torch.bool, device=dev)
 
     def _build_masks(self, vocab: int, dtype: torch.dtype) -> torch.Tensor:
         ids, neg = self.ids, float("-inf")
         special = self._special_order()
-        masks = torch.zeros(22, vocab, dtype=dtype, device=self.device)
+        masks = torch.zeros(_MODES, vocab, dtype=dtype, device=self.device)
         for c, tok in enumerate(special):  # force one token
             masks[c].fill_(neg)
             masks[c, tok] = 0
@@ -258,6 +297,11 @@ class StepBudget:
             masks[m, structural] = neg
             masks[m, ids.fields[2 * k + 1]] = 0
         masks[self.mode_answer, list(ids.specials)] = neg  # the answer is plain text
+        spaces = [i for i in ids.spaces if i < vocab]
+        masks[_LENIENT:] = masks[:_LENIENT]
+        masks[_LENIENT:, spaces] = 0
+        self.is_space = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self.is_space[spaces] = True
         # token id -> class, for update()
         self.token_class = torch.full((vocab,), _OTHER, dtype=torch.long, device=self.device)
         for tok, c in self.cls_of.items():
@@ -275,6 +319,7 @@ class StepBudget:
         cls = self.token_class[tokens]
         self.counters = self.counters * self.counter_keep[cls] + self.counter_inc[self.state, cls]
         self.state = self.T[self.state, cls]
+        self.after_space = self.is_space[tokens]
 
     def prepare(self, logits: torch.Tensor) -> None:
         """Build the vocabulary-sized tables once the vocabulary size is known."""
@@ -288,7 +333,8 @@ class StepBudget:
         # flags), so "capped" is just the reasoning-token count against its limit.
         reached = self.counters[:, self.counter_columns] >= self.thresholds
         flags = _BELOW_MIN + (reached * self.flag_weights).sum(1)
-        logits += self._masks[self.mode[self.state, flags, self.extend]]
+        lenient = self.space_ok[self.state, flags, self.extend] & ~self.after_space
+        logits += self._masks[self.mode[self.state, flags, self.extend] + _LENIENT * lenient]
         return logits
 
     def step(self, last_tokens: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
