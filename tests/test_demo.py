@@ -92,6 +92,22 @@ def test_heldout_split_is_full_distinct_and_unseen_in_a_small_problem_space(tmp_
     assert len({(tuple(sorted(r["nums"])), r["target"]) for r in rows}) == 150
 
 
+def test_full_profile_is_larger_than_quick_in_both_domains():
+    from steiner.demo import profile_settings
+
+    sizes = ("heldout_problems", "cpt_documents", "cpt_steps", "sft_steps", "rl_steps")
+    for domain in ("graph", "countdown"):
+        quick, full = profile_settings("quick", domain), profile_settings("full", domain)
+        assert full.domain == quick.domain == domain
+        assert all(getattr(full, k) >= getattr(quick, k) for k in sizes)
+        assert full.heldout_problems > quick.heldout_problems and full.rl_steps > quick.rl_steps
+        # the verify phase stays inside the SFT, and the switch to both cores inside its
+        # first phase
+        assert full.verify_sft_steps < full.sft_steps and 0 < full.solo_share < 1
+    # countdown trains at the learning rate its copy formed at (graph's), not the old 3e-3
+    assert profile_settings("quick", "countdown").learning_rate == DemoSettings().learning_rate
+
+
 def test_steiner_sft_takes_both_cores_at_a_fixed_step_after_the_baseline_ends():
     # a stand-in baseline that runs until its stdin closes
     baseline = subprocess.Popen(
