@@ -111,7 +111,7 @@ _WHITESPACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def whitespace_ids(tokenizer: Any) -> tuple[int, ...]:
-    """Ids of the tokens that decode to whitespace only ("\n", " ", ...), once per tokenizer:
+    """Ids of the tokens that decode to whitespace only (newline, space, ...), once per tokenizer:
     decoding a 150k vocabulary takes a moment, and a processor is built per generate call."""
     try:
         return _WHITESPACE[tokenizer]
@@ -138,7 +138,8 @@ _BIG = 1 << 40  # "no limit"
 _OTHER, _EOS = 0, 15
 # Flag bits of a row when choosing its mask.
 _CAPPED, _BELOW_MIN, _AT_MAX, _LONG_STEP = 1, 2, 4, 8
-# 22 masks, then the same again with whitespace tokens allowed (only the first 17 are used so)
+# 22 masks, then the same again with whitespace tokens allowed (used for the force and keep
+# modes only)
 _LENIENT = 22
 _MODES = 2 * _LENIENT
 
@@ -272,7 +273,8 @@ class StepBudget:
                     mode[s][flags][ext] = m
                     # not at the first token (training puts none there), and not while a cap
                     # closes the step, so that closing stays within its bound
-                    space_ok[s][flags][ext] = m < 17 and s != _BEGIN and not (capped or long_step)
+                    forcing = m < self.mode_in_field[0]  # a force or keep mode
+                    space_ok[s][flags][ext] = forcing and s != _BEGIN and not (capped or long_step)
         self.mode = torch.tensor(mode, device=dev)
         self.space_ok = torch.tensor(space_ok, device=dev)
         self.after_space = torch.zeros(len(self.state), dtype=torch.bool, device=dev)
