@@ -186,11 +186,46 @@ def sample_completions(
     return [_completion_ids(r, eos) for r in out[:, n_prompt:].tolist()]
 
 
-def forced_decisions(ids: list[int], step_end_id: int, min_steps: int) -> list[int]:
-    """Positions of the decisions a minimum of ``min_steps`` forced: the token after each of
-    the first ``min_steps - 1`` step ends, sampled with ``<|reasoning_end|>`` forbidden."""
-    ends = [j for j, t in enumerate(ids) if t == step_end_id][: max(0, min_steps - 1)]
-    return [j + 1 for j in ends if j + 1 < len(ids)]
+def forced_decisions(
+    ids: list[int], step_end_id: int, min_steps: int, spaces: frozenset[int] = frozenset()
+) -> list[int]:
+    """Positions a minimum of ``min_steps`` sampled with ``<|reasoning_end|>`` forbidden: after
+    each of the first ``min_steps - 1`` step ends, the decision and any whitespace token the
+    budget let come before it (``spaces``)."""
+    out = []
+    for j in [j for j, t in enumerate(ids) if t == step_end_id][: max(0, min_steps - 1)]:
+        k = j + 1
+        while k < len(ids) and ids[k] in spaces:
+            out.append(k)
+            k += 1
+        if k < len(ids):
+            out.append(k)
+    return out
+
+
+def completion_batch(
+    completions: list[list[int]],
+    advantages: list[float],
+    pad_id: int,
+    step_end_id: int,
+    forced_min_steps: int = 0,
+    spaces: frozenset[int] = frozenset(),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The completions as one right-padded batch: token ids, which positions hold a token
+    (for attention), which the loss counts (those, less the decisions a forced minimum chose:
+    the processor chose "not end" there, not the policy) and each token's advantage."""
+    width = max(len(c) for c in completions)
+    comp = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    present = torch.zeros(len(completions), width)
+    adv = torch.zeros(len(completions), width)
+    for i, c in enumerate(completions):
+        comp[i, : len(c)] = torch.tensor(c)
+        present[i, : len(c)] = 1
+        adv[i, : len(c)] = advantages[i]
+    loss_mask = present.clone()
+    for i, c in enumerate(completions):
+        loss_mask[i, forced_decisions(c, step_end_id, forced_min_steps, spaces)] = 0
+    return comp, present, loss_mask, adv
 
 
 def _logprobs(
@@ -268,7 +303,8 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     step_end_id = tok.convert_tokens_to_ids(STEP_END)
-    eos = TokenIds.from_tokenizer(tok).eos
+    token_ids = TokenIds.from_tokenizer(tok)
+    eos, spaces = token_ids.eos, frozenset(token_ids.spaces)
     history: list[dict[str, Any]] = []
     first_step = 1
     last = _last_checkpoint(cfg.output_dir) if cfg.resume else None
@@ -327,21 +363,15 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
                 [s.outcome for s, _ in scored[sl]],
                 [len(c) for c in completions[sl]],
             )
-        # one padded batch of prompt + completion, completion positions masked
-        width = max(len(c) for c in completions)
-        comp = torch.full((len(completions), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(completions), width)
-        adv = torch.zeros(len(completions), width)
-        for i, c in enumerate(completions):
-            comp[i, : len(c)] = torch.tensor(c)
-            mask[i, : len(c)] = 1
-            adv[i, : len(c)] = advantages[i]
-            for j in forced_decisions(c, step_end_id, forced):
-                mask[i, j] = 0  # the processor chose "not end" here, not the policy
-        comp, mask, adv = (t.to(accelerator.device) for t in (comp, mask, adv))
+        comp, present, mask, adv = (
+            t.to(accelerator.device)
+            for t in completion_batch(
+                completions, advantages, tok.pad_token_id, step_end_id, forced, spaces
+            )
+        )
         n_prompt = enc["input_ids"].shape[1]
         input_ids = torch.cat([enc["input_ids"], comp], 1)
-        attention = torch.cat([enc["attention_mask"], mask.long()], 1)
+        attention = torch.cat([enc["attention_mask"], present.long()], 1)
         model.train()
         logp = _logprobs(model, input_ids, attention, n_prompt, cfg.temperature)
         ratio = torch.exp(logp - logp.detach())  # one update per batch: the old policy is this one
