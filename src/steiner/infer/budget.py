@@ -138,10 +138,8 @@ _BIG = 1 << 40  # "no limit"
 _OTHER, _EOS = 0, 15
 # Flag bits of a row when choosing its mask.
 _CAPPED, _BELOW_MIN, _AT_MAX, _LONG_STEP = 1, 2, 4, 8
-# 22 masks, then the same again with whitespace tokens allowed (used for the force and keep
-# modes only)
-_LENIENT = 22
-_MODES = 2 * _LENIENT
+# 22 masks, then copies of the 17 force and keep masks that also allow whitespace tokens
+_LENIENT, _FORCING = 22, 17
 
 
 class StepBudget:
@@ -162,6 +160,8 @@ class StepBudget:
         )
         n = len(budgets)
         self.state = torch.full((n,), _BEGIN, dtype=torch.long, device=device)
+        # 1 where the row's last token was whitespace (no second one may follow)
+        self.after_space = torch.zeros(n, dtype=torch.long, device=device)
         # counters per row: steps done, tokens in the current step, reasoning tokens
         self.counters = torch.zeros(n, 3, dtype=torch.long, device=device)
         # flags = 2 + sum(w * (counter >= threshold)): below-min is "not steps >= min_steps"
@@ -227,12 +227,12 @@ class StepBudget:
         # modes: one "force" mode per special token, then keep-only sets, in-field, answer;
         # modes 22 on are the force and keep modes that also allow one whitespace token
         self.mode_keep = {"ss_re": 14, "p_b": 15, "p_b_re": 16}
-        self.mode_in_field = {k: 17 + k for k in range(4)}
+        self.mode_in_field = {k: _FORCING + k for k in range(4)}
         self.mode_answer = 21
         force = {tok: c for c, tok in enumerate(special)}
         mode = [[[0] * 3 for _ in range(16)] for _ in range(_N_STATES)]
-        # whether a whitespace token may come before the structural token this mode asks for
-        space_ok = [[[False] * 3 for _ in range(16)] for _ in range(_N_STATES)]
+        # the same, where a whitespace token may come before the structural token asked for
+        spaced = [[[0] * 3 for _ in range(16)] for _ in range(_N_STATES)]
         for s in range(_N_STATES):
             for flags in range(16):
                 capped, below = bool(flags & _CAPPED), bool(flags & _BELOW_MIN)
@@ -273,16 +273,15 @@ class StepBudget:
                     mode[s][flags][ext] = m
                     # not at the first token (training puts none there), and not while a cap
                     # closes the step, so that closing stays within its bound
-                    forcing = m < self.mode_in_field[0]  # a force or keep mode
-                    space_ok[s][flags][ext] = forcing and s != _BEGIN and not (capped or long_step)
-        self.mode = torch.tensor(mode, device=dev)
-        self.space_ok = torch.tensor(space_ok, device=dev)
-        self.after_space = torch.zeros(len(self.state), dtype=torch.bool, device=dev)
+                    space_ok = m < _FORCING and s != _BEGIN and not (capped or long_step)
+                    spaced[s][flags][ext] = _LENIENT + m if space_ok else m
+        # indexed by after_space first: right after a whitespace token, the strict modes
+        self.mode = torch.tensor([spaced, mode], device=dev)
 
     def _build_masks(self, vocab: int, dtype: torch.dtype) -> torch.Tensor:
         ids, neg = self.ids, float("-inf")
         special = self._special_order()
-        masks = torch.zeros(_MODES, vocab, dtype=dtype, device=self.device)
+        masks = torch.zeros(_LENIENT + _FORCING, vocab, dtype=dtype, device=self.device)
         for c, tok in enumerate(special):  # force one token
             masks[c].fill_(neg)
             masks[c, tok] = 0
@@ -300,10 +299,10 @@ class StepBudget:
             masks[m, ids.fields[2 * k + 1]] = 0
         masks[self.mode_answer, list(ids.specials)] = neg  # the answer is plain text
         spaces = [i for i in ids.spaces if i < vocab]
-        masks[_LENIENT:] = masks[:_LENIENT]
+        masks[_LENIENT:] = masks[:_FORCING]
         masks[_LENIENT:, spaces] = 0
-        self.is_space = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-        self.is_space[spaces] = True
+        self.is_space = torch.zeros(vocab, dtype=torch.long, device=self.device)
+        self.is_space[spaces] = 1
         # token id -> class, for update()
         self.token_class = torch.full((vocab,), _OTHER, dtype=torch.long, device=self.device)
         for tok, c in self.cls_of.items():
@@ -335,8 +334,7 @@ class StepBudget:
         # flags), so "capped" is just the reasoning-token count against its limit.
         reached = self.counters[:, self.counter_columns] >= self.thresholds
         flags = _BELOW_MIN + (reached * self.flag_weights).sum(1)
-        lenient = self.space_ok[self.state, flags, self.extend] & ~self.after_space
-        logits += self._masks[self.mode[self.state, flags, self.extend] + _LENIENT * lenient]
+        logits += self._masks[self.mode[self.after_space, self.state, flags, self.extend]]
         return logits
 
     def step(self, last_tokens: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
