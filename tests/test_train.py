@@ -281,3 +281,24 @@ def test_yaml_config_with_command_line_override(tmp_path):
     for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp"):
         conf = yaml.safe_load((configs / "accelerate" / f"{name}.yaml").read_text())
         assert conf["distributed_type"] in ("DEEPSPEED", "FSDP")
+
+
+def test_rerun_of_a_finished_stage_trains_no_more_steps(data):
+    cfg = dict(
+        model=str(data / "init"),
+        data=str(data / "synth" / "paths.jsonl"),
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    first = run_sft(quick(SFTStageConfig, data, "rerun", **cfg))
+    record = RecordStart()
+    again = run_sft(quick(SFTStageConfig, data, "rerun", **cfg), callbacks=[record])
+    assert again["resumed_from"].endswith("checkpoint-4")
+    assert record.seen is None  # not one more optimiser step
+    assert again["steps"] == first["steps"] == 4
+    final = AutoModelForCausalLM.from_pretrained(data / "rerun")
+    saved = AutoModelForCausalLM.from_pretrained(data / "rerun" / "checkpoint-4")
+    expected = saved.state_dict()
+    for name, weight in final.state_dict().items():
+        assert torch.equal(weight, expected[name]), name

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
@@ -91,6 +91,15 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def finished_state(checkpoint: str, cfg: SFTStageConfig | CPTStageConfig) -> TrainerState | None:
+    """The checkpoint's trainer state if it already reached the run's step or token limit."""
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    steps = cfg.max_steps if cfg.max_steps > 0 else state.max_steps
+    tokens = cfg.max_train_tokens
+    done = state.global_step >= steps or bool(tokens and state.num_input_tokens_seen >= tokens)
+    return state if done else None
+
+
 def run_stage(
     cfg: SFTStageConfig | CPTStageConfig,
     dataset: Dataset,
@@ -115,7 +124,15 @@ def run_stage(
         else None
     )
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    finished = last and finished_state(last, cfg)
+    if finished:
+        # transformers' loop, resumed from a checkpoint at max_steps, still takes one more
+        # optimiser step before it checks the limit: a re-run would not repeat nothing
+        trainer._load_from_checkpoint(last)
+        trainer.state = finished
+        mean_loss = None
+    else:
+        mean_loss = trainer.train(resume_from_checkpoint=last).training_loss
     seconds = time.perf_counter() - start
     if cfg.use_lora:
         # merged, so the saved model loads without PEFT
@@ -138,7 +155,7 @@ def run_stage(
         "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "mean_train_loss": result.training_loss,
+        "mean_train_loss": mean_loss,
         "log_history": trainer.state.log_history,
     }
     if trainer.accelerator.is_main_process:
