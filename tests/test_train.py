@@ -297,6 +297,7 @@ def test_rerun_of_a_finished_stage_trains_no_more_steps(data):
     assert again["resumed_from"].endswith("checkpoint-4")
     assert record.seen is None  # not one more optimiser step
     assert again["steps"] == first["steps"] == 4
+    assert again["tokens_seen"] == first["tokens_seen"] and again["tokens_per_s"] == 0
     final = AutoModelForCausalLM.from_pretrained(data / "rerun")
     saved = AutoModelForCausalLM.from_pretrained(data / "rerun" / "checkpoint-4")
     expected = saved.state_dict()

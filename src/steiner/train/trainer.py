@@ -91,13 +91,11 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def finished_state(checkpoint: str, cfg: SFTStageConfig | CPTStageConfig) -> TrainerState | None:
-    """The checkpoint's trainer state if it already reached the run's step or token limit."""
-    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+def reached_limit(state: TrainerState, cfg: SFTStageConfig | CPTStageConfig) -> bool:
+    """Whether a checkpoint's trainer state already reached the run's step or token limit."""
     steps = cfg.max_steps if cfg.max_steps > 0 else state.max_steps
     tokens = cfg.max_train_tokens
-    done = state.global_step >= steps or bool(tokens and state.num_input_tokens_seen >= tokens)
-    return state if done else None
+    return state.global_step >= steps or bool(tokens and state.num_input_tokens_seen >= tokens)
 
 
 def run_stage(
@@ -123,17 +121,23 @@ def run_stage(
         if cfg.resume and os.path.isdir(cfg.output_dir)
         else None
     )
+    resumed = (
+        TrainerState.load_from_json(os.path.join(last, "trainer_state.json")) if last else None
+    )
     start = time.perf_counter()
-    finished = last and finished_state(last, cfg)
-    if finished:
+    if resumed and reached_limit(resumed, cfg):
         # transformers' loop, resumed from a checkpoint at max_steps, still takes one more
-        # optimiser step before it checks the limit: a re-run would not repeat nothing
+        # optimiser step before it checks the limit: a re-run of a finished stage would train on
         trainer._load_from_checkpoint(last)
-        trainer.state = finished
+        trainer.state = resumed
         mean_loss = None
     else:
         mean_loss = trainer.train(resume_from_checkpoint=last).training_loss
     seconds = time.perf_counter() - start
+    # this run's tokens only: a resumed run's checkpoint brought the earlier ones
+    tokens_now = trainer.state.num_input_tokens_seen - (
+        resumed.num_input_tokens_seen if resumed else 0
+    )
     if cfg.use_lora:
         # merged, so the saved model loads without PEFT
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
@@ -152,7 +156,7 @@ def run_stage(
         "resumed_from": last,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "train_seconds": round(seconds, 2),
-        "tokens_per_s": round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1),
+        "tokens_per_s": round(tokens_now / max(seconds, 1e-9), 1),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "mean_train_loss": mean_loss,
