@@ -129,13 +129,15 @@ def whitespace_ids(tokenizer: Any) -> tuple[int, ...]:
 
 # Automaton states: BEGIN, OUTSIDE (after <|reasoning_start|>), 9 positions inside a step
 # (even: the next field's start is due, odd: inside a field; the last: the step end is due),
-# AFTER_STEP, AFTER_DECISION, ANSWER.
+# AFTER_STEP, AFTER_DECISION, ANSWER; then a twin of each, the same state right after a
+# whitespace token (so that "no second whitespace" costs no extra per-token operation).
 _BEGIN, _OUTSIDE, _F0, _AFTER_STEP, _AFTER_DECISION, _ANSWER = 0, 1, 2, 11, 12, 13
 _N_STATES = 14
 _REASONING_STATES = range(_OUTSIDE, _ANSWER)
 _BIG = 1 << 40  # "no limit"
-# Token classes: other, the 14 special tokens in TokenIds order, end of sequence.
-_OTHER, _EOS = 0, 15
+# Token classes: other, the 14 special tokens in TokenIds order, end of sequence, whitespace.
+_OTHER, _EOS, _SPACE = 0, 15, 16
+_N_CLASSES = 17
 # Flag bits of a row when choosing its mask.
 _CAPPED, _BELOW_MIN, _AT_MAX, _LONG_STEP = 1, 2, 4, 8
 # 22 masks, then copies of the 17 force and keep masks that also allow whitespace tokens
@@ -160,8 +162,6 @@ class StepBudget:
         )
         n = len(budgets)
         self.state = torch.full((n,), _BEGIN, dtype=torch.long, device=device)
-        # 1 where the row's last token was whitespace (no second one may follow)
-        self.after_space = torch.zeros(n, dtype=torch.long, device=device)
         # counters per row: steps done, tokens in the current step, reasoning tokens
         self.counters = torch.zeros(n, 3, dtype=torch.long, device=device)
         # flags = 2 + sum(w * (counter >= threshold)): below-min is "not steps >= min_steps"
@@ -199,9 +199,9 @@ class StepBudget:
         self.cls_of = cls_of
         RS, RE, P, B, SS, SE = (cls_of[t] for t in special[:6])
         field_cls = [cls_of[t] for t in ids.fields[:8]] + [SE]
-        T = [[s for _ in range(16)] for s in range(_N_STATES)]
-        step_inc = [[0] * 16 for _ in range(_N_STATES)]
-        T[_BEGIN] = [_OUTSIDE] * 16
+        T = [[s for _ in range(_N_CLASSES)] for s in range(_N_STATES)]
+        step_inc = [[0] * _N_CLASSES for _ in range(_N_STATES)]
+        T[_BEGIN] = [_OUTSIDE] * _N_CLASSES
         for s in _REASONING_STATES:
             if _F0 <= s < _F0 + 9:  # the expected structural token moves along the step
                 k = s - _F0
@@ -210,19 +210,21 @@ class StepBudget:
             T[s][P] = T[s][B] = _AFTER_DECISION
             T[s][RE] = _ANSWER
             step_inc[s][SE] = 1
+        for s in range(_BEGIN + 1, _N_STATES):
+            T[s][_SPACE] = s + _N_STATES
+        # a twin leaves like its state does, and stays a twin on more whitespace (in a field)
+        T += [[*row[:_SPACE], s + _N_STATES] for s, row in enumerate(T)]
         self.T = torch.tensor(T, device=dev)
         in_step = [int(_F0 <= s < _F0 + 9) for s in range(_N_STATES)]
         reasoning = [int(s in _REASONING_STATES) for s in range(_N_STATES)]
         # what each (state, token class) adds to the three counters, and which it resets
-        self.counter_inc = torch.tensor(
-            [
-                [[step_inc[s][c], in_step[s], reasoning[s]] for c in range(16)]
-                for s in range(_N_STATES)
-            ],
-            device=dev,
-        )
+        inc = [
+            [[step_inc[s][c], in_step[s], reasoning[s]] for c in range(_N_CLASSES)]
+            for s in range(_N_STATES)
+        ]
+        self.counter_inc = torch.tensor(inc + inc, device=dev)  # twins count as their state
         self.counter_keep = torch.tensor(
-            [[1, 0 if c == SS else 1, 1] for c in range(16)], device=dev
+            [[1, 0 if c == SS else 1, 1] for c in range(_N_CLASSES)], device=dev
         )
         # modes: one "force" mode per special token, then keep-only sets, in-field, answer;
         # modes 22 on are the force and keep modes that also allow one whitespace token
@@ -275,8 +277,8 @@ class StepBudget:
                     # closes the step, so that closing stays within its bound
                     space_ok = m < _FORCING and s != _BEGIN and not (capped or long_step)
                     spaced[s][flags][ext] = _LENIENT + m if space_ok else m
-        # indexed by after_space first: right after a whitespace token, the strict modes
-        self.mode = torch.tensor([spaced, mode], device=dev)
+        # a state allows one whitespace token first, its twin (right after one) does not
+        self.mode = torch.tensor(spaced + mode, device=dev)
 
     def _build_masks(self, vocab: int, dtype: torch.dtype) -> torch.Tensor:
         ids, neg = self.ids, float("-inf")
@@ -301,10 +303,9 @@ class StepBudget:
         spaces = [i for i in ids.spaces if i < vocab]
         masks[_LENIENT:] = masks[:_FORCING]
         masks[_LENIENT:, spaces] = 0
-        self.is_space = torch.zeros(vocab, dtype=torch.long, device=self.device)
-        self.is_space[spaces] = 1
         # token id -> class, for update()
         self.token_class = torch.full((vocab,), _OTHER, dtype=torch.long, device=self.device)
+        self.token_class[spaces] = _SPACE
         for tok, c in self.cls_of.items():
             self.token_class[tok] = c
         self.token_class[list(ids.eos)] = _EOS
@@ -320,7 +321,6 @@ class StepBudget:
         cls = self.token_class[tokens]
         self.counters = self.counters * self.counter_keep[cls] + self.counter_inc[self.state, cls]
         self.state = self.T[self.state, cls]
-        self.after_space = self.is_space[tokens]
 
     def prepare(self, logits: torch.Tensor) -> None:
         """Build the vocabulary-sized tables once the vocabulary size is known."""
@@ -334,7 +334,7 @@ class StepBudget:
         # flags), so "capped" is just the reasoning-token count against its limit.
         reached = self.counters[:, self.counter_columns] >= self.thresholds
         flags = _BELOW_MIN + (reached * self.flag_weights).sum(1)
-        logits += self._masks[self.mode[self.after_space, self.state, flags, self.extend]]
+        logits += self._masks[self.mode[self.state, flags, self.extend]]
         return logits
 
     def step(self, last_tokens: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
