@@ -136,14 +136,19 @@ class RecordStart(TrainerCallback):
             self.seen = (state.global_step, int(optimizer.state[param]["step"]))
 
 
-def test_resume_restores_step_and_optimizer(data):
-    cfg = dict(
+def checkpointed(data, max_steps: int, save_steps: int) -> dict:
+    """SFT settings from the tiny init model that save a checkpoint every save_steps."""
+    return dict(
         model=str(data / "init"),
         data=str(data / "synth" / "paths.jsonl"),
-        max_steps=8,
+        max_steps=max_steps,
         save_strategy="steps",
-        save_steps=3,
+        save_steps=save_steps,
     )
+
+
+def test_resume_restores_step_and_optimizer(data):
+    cfg = checkpointed(data, max_steps=8, save_steps=3)
     with pytest.raises(KeyboardInterrupt):
         run_sft(quick(SFTStageConfig, data, "resume", **cfg), callbacks=[Interrupt()])
     record = RecordStart()
@@ -284,13 +289,7 @@ def test_yaml_config_with_command_line_override(tmp_path):
 
 
 def test_rerun_of_a_finished_stage_trains_no_more_steps(data):
-    cfg = dict(
-        model=str(data / "init"),
-        data=str(data / "synth" / "paths.jsonl"),
-        max_steps=4,
-        save_strategy="steps",
-        save_steps=2,
-    )
+    cfg = checkpointed(data, max_steps=4, save_steps=2)
     first = run_sft(quick(SFTStageConfig, data, "rerun", **cfg))
     record = RecordStart()
     again = run_sft(quick(SFTStageConfig, data, "rerun", **cfg), callbacks=[record])
