@@ -20,6 +20,11 @@ from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
 
 
+def tokens_spent(state: TrainerState, budget: int | None) -> bool:
+    """Whether a run with a token budget (None: none) has seen that many non-padding tokens."""
+    return bool(budget) and state.num_input_tokens_seen >= budget
+
+
 class TokenBudget(TrainerCallback):
     """Stop once the trainer has seen ``budget`` non-padding tokens (equal-token baselines)."""
 
@@ -27,7 +32,7 @@ class TokenBudget(TrainerCallback):
         self.budget = budget
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.num_input_tokens_seen >= self.budget:
+        if tokens_spent(state, self.budget):
             control.should_training_stop = True
         return control
 
@@ -94,8 +99,7 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
 def reached_limit(state: TrainerState, cfg: SFTStageConfig | CPTStageConfig) -> bool:
     """Whether a checkpoint's trainer state already reached the run's step or token limit."""
     steps = cfg.max_steps if cfg.max_steps > 0 else state.max_steps
-    tokens = cfg.max_train_tokens
-    return state.global_step >= steps or bool(tokens and state.num_input_tokens_seen >= tokens)
+    return state.global_step >= steps or tokens_spent(state, cfg.max_train_tokens)
 
 
 def run_stage(
