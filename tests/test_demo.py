@@ -64,6 +64,7 @@ def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
         assert section in report, section
     assert (out / "report.html").exists() and (out / "scale" / "scale.png").exists()
     assert [t["target"] for t in summary["targets"]][0].startswith("Steiner-SFT beats")
+    assert summary["targets"][0]["measured"].endswith("(both trained on the same 40 problems)")
     # the report card checks the quick profile's time too (this tiny run is far under it)
     assert summary["targets"][-1]["target"] == "the quick profile takes <= 20 minutes"
     assert summary["targets"][-1]["met"] is True
