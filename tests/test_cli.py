@@ -119,6 +119,24 @@ def test_unknown_flag_and_bad_values_are_one_line_exit_2(tmp_path):
     )
 
 
+def test_a_missing_model_directory_is_one_line_exit_2(tmp_path):
+    # before: eval and scale handed the path to from_pretrained, which read it as a hub id
+    missing = str(tmp_path / "no-model")
+    problems = str(tmp_path / "p.jsonl")
+    for args in (
+        ("eval", "--model", missing, "--problems", problems, "--out", str(tmp_path / "e")),
+        ("scale", "--model", missing, "--problems", problems, "--out", str(tmp_path / "s")),
+        ("generate", "--model", missing, "a question"),
+        ("serve", "--model", missing),
+    ):
+        assert_one_line_error(steiner(*args), "--model", "no-model", "does not exist")
+    a_file = tmp_path / "p.jsonl"
+    a_file.write_text("")
+    assert_one_line_error(
+        steiner("eval", "--model", str(a_file), "--problems", problems, "--out", "e"), "is a file"
+    )
+
+
 def test_help_everywhere():
     for args in ([], ["countdown"], ["graph", "generate"], ["format", "check"], ["demo"]):
         proc = steiner(*args, "--help")

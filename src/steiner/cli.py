@@ -540,9 +540,16 @@ def train_rl(ctx: typer.Context) -> None:
     )
 
 
+# every command that loads a local model: typer checks the directory, so a wrong path is one
+# error line instead of a hub lookup's traceback
+ModelDirectory = Annotated[
+    Path, typer.Option(help="Model directory.", exists=True, file_okay=False, dir_okay=True)
+]
+
+
 @app.command("generate")
 def generate_cmd(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
+    model: ModelDirectory,
     question: Annotated[str, typer.Argument(help="The question (one user message).")],
     min_steps: Annotated[int, typer.Option(min=0)] = 0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
@@ -562,8 +569,6 @@ def generate_cmd(
     from steiner.infer.budget import Budget
     from steiner.infer.generate import generate, load
 
-    if not model.is_dir():
-        raise InputError(model, None, "expected a model directory")
     try:
         budget = Budget(min_steps, max_steps, max_reasoning_tokens, None, extend_with)
     except ValueError as exc:
@@ -612,7 +617,7 @@ def generate_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
+    model: ModelDirectory,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     model_name: Annotated[
@@ -624,8 +629,6 @@ def serve_cmd(
     """OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream too)."""
     from steiner.infer.server import ServerSettings, serve
 
-    if not model.is_dir():
-        raise InputError(model, None, "expected a model directory")
     console.print(f"serving {model} on http://{host}:{port}/v1")
     serve(
         ServerSettings(str(model), model_name, max_batch, max_tokens_limit=max_tokens_limit),
@@ -636,7 +639,7 @@ def serve_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
+    model: ModelDirectory,
     problems: Annotated[
         str, typer.Option(help="Problem file (countdown/graph/text JSONL, GPQA CSV, MMLU-Pro).")
     ],
@@ -694,7 +697,7 @@ def eval_cmd(
 
 @app.command("scale")
 def scale_cmd(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
+    model: ModelDirectory,
     problems: Annotated[str, typer.Option(help="Problem file.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
     budgets: Annotated[str, typer.Option(help="Comma-separated step budgets.")] = "1,2,4,8,16",
