@@ -83,6 +83,15 @@ def test_eval_writes_raw_outputs_and_resumes(tiny_model_dir, problems, tmp_path)
     assert len((tmp_path / "outputs.jsonl").read_text().splitlines()) == 5
 
 
+def test_greedy_eval_prints_pass_at_1_once(tiny_model_dir, problems, tmp_path):
+    proc = steiner(
+        "eval", "--model", str(tiny_model_dir), "--problems", str(problems),
+        "--out", str(tmp_path), "--max-new-tokens", "20", "--limit", "2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("pass@1") == 1, proc.stderr  # the summary table is on stderr
+
+
 def test_scale_and_report(tiny_model_dir, problems, tmp_path):
     proc = steiner(
         "scale",

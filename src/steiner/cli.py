@@ -687,7 +687,7 @@ def eval_cmd(
         "pass@1",
         f"{100 * m['pass@1']:.1f}% ({m['correct']}/{m['n']}, 95% CI {100 * lo:.1f}-{100 * hi:.1f})",
     )
-    for key in (f"maj@{samples}", f"pass@{samples}"):
+    for key in (f"maj@{samples}", f"pass@{samples}") if samples > 1 else ():
         if key in m:
             table.add_row(key, f"{100 * m[key]:.1f}%")
     for key in ("mean_steps", "mean_backtracks", "mean_reasoning_tokens", "format_error_rate"):
