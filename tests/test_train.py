@@ -181,6 +181,35 @@ def test_shortcut_baseline_and_token_budget(data):
     assert summary["steps"] < 100
 
 
+@pytest.mark.parametrize("stage", ["sft", "cpt"])
+def test_plain_loss_matches_trls_chunked_lm_head(data, stage):
+    """The model's own cross-entropy (the small-vocabulary default) trains exactly as TRL's
+    chunked head: the same losses, token metrics and weights, on padded SFT batches and
+    packed CPT rows."""
+    paths = str(data / "synth" / "paths.jsonl")
+    runs = {}
+    for fused in (None, True):
+        name = f"{stage}-fused-{fused}"
+        common = dict(model=str(data / "init"), max_steps=3, fused_lm_head=fused, logging_steps=1)
+        if stage == "sft":
+            cfg = quick(SFTStageConfig, data, name, data=paths, **common)
+            runs[fused] = run_sft(cfg)
+        else:
+            cfg = quick(CPTStageConfig, data, name, paths=[paths], countdown_facts=200, **common)
+            runs[fused] = run_cpt(cfg)
+    plain, chunked = runs[None], runs[True]
+    assert plain["fused_lm_head"] is False and chunked["fused_lm_head"] is True
+    for a, b in zip(plain["log_history"][:3], chunked["log_history"][:3], strict=True):
+        for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    weights = [
+        AutoModelForCausalLM.from_pretrained(data / f"{stage}-fused-{fused}").state_dict()
+        for fused in (None, True)
+    ]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)
+
+
 def plain_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

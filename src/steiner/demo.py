@@ -358,7 +358,8 @@ def take_both_cores(process: Any, from_step: int, threads: int) -> Any:
     baseline ends", so the same command gives the same weights (the thread count can change
     the float sums); the baseline's rows are shorter and it ends first, at 60-62 % of the
     first SFT phase (in two quick runs: 955 s, at step 1,200 of 2,000; 1,015 s, at step
-    ~1,240), so the wait is short."""
+    ~1,240; since the model's own loss replaced TRL's chunked head, both run faster and the
+    Steiner SFT waited ~25 s at step 1,200), so the wait is short."""
     import torch
     from transformers import TrainerCallback
 

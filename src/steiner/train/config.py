@@ -65,6 +65,14 @@ class _StageMixin:
     use_lora: bool = field(
         default=False, metadata={"help": "Train LoRA adapters (PEFT) + new tokens."}
     )
+    fused_lm_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "TRL's chunked log-prob LM head, which never holds a batch's full logits "
+            "(default: on for vocabularies over 32,768 tokens, where it saves memory; off below, "
+            "where it costs time)."
+        },
+    )
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
