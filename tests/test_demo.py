@@ -130,3 +130,36 @@ def test_steiner_sft_takes_both_cores_at_a_fixed_step_after_the_baseline_ends():
     finally:
         baseline.kill()
         torch.set_num_threads(threads)
+
+
+def test_a_resumed_stage_counts_the_time_of_its_interrupted_attempts(tmp_path, monkeypatch):
+    import pytest
+
+    from steiner import demo
+    from steiner.evaluate.report import build_report
+
+    monkeypatch.setattr(demo, "CLOCK_SECONDS", 0.05)
+    stage = demo.Stage(tmp_path, "synth")
+
+    def crash_after_a_while() -> dict:
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(crash_after_a_while)
+    assert stage.done() is None
+    earlier = stage.earlier_seconds()
+    assert earlier >= 0.3  # the interrupted attempt's time is on the clock
+    record = stage.run(lambda: time.sleep(0.1) or {"paths": 3})
+    assert record["paths"] == 3 and 0.1 <= record["seconds"] < earlier
+    assert record["seconds_all_attempts"] == pytest.approx(earlier + record["seconds"], abs=0.1)
+    assert demo.stage_seconds(record) == record["seconds_all_attempts"]
+    assert not stage.clock.exists() and stage.done() == record
+    # a stage that ran once reports its one time
+    assert "seconds_all_attempts" not in demo.Stage(tmp_path, "init").run(lambda: {})
+    # the report card's stage table says so
+    summary = {"profile": "quick", "domain": "graph", "targets": [], "total_seconds": 1.0}
+    (tmp_path / "demo.json").write_text(json.dumps(summary | {"stages": [record]}))
+    build_report(tmp_path)
+    every, last = record["seconds_all_attempts"], record["seconds"]
+    assert f"| synth | {every} (the last attempt: {last}) |" in (tmp_path / "report.md").read_text()

@@ -151,11 +151,20 @@ def test_resume_restores_step_and_optimizer(data):
     cfg = checkpointed(data, max_steps=8, save_steps=3)
     with pytest.raises(KeyboardInterrupt):
         run_sft(quick(SFTStageConfig, data, "resume", **cfg), callbacks=[Interrupt()])
+    state = json.loads((data / "resume" / "checkpoint-3" / "trainer_state.json").read_text())
+    earlier = state["stateful_callbacks"]["TrainTime"]["args"]["earlier"]
     record = RecordStart()
     summary = run_sft(quick(SFTStageConfig, data, "resume", **cfg), callbacks=[record])
     assert summary["resumed_from"].endswith("checkpoint-3")
     assert record.seen == (3, 3)  # global step and Adam's step count came back from the checkpoint
     assert summary["steps"] == 8
+    # the training time of the first run's three saved steps came back from the checkpoint too
+    assert earlier > 0
+    total = summary["train_seconds_all_runs"]
+    assert total == pytest.approx(earlier + summary["train_seconds"], abs=0.02)
+    # and a later checkpoint carries the time of the steps before it, over both runs
+    state = json.loads((data / "resume" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert earlier < state["stateful_callbacks"]["TrainTime"]["args"]["earlier"] <= total
 
 
 def test_shortcut_baseline_and_token_budget(data):
@@ -326,6 +335,9 @@ def test_rerun_of_a_finished_stage_trains_no_more_steps(data):
     assert record.seen is None  # not one more optimiser step
     assert again["steps"] == first["steps"] == 4
     assert again["tokens_seen"] == first["tokens_seen"] and again["tokens_per_s"] == 0
+    # the re-run trained for no time, but its model took the first run's training time
+    assert again["train_seconds_all_runs"] - again["train_seconds"] > 0.5 * first["train_seconds"]
+    assert again["train_seconds_all_runs"] <= first["train_seconds_all_runs"] + 0.5
     final = AutoModelForCausalLM.from_pretrained(data / "rerun")
     saved = AutoModelForCausalLM.from_pretrained(data / "rerun" / "checkpoint-4")
     expected = saved.state_dict()

@@ -135,20 +135,58 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
 # ---------------------------------------------------------------- stages
 
 
+CLOCK_SECONDS = 10  # how often a running stage records its time (a crash loses at most this)
+
+
 class Stage:
-    """A stage run once: its marker records that it finished and how long it took."""
+    """A stage run once: its marker records that it finished and how long it took, counting
+    the attempts that crashed or were stopped before it (their time is on ``NAME.clock``)."""
 
     def __init__(self, root: Path, name: str):
         self.marker = root / ".stages" / f"{name}.done"  # not *.json: the report globs those
+        self.clock = root / ".stages" / f"{name}.clock"
         self.name = name
 
     def done(self) -> dict[str, Any] | None:
         return json.loads(self.marker.read_text()) if self.marker.exists() else None
 
-    def finish(self, seconds: float, result: dict[str, Any]) -> dict[str, Any]:
+    def earlier_seconds(self) -> float:
+        """The time of the unfinished attempts before this one."""
+        return json.loads(self.clock.read_text())["seconds"] if self.clock.exists() else 0.0
+
+    def run(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``work`` while a thread keeps this attempt's time on the clock file, so that
+        a resumed stage reports what all its attempts took, not only the last one."""
+        earlier, start = self.earlier_seconds(), time.perf_counter()
+        stopped = threading.Event()
+
+        def record_time() -> None:
+            write_json(self.clock, {"seconds": round(earlier + time.perf_counter() - start, 1)})
+
+        def tick() -> None:
+            while not stopped.wait(CLOCK_SECONDS):
+                record_time()
+
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+        try:
+            result = work()
+        finally:
+            stopped.set()
+            thread.join()
+            record_time()  # an interrupted attempt (Ctrl-C, an error) counts to the second
+        seconds = time.perf_counter() - start
         record = {"stage": self.name, "seconds": round(seconds, 1), **result}
+        if earlier:
+            record["seconds_all_attempts"] = round(earlier + seconds, 1)
         write_json(self.marker, record)
+        self.clock.unlink()
         return record
+
+
+def stage_seconds(record: dict[str, Any]) -> float:
+    """What a finished stage took, over every attempt."""
+    return record.get("seconds_all_attempts", record["seconds"])
 
 
 def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict[str, Any]:
@@ -312,8 +350,9 @@ def run_training(
                 },
             )
             walks, summary = summary, run_sft(cfg, verify_callbacks)
+            # both phases' tokens over all their runs, so their time over all runs too
             tokens = walks["tokens_seen"] + summary["tokens_seen"]
-            seconds = walks["train_seconds"] + summary["train_seconds"]
+            seconds = walks["train_seconds_all_runs"] + summary["train_seconds_all_runs"]
             summary = {
                 **summary,
                 "steps": walks["steps"] + summary["steps"],
@@ -562,8 +601,12 @@ def run_demo(
         if process.wait() != 0:
             raise RuntimeError(f"the baseline SFT failed; see {root / 'models/shortcut-sft.log'}")
         summary = json.loads((root / "models/shortcut-sft/training_summary.json").read_text())
-        keys = ("steps", "tokens_seen", "tokens_per_s", "final_loss", "train_seconds")
-        return {"ran_beside_steiner_sft": True, **{k: summary[k] for k in keys}}
+        keys = ("steps", "tokens_seen", "tokens_per_s", "final_loss")
+        # all its runs: a resumed baseline that had already finished trained 0 s this time
+        seconds = summary.get("train_seconds_all_runs", summary["train_seconds"])
+        return {"ran_beside_steiner_sft": True, "train_seconds": seconds} | {
+            k: summary[k] for k in keys
+        }
 
     synthesis = [("synth", lambda: run_synthesis(s, root))]
     if s.verify_sft_steps:
@@ -586,13 +629,11 @@ def run_demo(
         record = stage.done()
         skipped = record is not None
         if record is None:
-            start = time.perf_counter()
-            result = run()
-            record = stage.finish(time.perf_counter() - start, result)
+            record = stage.run(run)
         records.append(record)
         if on_stage:
             on_stage(name, record, skipped)
-    total = round(sum(r["seconds"] for r in records), 1)
+    total = round(sum(stage_seconds(r) for r in records), 1)
     checks = targets(root)
     if profile == "quick":
         minutes = total / 60

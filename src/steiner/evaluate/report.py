@@ -42,6 +42,21 @@ def example_trace(root: Path) -> list[str]:
     return []
 
 
+def _stage_seconds(record: dict[str, Any]) -> str:
+    if record.get("ran_beside_steiner_sft"):
+        return f"{record['train_seconds']} (ran beside steiner-sft)"
+    if "seconds_all_attempts" in record:  # resumed: earlier attempts crashed or were stopped
+        return f"{record['seconds_all_attempts']} (the last attempt: {record['seconds']})"
+    return str(record["seconds"])
+
+
+def _train_seconds(summary: dict[str, Any]) -> str:
+    every = summary.get("train_seconds_all_runs", summary["train_seconds"])
+    if every != summary["train_seconds"]:
+        return f"{every} (this run: {summary['train_seconds']})"
+    return str(summary["train_seconds"])
+
+
 def build_report(run_dir: str | Path) -> dict[str, Path]:
     root = Path(run_dir)
     if not root.is_dir():
@@ -60,12 +75,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         )
         lines += _table(
             ["stage", "seconds"],
-            [
-                [r["stage"], r["seconds"]]
-                if not r.get("ran_beside_steiner_sft")
-                else [r["stage"], f"{r['train_seconds']} (ran beside steiner-sft)"]
-                for r in d["stages"]
-            ]
+            [[r["stage"], _stage_seconds(r)] for r in d["stages"]]
             + [["total", f"{d['total_seconds']} ({d['total_seconds'] / 60:.1f} min)"]],
         )
         found += 1
@@ -117,7 +127,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                     s["tokens_per_s"],
                     f"{first:.3f}" if first else "-",
                     f"{last:.3f}" if last else "-",
-                    s["train_seconds"],
+                    _train_seconds(s),
                 ]
             )
         lines += _table(

@@ -18,6 +18,7 @@ from transformers import (
     TrainerCallback,
     TrainerState,
 )
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
@@ -45,6 +46,34 @@ class TokenBudget(TrainerCallback):
 
 # Above this many tokens a batch's full logits get large and TRL's chunked LM head pays off
 FUSED_LM_HEAD_MIN_VOCAB = 32_768
+
+
+class TrainTime(TrainerCallback, ExportableState):
+    """Training seconds of this run and of the runs before it, kept in each checkpoint's
+    ``trainer_state.json`` (``stateful_callbacks``), so a resumed run's summary can say what
+    all the steps of its model took (time after the last checkpoint of a crashed run is
+    not counted: those steps are trained again)."""
+
+    def __init__(self, earlier: float = 0.0):
+        self.earlier = earlier
+        self._start: float | None = None
+
+    @classmethod
+    def resumed_from(cls, state: TrainerState | None) -> TrainTime:
+        saved = state.stateful_callbacks.get(cls.__name__) if state else None
+        return cls(**saved["args"]) if saved else cls()
+
+    def seconds(self) -> float:
+        now = time.perf_counter()
+        return self.earlier + (now - self._start if self._start is not None else 0.0)
+
+    def state(self) -> dict:
+        return {"args": {"earlier": round(self.seconds(), 2)}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+        # a checkpoint written before this callback existed has no entry to update
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
 
 class SteinerTrainer(SFTTrainer):
@@ -159,7 +188,16 @@ def run_stage(
 ) -> dict[str, Any]:
     model, tokenizer = _load(cfg)
     cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
-    callbacks = list(callbacks or [])
+    last = (
+        get_last_checkpoint(cfg.output_dir)
+        if cfg.resume and os.path.isdir(cfg.output_dir)
+        else None
+    )
+    resumed = (
+        TrainerState.load_from_json(os.path.join(last, "trainer_state.json")) if last else None
+    )
+    clock = TrainTime.resumed_from(resumed)
+    callbacks = [*(callbacks or []), clock]
     if cfg.max_train_tokens:
         callbacks.append(TokenBudget(cfg.max_train_tokens))
     trainer = SteinerTrainer(
@@ -172,14 +210,6 @@ def run_stage(
     vocab = model.get_output_embeddings().weight.shape[0]
     fused = cfg.fused_lm_head
     trainer.fused_lm_head = vocab > FUSED_LM_HEAD_MIN_VOCAB if fused is None else fused
-    last = (
-        get_last_checkpoint(cfg.output_dir)
-        if cfg.resume and os.path.isdir(cfg.output_dir)
-        else None
-    )
-    resumed = (
-        TrainerState.load_from_json(os.path.join(last, "trainer_state.json")) if last else None
-    )
     start = time.perf_counter()
     if resumed and reached_limit(resumed, cfg):
         # transformers' loop, resumed from a checkpoint at max_steps, still takes one more
@@ -212,7 +242,8 @@ def run_stage(
         "resumed_from": last,
         "fused_lm_head": trainer.fused_lm_head,
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "train_seconds": round(seconds, 2),
+        "train_seconds": round(seconds, 2),  # this run
+        "train_seconds_all_runs": round(clock.earlier + seconds, 2),
         "tokens_per_s": round(tokens_now / max(seconds, 1e-9), 1),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
