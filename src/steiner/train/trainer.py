@@ -115,8 +115,12 @@ class SteinerTrainer(SFTTrainer):
         )
         if mode == "train":
             # padding-free batches carry position ids instead of an attention mask
-            mask = inputs.get("attention_mask")
-            local = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+            attention = inputs.get("attention_mask")
+            local = (
+                attention.sum()
+                if attention is not None
+                else torch.tensor(inputs["position_ids"].size(1))
+            )
             tokens = self.accelerator.gather_for_metrics(local.to(logits.device)).sum()
             self._total_train_tokens += tokens.item() // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
