@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from steiner.format import REASONING_START, SPECIAL_TOKENS, parse
+from steiner.io import InputError
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import sft_dataset
 from steiner.train.model import descriptive_words, init_model
@@ -217,6 +218,14 @@ def test_plain_loss_matches_trls_chunked_lm_head(data, stage):
     ]
     for key, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_other_loss_types_keep_trls_lm_head(data):
+    common = dict(model=str(data / "init"), data=str(data / "synth" / "paths.jsonl"), max_steps=1)
+    dft = run_sft(quick(SFTStageConfig, data, "dft", loss_type="dft", **common))
+    assert dft["fused_lm_head"] is True  # the small vocabulary's default would be the plain loss
+    with pytest.raises(InputError, match="--loss_type nll"):
+        run_sft(quick(SFTStageConfig, data, "dft2", loss_type="dft", fused_lm_head=False, **common))
 
 
 def plain_tokenizer() -> PreTrainedTokenizerFast:

@@ -69,8 +69,8 @@ class _StageMixin:
         default=None,
         metadata={
             "help": "TRL's chunked log-prob LM head, which never holds a batch's full logits "
-            "(default: on for vocabularies over 32,768 tokens, where it saves memory; off below, "
-            "where it costs time)."
+            "(default: on for vocabularies over 32,768 tokens, where it saves memory, and for "
+            "loss types other than nll; off otherwise, where it costs time)."
         },
     )
     lora_r: int = 16

@@ -213,7 +213,14 @@ def run_stage(
     )
     vocab = model.get_output_embeddings().weight.shape[0]
     fused = cfg.fused_lm_head
-    trainer.fused_lm_head = vocab > FUSED_LM_HEAD_MIN_VOCAB if fused is None else fused
+    # the plain loss is the mean token NLL; other loss types (DFT) live in TRL's head
+    if fused is None:
+        fused = vocab > FUSED_LM_HEAD_MIN_VOCAB or cfg.loss_type != "nll"
+    elif not fused and cfg.loss_type != "nll":
+        from steiner.io import InputError
+
+        raise InputError("--fused_lm_head", None, "false needs --loss_type nll")
+    trainer.fused_lm_head = fused
     start = time.perf_counter()
     if resumed and reached_limit(resumed, cfg):
         # transformers' loop, resumed from a checkpoint at max_steps, still takes one more
