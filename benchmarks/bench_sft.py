@@ -1,7 +1,9 @@
 """SFT throughput: `steiner train sft` vs plain TRL SFTTrainer, same model and data, one run.
 
 Goal (issue 4): >= 1.3x the tokens/s of TRL's SFTTrainer with its default settings (no
-packing). Tokens are non-padding training tokens. Baselines, measured here:
+packing). A second part measures the quick demo's Steiner SFT shape (micro model, graph
+walks, batch 32, random batches, one thread) with the model's own loss against TRL's chunked
+LM head. Tokens are non-padding training tokens. Baselines, measured here:
   1. TRL defaults, with only what CPU needs (use_cpu, fp32, no reporting); TRL turns
      gradient checkpointing on by default;
   2. the same with gradient checkpointing off (isolates the batching gain);
@@ -58,7 +60,9 @@ def plain_trl(model_dir: Path, paths: Path, out: Path, **overrides) -> float:
     return trainer.state.num_input_tokens_seen / (time.perf_counter() - start)
 
 
-def ours(model_dir: Path, paths: Path, out: Path, fused_lm_head: bool | None = None) -> float:
+def ours(
+    model_dir: Path, paths: Path, out: Path, fused_lm_head: bool | None = None, **overrides
+) -> float:
     from steiner.train.config import SFTStageConfig
     from steiner.train.trainer import run_sft
 
@@ -71,9 +75,37 @@ def ours(model_dir: Path, paths: Path, out: Path, fused_lm_head: bool | None = N
             save_strategy="no",
             disable_tqdm=True,
             fused_lm_head=fused_lm_head,
+            **overrides,
         )
     )
     return summary["tokens_per_s"]
+
+
+def demo_shape(tmp: Path) -> tuple[float, float]:
+    """tokens/s of the quick demo's Steiner SFT settings: chunked head, then own loss."""
+    from dataclasses import replace
+
+    import torch
+
+    from steiner.demo import make_problems, profile_settings, run_synthesis, train_kwargs
+    from steiner.train.model import init_model
+
+    s = replace(profile_settings("quick", "graph"), train_problems=3000, cpt_documents=100)
+    make_problems(s, tmp, None)
+    run_synthesis(s, tmp)
+    paths = tmp / "synth" / "paths.jsonl"
+    init_model(tmp / "init", s.preset, [str(paths)], split_digits=False, max_positions=2048)
+    ours_sets = ("max_steps", "disable_tqdm", "save_steps")
+    settings = {k: v for k, v in train_kwargs(s, STEPS).items() if k not in ours_sets}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo's Steiner SFT beside the baseline
+    try:
+        return tuple(
+            ours(tmp / "init", paths, tmp / f"walks-{fused}", fused_lm_head=fused, **settings)
+            for fused in (True, False)
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -101,6 +133,7 @@ def main() -> None:
         base_no_ckpt = plain_trl(tmp / "m", paths, tmp / "b", activation_checkpointing=False)
         mine_chunked = ours(tmp / "m", paths, tmp / "d", fused_lm_head=True)
         mine = ours(tmp / "m", paths, tmp / "c")
+        walks_chunked, walks_own = demo_shape(tmp / "demo")
     print(f"model: tiny preset; data: {paths.name} of 500 countdown-4 problems; {STEPS} steps each")
     print(f"TRL SFTTrainer, default settings:              {base:8.0f} tokens/s")
     print(f"TRL SFTTrainer, defaults without checkpointing: {base_no_ckpt:8.0f} tokens/s")
@@ -112,6 +145,10 @@ def main() -> None:
         f"vs defaults without checkpointing: {mine / base_no_ckpt:.2f}x; "
         f"vs the chunked LM head: {mine / mine_chunked:.2f}x"
     )
+    print("quick demo's Steiner SFT shape (micro model, graph walks, batch 32, one thread):")
+    print(f"  TRL's chunked LM head: {walks_chunked:8.0f} tokens/s")
+    print(f"  the model's own loss:  {walks_own:8.0f} tokens/s")
+    print(f"  ratio: {walks_own / walks_chunked:.2f}x")
 
 
 if __name__ == "__main__":

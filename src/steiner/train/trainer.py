@@ -88,8 +88,9 @@ class SteinerTrainer(SFTTrainer):
         if self.fused_lm_head:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # TRL 1.16 always scores through its chunked log-prob head. With the demo's micro
-        # model (436 tokens, batch 32, one CPU thread) that held SFT at 4.6k tokens/s, where
-        # transformers' own loss, the same mean token cross-entropy, gives 6.4k (README)
+        # model (436 tokens, batch 32, one CPU thread) that held SFT at ~4.5k tokens/s, where
+        # transformers' own loss, the same mean token cross-entropy, gives ~5.5k
+        # (benchmarks/bench_sft.py)
         loss, outputs = Trainer.compute_loss(
             self,
             model,
