@@ -6,6 +6,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -133,8 +134,6 @@ def test_steiner_sft_takes_both_cores_at_a_fixed_step_after_the_baseline_ends():
 
 
 def test_a_resumed_stage_counts_the_time_of_its_interrupted_attempts(tmp_path, monkeypatch):
-    import pytest
-
     from steiner import demo
     from steiner.evaluate.report import build_report
 
