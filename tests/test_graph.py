@@ -187,7 +187,8 @@ def test_verifying_walks_go_on_past_the_goal_and_still_answer_it(graph_synth):
     assert goal_not_last > 20  # most verifying walks end on a dead arm, answering the goal's
 
 
-def test_verifying_walks_can_return_to_the_answer_and_end_on_it(graph_synth):
+@pytest.mark.parametrize("return_again", [0.0, 0.5, 1.0])
+def test_verifying_walks_return_to_the_answer_and_end_on_it(graph_synth, return_again):
     import random as rnd
 
     from steiner.synth.paths import render_walk, sample_walk
@@ -195,9 +196,16 @@ def test_verifying_walks_can_return_to_the_answer_and_end_on_it(graph_synth):
     tmp, _ = graph_synth
     problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
     domain = gr.GraphDomain()
-    settings = PathSettings(branch_choice="uniform", verify_after_answer=1.0, return_to_answer=True)
+    settings = PathSettings(
+        branch_choice="uniform",
+        verify_after_answer=1.0,
+        return_to_answer=True,
+        return_again=return_again,
+        max_returns=3,
+    )
     rng = rnd.Random(0)
-    returned = 0
+    returns_seen = set()
+    goal_last = 0
     for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
         problem = problems[dag.problem_id]
         trace = render_walk(domain, problem, dag, sample_walk(dag, rng, settings))
@@ -206,13 +214,32 @@ def test_verifying_walks_can_return_to_the_answer_and_end_on_it(graph_synth):
         assert reflections[-1] == "goal" and trace.decisions[-1] is Decision.END
         assert trace.answer == trace.steps[-1].thought  # the last step is the answer
         assert domain.check_answer(problem, trace.answer)
-        goal_found_earlier = reflections.count("goal") == 2
-        returned += goal_found_earlier
-        # a walk that found the goal last has nothing to verify and does not repeat it
-        assert trace.n_steps == arms + goal_found_earlier
-        if goal_found_earlier:
-            assert trace.steps[-1].name.startswith("back to")
-    assert returned > 20
+        # every arm once, then the goal's arm again one to three times, even when the goal's
+        # arm was the last one tried (extend mode forces steps past it)
+        returns = trace.n_steps - arms
+        assert 1 <= returns <= 3 and reflections.count("goal") == 1 + returns
+        assert reflections[-returns:] == ["goal"] * returns
+        assert all(s.name.startswith("back to") for s in trace.steps[-returns:])
+        returns_seen.add(returns)
+        goal_last += reflections[arms - 1] == "goal"
+    assert goal_last > 5  # walks that found the goal last are among them
+    assert returns_seen == {0.0: {1}, 0.5: {1, 2, 3}, 1.0: {3}}[return_again]
+
+
+def test_synth_cli_passes_the_return_settings_on(graph_synth, tmp_path):
+    tmp, _ = graph_synth
+    out = tmp_path / "synth"
+    args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(out), "--limit", "20"]
+    args += ["--attempts", "12", "--seed", "1", "--paths-per-dag", "1", "--branch-choice"]
+    args += ["uniform", "--verify-after-answer", "1", "--return-to-answer", "--return-again"]
+    assert steiner(*args, "1", "--max-returns", "2").returncode == 0
+    rows = [json.loads(line) for line in (out / "paths.jsonl").open()]
+    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
+    assert len(rows) == 20
+    for row in rows:
+        problem = problems[row["problem_id"]]
+        arms = len(gr.children_of(problem["edges"])[problem["start"]])
+        assert row["n_steps"] == arms + 2  # every arm, then the goal's arm twice more
 
 
 def test_walk_documents_walk_every_arm_along_real_edges():

@@ -27,6 +27,10 @@ class PathSettings:
     # its branch points before ending (teaches that reasoning past success is harmless)
     verify_after_answer: float = 0.0
     return_to_answer: bool = False
+    # chance of each further return after the first (up to max_returns): rows that keep
+    # walking the answer's branch, for a minimum of steps past the last untried branch
+    return_again: float = 0.0
+    max_returns: int = 3
     max_detours: int = 2
     max_detour_depth: int = 3
     max_reasoning_tokens: int = 4096
@@ -52,7 +56,9 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
     untried dead branch of the branch points on its way before it ends (the answer found
     stays the answer): traces in which reasoning goes on past success. With
     ``return_to_answer`` such a walk then goes back to the root and walks the answer's branch
-    again, so that its last step is the answer, as in every other walk."""
+    again, so that its last step is the answer, as in every other walk (also when the answer
+    was the last branch tried, with nothing to verify); ``return_again`` repeats that return,
+    each time with that chance, up to ``max_returns`` returns."""
     kids = dag.children()
     nodes = dag.nodes
     if nodes[dag.root].d_e is None:
@@ -91,17 +97,23 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
         cur, back = node, False
         branch.append(cur)
     if s.verify_after_answer and rng.random() < s.verify_after_answer:
-        verified = len(moves)
         for point in branch:
             while any(nodes[c].d_e is None and c not in tried for c in kids[point]):
                 moves[-1].decision = Decision.BACKTRACK
                 detour(point, True)
-        if s.return_to_answer and len(moves) > verified:
+        if s.return_to_answer:
             # the answer is read off the last step: a small model copies that far more
-            # easily than a step further back (verify walks without this broke the copy)
-            moves[-1].decision = Decision.BACKTRACK
-            for i, (src, dst) in enumerate(zip(branch, branch[1:], strict=False)):
-                moves.append(Move(src, dst, back=i == 0))
+            # easily than a step further back (verify walks without this broke the copy).
+            # A walk that found the answer last, with nothing left to verify, walks it again
+            # all the same: without such rows a model forced one step past its last branch
+            # (extend mode) had never seen the step that keeps its answer
+            returns = 1
+            while returns < s.max_returns and rng.random() < s.return_again:
+                returns += 1
+            for _ in range(returns):
+                moves[-1].decision = Decision.BACKTRACK
+                for i, (src, dst) in enumerate(zip(branch, branch[1:], strict=False)):
+                    moves.append(Move(src, dst, back=i == 0))
     moves[-1].decision = Decision.END
     return moves
 
