@@ -61,7 +61,7 @@ class DemoSettings:
     # each verifying walk returns to the goal's arm, then again with this chance (up to three
     # returns): rows that keep the answer however many steps extend mode forces. With one
     # return, and none where the goal's arm came last, the RL model fell to 49.5 % at a minimum
-    # of 4 steps; with these rows it held 91.5 % at 4, 5 and 6 (README, Results)
+    # of 4 steps; with these rows it held 91-92 % at 4, 5 and 6 (README, Results)
     verify_sft_return_again: float = 0.5
     verify_sft_learning_rate: float = 3e-4
     # model and training
