@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
+from steiner.io import InputError
+
 _NO_GPU = not torch.cuda.is_available()
 
 
@@ -76,6 +78,13 @@ class _StageMixin:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        # checked here, at parse time, not after the model is loaded and the data tokenized:
+        # the plain loss is the mean token NLL; other loss types (DFT) live in TRL's head
+        if self.fused_lm_head is False and self.loss_type != "nll":
+            raise InputError("--fused_lm_head", None, "false needs --loss_type nll")
+        super().__post_init__()
 
 
 @dataclass

@@ -214,13 +214,8 @@ def run_stage(
     )
     vocab = model.get_output_embeddings().weight.shape[0]
     fused = cfg.fused_lm_head
-    # the plain loss is the mean token NLL; other loss types (DFT) live in TRL's head
-    if fused is None:
+    if fused is None:  # other loss types than nll need TRL's head (the config checks a False)
         fused = vocab > FUSED_LM_HEAD_MIN_VOCAB or cfg.loss_type != "nll"
-    elif not fused and cfg.loss_type != "nll":
-        from steiner.io import InputError
-
-        raise InputError("--fused_lm_head", None, "false needs --loss_type nll")
     trainer.fused_lm_head = fused
     start = time.perf_counter()
     if resumed and reached_limit(resumed, cfg):
