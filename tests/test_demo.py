@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -92,6 +93,21 @@ def test_heldout_split_is_full_distinct_and_unseen_in_a_small_problem_space(tmp_
     assert result == {"train": 6000, "heldout": 150, "heldout_seen_in_training": 0}
     rows = [json.loads(x) for x in (tmp_path / "data" / "heldout.jsonl").read_text().splitlines()]
     assert len({(tuple(sorted(r["nums"])), r["target"]) for r in rows}) == 150
+
+
+def test_cpt_walk_sizes_reach_the_cpt_text(tmp_path):
+    from steiner.demo import make_problems
+
+    def arm_counts(walk_sizes: str) -> set[int]:
+        s = DemoSettings(train_problems=20, heldout_problems=5, cpt_documents=200)
+        root = tmp_path / walk_sizes
+        make_problems(replace(s, cpt_walk_sizes=walk_sizes), root, None)
+        docs = (root / "data" / "cpt.txt").read_text().strip().split("\n\n")
+        assert len(docs) == 200
+        return {doc.count(",", doc.index("Arms from")) + 1 for doc in docs}
+
+    assert arm_counts("fixed") == {3}  # the profiles' full-size walks
+    assert arm_counts("mixed") == {1, 2, 3}
 
 
 def test_full_profile_is_larger_than_quick_in_both_domains():

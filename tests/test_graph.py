@@ -252,3 +252,22 @@ def test_walk_documents_walk_every_arm_along_real_edges():
         walked = [gr.parse_path(a) for a in arms.split(",")]
         assert len(walked) == 3 and all(w[0] == int(start) and len(w) == 5 for w in walked)
         assert {(u, v) for w in walked for u, v in zip(w, w[1:], strict=False)} == set(edges)
+
+
+def test_mixed_walk_documents_hold_smaller_graphs_walked_the_same_way():
+    docs = list(gr.walk_documents(300, seed=2, sizes="mixed"))
+    assert docs == list(gr.walk_documents(300, seed=2, sizes="mixed"))
+    shapes = set()
+    for doc in docs:
+        edge_text, arm_text = doc.split(". Arms from ")
+        edges = [tuple(map(int, e.split())) for e in edge_text.removeprefix("Edges:").split(",")]
+        start, arms = arm_text.split(":")
+        walked = [gr.parse_path(a) for a in arms.split(",")]
+        lengths = {len(w) - 1 for w in walked}
+        assert len(lengths) == 1 and all(w[0] == int(start) for w in walked)
+        assert {(u, v) for w in walked for u, v in zip(w, w[1:], strict=False)} == set(edges)
+        shapes.add((len(walked), lengths.pop()))
+    # every shape from one arm of one node to the full-size graph
+    assert shapes == {(d, a) for d in range(1, 4) for a in range(1, 5)}
+    with pytest.raises(ValueError, match="sizes"):
+        next(gr.walk_documents(1, sizes="tiny"))

@@ -27,6 +27,7 @@ DOMAIN = "graph"
 KINDS = ("star", "dag")
 STEP_MODES = ("arm", "edge")
 STYLES = ("compact", "verbose")
+WALK_SIZES = ("fixed", "mixed")  # CPT walk documents: every graph full-size, or smaller ones too
 
 Edges = list[tuple[int, int]]
 
@@ -215,16 +216,31 @@ def generate_problems(
 
 
 def walk_documents(
-    count: int, degree: int = 3, arm_length: int = 4, nodes: int = 60, seed: int = 0
+    count: int,
+    degree: int = 3,
+    arm_length: int = 4,
+    nodes: int = 60,
+    seed: int = 0,
+    sizes: str = "fixed",
 ) -> Iterator[str]:
     """Plain-text documents for continual pre-training: a path-star graph described as in a
     question, then every arm walked out in a random order. Almost every token of a walk is an
     edge look-up, the skill both search and shortcut need, so a tiny model learns it from far
     fewer tokens than from solutions, where one token in four is a look-up. No goal is
-    named: nothing here says which arm to choose."""
+    named: nothing here says which arm to choose.
+
+    ``sizes="mixed"`` draws each graph's arms (1..degree) and arm length (1..arm_length): a
+    short edge list has few look-alikes to attend to, and a document is half as long. The
+    micro model's look-up formed after 800 and ~1,100 steps of these (two inits; README)."""
+    if sizes not in WALK_SIZES:
+        raise ValueError(f"sizes must be one of {WALK_SIZES}, got {sizes!r}")
     rng = random.Random(seed)
     for _ in range(count):
-        edges, start, _goal = path_star(rng, degree, arm_length, nodes)
+        if sizes == "mixed":
+            shape = rng.randint(1, degree), rng.randint(1, arm_length)
+        else:
+            shape = degree, arm_length
+        edges, start, _goal = path_star(rng, *shape, nodes)
         kids = children_of(edges)
         arms = [
             path_text([start, *chain(kids, start, k, -1, "arm")], "compact") for k in kids[start]
