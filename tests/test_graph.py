@@ -242,15 +242,20 @@ def test_synth_cli_passes_the_return_settings_on(graph_synth, tmp_path):
         assert row["n_steps"] == arms + 2  # every arm, then the goal's arm twice more
 
 
+def parse_walk_document(doc: str) -> tuple[list[tuple[int, ...]], int, list[list[int]]]:
+    """The edges, start and walked arms of one CPT walk document."""
+    edge_text, arm_text = doc.split(". Arms from ")
+    edges = [tuple(map(int, e.split())) for e in edge_text.removeprefix("Edges:").split(",")]
+    start, arms = arm_text.split(":")
+    return edges, int(start), [gr.parse_path(a) for a in arms.split(",")]
+
+
 def test_walk_documents_walk_every_arm_along_real_edges():
     docs = list(gr.walk_documents(30, seed=1))
     assert docs == list(gr.walk_documents(30, seed=1))
     for doc in docs:
-        edge_text, arm_text = doc.split(". Arms from ")
-        edges = [tuple(map(int, e.split())) for e in edge_text.removeprefix("Edges:").split(",")]
-        start, arms = arm_text.split(":")
-        walked = [gr.parse_path(a) for a in arms.split(",")]
-        assert len(walked) == 3 and all(w[0] == int(start) and len(w) == 5 for w in walked)
+        edges, start, walked = parse_walk_document(doc)
+        assert len(walked) == 3 and all(w[0] == start and len(w) == 5 for w in walked)
         assert {(u, v) for w in walked for u, v in zip(w, w[1:], strict=False)} == set(edges)
 
 
@@ -259,12 +264,9 @@ def test_mixed_walk_documents_hold_smaller_graphs_walked_the_same_way():
     assert docs == list(gr.walk_documents(300, seed=2, sizes="mixed"))
     shapes = set()
     for doc in docs:
-        edge_text, arm_text = doc.split(". Arms from ")
-        edges = [tuple(map(int, e.split())) for e in edge_text.removeprefix("Edges:").split(",")]
-        start, arms = arm_text.split(":")
-        walked = [gr.parse_path(a) for a in arms.split(",")]
+        edges, start, walked = parse_walk_document(doc)
         lengths = {len(w) - 1 for w in walked}
-        assert len(lengths) == 1 and all(w[0] == int(start) for w in walked)
+        assert len(lengths) == 1 and all(w[0] == start for w in walked)
         assert {(u, v) for w in walked for u, v in zip(w, w[1:], strict=False)} == set(edges)
         shapes.add((len(walked), lengths.pop()))
     # every shape from one arm of one node to the full-size graph
