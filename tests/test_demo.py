@@ -110,6 +110,23 @@ def test_cpt_walk_sizes_reach_the_cpt_text(tmp_path):
     assert arm_counts("mixed") == {1, 2, 3}
 
 
+def test_a_run_directory_started_before_a_settings_field_existed_still_resumes():
+    from dataclasses import asdict
+
+    from steiner.demo import profile_settings, settings_differences
+
+    wanted = {"profile": "quick", "problems": None, **asdict(profile_settings("quick", "graph"))}
+    older = {k: v for k, v in wanted.items() if k != "cpt_walk_sizes"}  # before 4293f55
+    assert settings_differences(older, wanted) == ""
+    assert settings_differences(wanted, wanted) == ""
+    # the missing field meant its default, so a command that changes it may not resume there
+    mixed = wanted | {"cpt_walk_sizes": "mixed"}
+    assert settings_differences(older, mixed) == "cpt_walk_sizes: 'fixed' there, 'mixed' here"
+    # a real difference names every setting that differs; an unknown key counts too
+    changed = settings_differences(wanted | {"seed": 1, "retired": 3}, wanted)
+    assert changed == "retired: 3 there, '(not set)' here; seed: 1 there, 0 here"
+
+
 def test_full_profile_is_larger_than_quick_in_both_domains():
     from steiner.demo import profile_settings
 

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -566,6 +566,26 @@ def targets(root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """The settings a run directory was started with that differ from this command's, as
+    ``name: there -> here`` ("" when it may resume). A field added to DemoSettings after the
+    directory was started is missing from its file; the run then had the field's default
+    behaviour, so it matches when this command keeps that default."""
+    defaults = {f.name: f.default for f in fields(DemoSettings) if f.default is not MISSING}
+    defaults |= {
+        f.name: f.default_factory()
+        for f in fields(DemoSettings)
+        if f.default_factory is not MISSING
+    }
+    differences = []
+    for key in sorted(stored.keys() | wanted.keys()):
+        there = stored.get(key, defaults.get(key, "(not set)"))
+        here = wanted.get(key, "(not set)")
+        if there != here:
+            differences.append(f"{key}: {there!r} there, {here!r} here")
+    return "; ".join(differences)
+
+
 def run_demo(
     profile: str = "quick",
     domain: str = "graph",
@@ -581,10 +601,14 @@ def run_demo(
     root.mkdir(parents=True, exist_ok=True)
     settings_path = root / "demo_settings.json"
     wanted = {"profile": profile, "problems": problems, **asdict(s)}
-    if settings_path.exists() and json.loads(settings_path.read_text()) != wanted:
-        raise InputError(
-            settings_path, None, "this directory holds a demo with other settings; use a new --out"
-        )
+    if settings_path.exists():
+        differences = settings_differences(json.loads(settings_path.read_text()), wanted)
+        if differences:
+            raise InputError(
+                settings_path,
+                None,
+                f"this directory holds a demo with other settings ({differences}); use a new --out",
+            )
     write_json(settings_path, wanted)
     import torch
 
