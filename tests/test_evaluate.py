@@ -138,3 +138,24 @@ def test_scale_and_report(tiny_model_dir, problems, tmp_path):
         ).returncode
         == 2
     )
+
+
+def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
+    from steiner.evaluate.report import build_report
+
+    summary = {"stage": "sft", "steps": 4, "first_loss": 2.0, "final_loss": 1.0}
+    for name, rate, this_run, every in (("resumed", 0, 0.04, 10.0), ("fresh", 250.0, 4.0, 4.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training_summary.json").write_text(
+            json.dumps(
+                summary
+                | {"tokens_seen": 1000, "tokens_per_s": rate, "train_seconds": this_run}
+                | {"train_seconds_all_runs": every}
+            )
+        )
+    report = build_report(tmp_path)["markdown"].read_text()
+    assert (
+        "| resumed | sft | 4 | 1000 | 100.0 (all runs) | 2.000 | 1.000 | 10.0 (this run: 0.04) |"
+        in report
+    )
+    assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report

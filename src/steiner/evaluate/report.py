@@ -57,6 +57,16 @@ def _train_seconds(summary: dict[str, Any]) -> str:
     return str(summary["train_seconds"])
 
 
+def _tokens_per_s(summary: dict[str, Any]) -> str:
+    """This run's rate, or, when this run resumed a finished model and trained nothing, the
+    rate over all its runs (the model's, not a 0 from a re-run that only loaded it)."""
+    rate = summary["tokens_per_s"]
+    every = summary.get("train_seconds_all_runs", 0)
+    if rate == 0 and summary["tokens_seen"] > 0 and every > 0:
+        return f"{summary['tokens_seen'] / every:.1f} (all runs)"
+    return str(rate)
+
+
 def build_report(run_dir: str | Path) -> dict[str, Path]:
     root = Path(run_dir)
     if not root.is_dir():
@@ -124,7 +134,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                     s["stage"],
                     s["steps"],
                     s["tokens_seen"],
-                    s["tokens_per_s"],
+                    _tokens_per_s(s),
                     f"{first:.3f}" if first else "-",
                     f"{last:.3f}" if last else "-",
                     _train_seconds(s),
