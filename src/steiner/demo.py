@@ -568,14 +568,12 @@ def targets(root: Path) -> list[dict[str, Any]]:
 
 def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
     """The settings a run directory was started with that differ from this command's, as
-    ``name: there -> here`` ("" when it may resume). A field added to DemoSettings after the
+    ``name: X there, Y here`` ("" when it may resume). A field added to DemoSettings after the
     directory was started is missing from its file; the run then had the field's default
     behaviour, so it matches when this command keeps that default."""
-    defaults = {f.name: f.default for f in fields(DemoSettings) if f.default is not MISSING}
-    defaults |= {
-        f.name: f.default_factory()
+    defaults = {
+        f.name: f.default if f.default_factory is MISSING else f.default_factory()
         for f in fields(DemoSettings)
-        if f.default_factory is not MISSING
     }
     differences = []
     for key in sorted(stored.keys() | wanted.keys()):
