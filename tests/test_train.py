@@ -1,6 +1,7 @@
 """Stages 1-2 on CPU with a tiny model: init, CPT, SFT, resume, shortcut baseline, LoRA."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedTokenizerFast,
@@ -21,7 +23,7 @@ from steiner.io import InputError
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import sft_dataset
 from steiner.train.model import descriptive_words, init_model
-from steiner.train.trainer import run_cpt, run_sft
+from steiner.train.trainer import run_cpt, run_sft, shared_tied_keys
 
 
 def steiner(*args: str) -> subprocess.CompletedProcess:
@@ -335,11 +337,28 @@ def test_yaml_config_with_command_line_override(tmp_path):
         assert conf["distributed_type"] in ("DEEPSPEED", "FSDP")
 
 
+class KeptWarnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_rerun_of_a_finished_stage_trains_no_more_steps(data):
     cfg = checkpointed(data, max_steps=4, save_steps=2)
     first = run_sft(quick(SFTStageConfig, data, "rerun", **cfg))
     record = RecordStart()
-    again = run_sft(quick(SFTStageConfig, data, "rerun", **cfg), callbacks=[record])
+    warnings = KeptWarnings()
+    trainer_log = logging.getLogger("transformers.trainer")
+    trainer_log.addHandler(warnings)
+    try:
+        again = run_sft(quick(SFTStageConfig, data, "rerun", **cfg), callbacks=[record])
+    finally:
+        trainer_log.removeHandler(warnings)
+    # the tied LM head is stored once, under the embeddings: no "missing keys" on resume
+    assert not [m for m in warnings.messages if "missing keys" in m], warnings.messages
     assert again["resumed_from"].endswith("checkpoint-4")
     assert record.seen is None  # not one more optimiser step
     assert again["steps"] == first["steps"] == 4
@@ -352,3 +371,13 @@ def test_rerun_of_a_finished_stage_trains_no_more_steps(data):
     expected = saved.state_dict()
     for name, weight in final.state_dict().items():
         assert torch.equal(weight, expected[name]), name
+
+
+def test_only_a_head_that_shares_the_embeddings_counts_as_stored_with_them(data):
+    tied = AutoModelForCausalLM.from_pretrained(data / "init")
+    assert shared_tied_keys(tied) == {"lm_head.weight"}
+    config = AutoConfig.from_pretrained(data / "init")
+    config.tie_word_embeddings = False
+    # an untied head is its own tensor: a checkpoint without it has lost it, so it stays
+    # in the resume warning
+    assert shared_tied_keys(AutoModelForCausalLM.from_config(config)) == set()

@@ -76,6 +76,19 @@ class TrainTime(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
 
+def shared_tied_keys(model: Any) -> set[str]:
+    """The tied parameter names whose tensor really is their source's (a checkpoint stores
+    those once, under the source's name)."""
+    shared = set()
+    for key, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        try:
+            if model.get_parameter(key) is model.get_parameter(source):
+                shared.add(key)
+        except AttributeError:  # a name this model (e.g. a PEFT wrapper) does not have
+            continue
+    return shared
+
+
 class SteinerTrainer(SFTTrainer):
     """SFTTrainer that also logs tokens seen and tokens per second, and that can take the
     model's own cross-entropy instead of TRL's chunked LM head (``fused_lm_head=False``)."""
@@ -83,6 +96,15 @@ class SteinerTrainer(SFTTrainer):
     _t0: float | None = None
     _tokens0 = 0
     fused_lm_head = True
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # transformers 5 writes a tied LM head once, under the input embeddings, and then warns
+        # on every resume that "lm_head.weight" is missing: Trainer only recognises tied keys
+        # through ``_keys_to_ignore_on_save``, which Llama leaves empty. The head shares the
+        # embeddings' tensor, so nothing was lost; only such keys leave the warning
+        shared = shared_tied_keys(self.model)
+        missing = [k for k in load_result.missing_keys if k not in shared]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.fused_lm_head:
