@@ -181,3 +181,52 @@ def test_limit_synthesizes_the_first_problems_only(synth_run, tmp_path):
     assert (out / "dags.jsonl").read_text().splitlines() == full[:40]
     # a limit is a setting of the run: another one cannot continue it
     assert steiner(*args, "--seed", "3", "--limit", "60").returncode != 0
+
+
+def half_finished_run(synth_run, out) -> list[dict]:
+    """A run stopped after its first chunk of 64 problems: the journal's first two lines."""
+    tmp, _ = synth_run
+    args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(out), "--seed", "3"]
+    assert steiner(*args).returncode == 0
+    journal = out / ".journal.jsonl"
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[:2]]
+    assert entries[1]["done"] == 64 and (out / "stats.json").exists()
+    (out / "stats.json").unlink()
+    return entries
+
+
+def rewrite_journal(out, entries: list[dict]) -> None:
+    (out / ".journal.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_a_run_started_before_a_setting_existed_resumes_and_another_seed_is_named(
+    synth_run, tmp_path
+):
+    tmp, _ = synth_run
+    entries = half_finished_run(synth_run, tmp_path)
+    # as an older Steiner wrote it: without a setting added since, so another hash too
+    del entries[0]["settings"]["paths.max_returns"]
+    entries[0]["fingerprint"] = "0123456789abcdef"
+    rewrite_journal(tmp_path, entries)
+    args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(tmp_path)]
+    assert steiner(*args, "--seed", "3").returncode == 0
+    for name in ("dags.jsonl", "paths.jsonl", "stats.json"):
+        assert (tmp_path / name).read_bytes() == (tmp / "out" / name).read_bytes(), name
+    # the missing setting meant its default: another value of it may not continue the run
+    proc = steiner(*args, "--seed", "3", "--max-returns", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "(paths.max_returns: 3 there, 2 here)" in proc.stderr
+    proc = steiner(*args, "--seed", "4")
+    assert proc.returncode == 2 and "(seed: 3 there, 4 here)" in proc.stderr
+
+
+def test_a_journal_without_settings_resumes_by_its_hash_alone(synth_run, tmp_path):
+    tmp, _ = synth_run
+    entries = half_finished_run(synth_run, tmp_path)
+    del entries[0]["settings"]  # as Steiner wrote journals before they held the settings
+    rewrite_journal(tmp_path, entries)
+    args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(tmp_path)]
+    proc = steiner(*args, "--seed", "4")
+    assert proc.returncode == 2 and "other settings" in proc.stderr
+    assert steiner(*args, "--seed", "3").returncode == 0
+    assert (tmp_path / "paths.jsonl").read_bytes() == (tmp / "out" / "paths.jsonl").read_bytes()

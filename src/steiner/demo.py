@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from steiner.io import InputError, write_json, write_jsonl, write_lines
+from steiner.io import settings_differences as io_settings_differences
 
 PROFILES = ("quick", "full")
 QUICK_MINUTES = 20  # the quick profile's time goal on a 2-core CPU (stage time, summed)
@@ -567,21 +568,13 @@ def targets(root: Path) -> list[dict[str, Any]]:
 
 
 def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
-    """The settings a run directory was started with that differ from this command's, as
-    ``name: X there, Y here`` ("" when it may resume). A field added to DemoSettings after the
-    directory was started is missing from its file; the run then had the field's default
-    behaviour, so it matches when this command keeps that default."""
+    """The demo settings a run directory was started with that differ from this command's
+    (see ``steiner.io.settings_differences``; a field missing there counts as its default)."""
     defaults = {
         f.name: f.default if f.default_factory is MISSING else f.default_factory()
         for f in fields(DemoSettings)
     }
-    differences = []
-    for key in sorted(stored.keys() | wanted.keys()):
-        there = stored.get(key, defaults.get(key, "(not set)"))
-        here = wanted.get(key, "(not set)")
-        if there != here:
-            differences.append(f"{key}: {there!r} there, {here!r} here")
-    return "; ".join(differences)
+    return io_settings_differences(stored, wanted, defaults)
 
 
 def run_demo(

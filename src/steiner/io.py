@@ -1,4 +1,5 @@
-"""Reading and writing record files (JSON Lines or Parquet) with one-line input errors.
+"""Reading and writing record files (JSON Lines or Parquet) with one-line input errors, and
+the settings check that lets a resumable job continue.
 
 Bottom layer like ``format``: imports nothing else from steiner.
 """
@@ -105,3 +106,20 @@ def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> No
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file + rename): a crash never leaves half a file."""
     return write_lines(path, (json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
+
+
+def settings_differences(
+    stored: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]
+) -> str:
+    """The settings a resumable job was started with that differ from this command's, as
+    ``name: X there, Y here`` ("" when it may resume). A setting added to Steiner after the job
+    was started is missing from its record; the job then had the setting's default behaviour,
+    so it matches when this command keeps that default (an upgrade does not strand a
+    half-finished job)."""
+    differences = []
+    for key in sorted(stored.keys() | wanted.keys()):
+        there = stored.get(key, defaults.get(key, "(not set)"))
+        here = wanted.get(key, "(not set)")
+        if there != here:
+            differences.append(f"{key}: {there!r} there, {here!r} here")
+    return "; ".join(differences)

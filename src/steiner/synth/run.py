@@ -23,7 +23,7 @@ from typing import Any
 from steiner.dag import Dag, Observation, build_dag
 from steiner.domains import get_domain, load_shortcuts, walk_shortcut
 from steiner.domains.base import Domain
-from steiner.io import InputError, write_json
+from steiner.io import InputError, settings_differences, write_json
 from steiner.synth.cluster import cluster_texts
 from steiner.synth.paths import PathSettings, default_token_count, sample_paths, tokenizer_counter
 from steiner.synth.teachers import Job, OpenAISettings, OpenAITeacher, OracleTeacher, StepOut
@@ -49,14 +49,32 @@ class SynthConfig:
     paths: PathSettings = field(default_factory=PathSettings)
     openai: OpenAISettings = field(default_factory=OpenAISettings)
 
-    def fingerprint(self) -> str:
-        """What must match for a re-run to continue a run (not the worker count)."""
+    def _resumable(self) -> dict[str, Any]:
+        """What must match for a re-run to continue a run: not the worker count, the output
+        directory, the chunk size or the teacher's concurrency."""
         d = asdict(self)
         for k in ("workers", "out", "chunk_size"):
             d.pop(k)
+        d["openai"].pop("concurrency")
+        return d
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings a re-run must match, flat (``paths.p_wrong``) and as JSON gives them
+        back, so that they compare equal with the journal's copy."""
+        flat: dict[str, Any] = {}
+        for key, value in self._resumable().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return json.loads(json.dumps(flat))
+
+    def fingerprint(self) -> str:
+        """A hash of those settings: journals written before they kept the settings
+        themselves are matched by it alone."""
+        d = self._resumable()
         if d["limit"] is None:  # so runs from before the field existed still resume
             d.pop("limit")
-        d["openai"].pop("concurrency")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -216,18 +234,27 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     files = output_paths(cfg)
     files["dags"].parent.mkdir(parents=True, exist_ok=True)
     journal = _read_journal(files["journal"])
-    fingerprint = cfg.fingerprint()
-    if journal and journal[0].get("fingerprint") != fingerprint:
-        raise InputError(
-            files["journal"], 1, "this directory holds a run with other settings; use a new --out"
-        )
-    if not journal:
+    fingerprint, settings = cfg.fingerprint(), cfg.resume_settings()
+    if journal:
+        if "settings" in journal[0]:
+            defaults = SynthConfig().resume_settings()
+            differences = settings_differences(journal[0]["settings"], settings, defaults)
+        else:
+            same = journal[0].get("fingerprint") == fingerprint
+            differences = "" if same else "its journal, from an older Steiner, names none"
+        if differences:
+            raise InputError(
+                files["journal"],
+                1,
+                f"this directory holds a run with other settings ({differences}); use a new --out",
+            )
+    else:
         for key in ("dags", "paths"):
             files[key].write_bytes(b"")
+        first = {"fingerprint": fingerprint, "settings": settings}
         _append(
             files["journal"],
-            json.dumps({"fingerprint": fingerprint, "done": 0, "dags_bytes": 0, "paths_bytes": 0})
-            + "\n",
+            json.dumps(first | {"done": 0, "dags_bytes": 0, "paths_bytes": 0}) + "\n",
         )
         journal = _read_journal(files["journal"])
     last = journal[-1]
