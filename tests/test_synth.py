@@ -186,8 +186,8 @@ def test_limit_synthesizes_the_first_problems_only(synth_run, tmp_path):
 def half_finished_run(synth_run, out) -> list[dict]:
     """A run stopped after its first chunk of 64 problems: the journal's first two lines."""
     tmp, _ = synth_run
-    args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(out), "--seed", "3"]
-    assert steiner(*args).returncode == 0
+    # started from Python and continued from the CLI below: their defaults must agree
+    run_synth(SynthConfig(shortcut=str(tmp / "shortcut.jsonl"), out=str(out), seed=3))
     journal = out / ".journal.jsonl"
     entries = [json.loads(line) for line in journal.read_text().splitlines()[:2]]
     assert entries[1]["done"] == 64 and (out / "stats.json").exists()

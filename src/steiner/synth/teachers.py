@@ -188,7 +188,9 @@ class OpenAISettings:
     timeout: float = 60.0
     max_retries: int = 3  # the openai client retries timeouts and 5xx with exponential backoff
     temperature: float = 0.7
-    max_forward: int = 4
+    # the CLI's --max-forward sets this and SynthConfig.max_forward (the oracle's) alike, so
+    # the defaults agree too: a run started from Python resumes from the CLI
+    max_forward: int = 8
     cache_dir: str | None = None
     retry_failed: bool = False
 
