@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -570,11 +570,8 @@ def targets(root: Path) -> list[dict[str, Any]]:
 def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
     """The demo settings a run directory was started with that differ from this command's
     (see ``steiner.io.settings_differences``; a field missing there counts as its default)."""
-    defaults = {
-        f.name: f.default if f.default_factory is MISSING else f.default_factory()
-        for f in fields(DemoSettings)
-    }
-    return io_settings_differences(stored, wanted, defaults)
+    # in the form ``wanted`` has: asdict of the settings
+    return io_settings_differences(stored, wanted, asdict(DemoSettings()))
 
 
 def run_demo(
