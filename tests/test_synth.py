@@ -184,7 +184,8 @@ def test_limit_synthesizes_the_first_problems_only(synth_run, tmp_path):
 
 
 def half_finished_run(synth_run, out) -> list[dict]:
-    """A run stopped after its first chunk of 64 problems: the journal's first two lines."""
+    """A run as it stands after its first chunk of 64 problems: a finished run whose journal is
+    cut back to its first two lines (a re-run truncates the files to what they record)."""
     tmp, _ = synth_run
     # started from Python and continued from the CLI below: their defaults must agree
     run_synth(SynthConfig(shortcut=str(tmp / "shortcut.jsonl"), out=str(out), seed=3))
