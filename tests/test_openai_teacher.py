@@ -20,6 +20,7 @@ BEHAVIOUR = {
 
 class FakeChat(BaseHTTPRequestHandler):
     hits = 0
+    prompts: list[str] = []
 
     def log_message(self, *args):  # keep pytest output clean
         pass
@@ -28,6 +29,7 @@ class FakeChat(BaseHTTPRequestHandler):
         FakeChat.hits += 1
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
+        FakeChat.prompts.append(prompt)
         question = next(q for q in sorted(BEHAVIOUR, key=len, reverse=True) if q in prompt)
         kind = BEHAVIOUR[question]
         if kind == "error":
@@ -79,6 +81,7 @@ def server():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     FakeChat.hits = 0
+    FakeChat.prompts = []
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     httpd.shutdown()
 
@@ -136,3 +139,28 @@ def test_faults_are_counted_and_cache_makes_rerun_free(server, tmp_path):
     assert FakeChat.hits == hits  # zero requests: everything came from the cache
     for name in ("dags.jsonl", "paths.jsonl", "stats.json"):
         assert (tmp_path / "run1" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes()
+
+
+def test_the_run_max_forward_is_what_the_teacher_asks_for(server, tmp_path):
+    from steiner.synth.run import SynthConfig, run_synth
+    from steiner.synth.teachers import OpenAISettings
+
+    shortcut = tmp_path / "text.jsonl"
+    row = {"id": "Q-valid", "question": "Q-valid", "cot": "1+1=2\n2+2=4", "answer": "4"}
+    shortcut.write_text(json.dumps(row) + "\n")
+    # one setting for the oracle and the openai teacher alike (the OpenAI settings once had
+    # their own copy, which a run started from Python could leave at its default)
+    cfg = SynthConfig(
+        shortcut=str(shortcut),
+        out=str(tmp_path / "run"),
+        teacher="openai",
+        truncations=1,
+        attempts=1,
+        max_forward=3,
+        openai=OpenAISettings(base_url=server, model="fake", max_retries=0),
+    )
+    run_synth(cfg)
+    proposals = [p for p in FakeChat.prompts if "New steps:" not in p]
+    assert proposals and all("Write the next 3 step(s)" in p for p in proposals)
+    # journals from before keep resuming: their settings record the OpenAI copy too
+    assert cfg.resume_settings()["openai.max_forward"] == 3

@@ -324,7 +324,6 @@ def synth(
             timeout=timeout,
             max_retries=max_retries,
             temperature=temperature,
-            max_forward=max_forward,
             cache_dir=cache_dir,
             retry_failed=retry_failed,
         ),

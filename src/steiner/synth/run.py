@@ -37,7 +37,7 @@ class SynthConfig:
     domain: str | None = None  # default: the records' "domain" field
     truncations: int = 3  # M truncation points per problem
     attempts: int = 4  # K recompletions per truncation point
-    max_forward: int = 8  # steps a teacher may propose after a truncation point
+    max_forward: int = 8  # steps a teacher (oracle or openai) may propose after a truncation point
     cluster_threshold: float = 0.25  # cosine distance (text domains only)
     step_separator: str = "\n"  # splits a text domain's chain of thought into steps
     tokenizer: str | None = None  # count tokens with this HF tokenizer (default: approximate)
@@ -56,6 +56,9 @@ class SynthConfig:
         for k in ("workers", "out", "chunk_size"):
             d.pop(k)
         d["openai"].pop("concurrency")
+        # OpenAISettings once kept its own copy of max_forward, always equal to this one;
+        # journals record it, so it stays in the record for them to keep resuming
+        d["openai"]["max_forward"] = self.max_forward
         return d
 
     def resume_settings(self) -> dict[str, Any]:
@@ -269,7 +272,9 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     teacher = None
     if cfg.teacher == "openai":
         domain = get_domain(cfg.domain or problems[0]["domain"])
-        teacher = OpenAITeacher(domain, cfg.openai, Path(cfg.out) / "teacher-cache")
+        teacher = OpenAITeacher(
+            domain, cfg.openai, Path(cfg.out) / "teacher-cache", cfg.max_forward
+        )
     elif cfg.teacher != "oracle":
         raise InputError("--teacher", None, f"expected oracle or openai, got {cfg.teacher!r}")
 

@@ -188,9 +188,6 @@ class OpenAISettings:
     timeout: float = 60.0
     max_retries: int = 3  # the openai client retries timeouts and 5xx with exponential backoff
     temperature: float = 0.7
-    # the CLI's --max-forward sets this and SynthConfig.max_forward (the oracle's) alike, so
-    # the defaults agree too: a run started from Python resumes from the CLI
-    max_forward: int = 8
     cache_dir: str | None = None
     retry_failed: bool = False
 
@@ -198,9 +195,16 @@ class OpenAISettings:
 class OpenAITeacher:
     """The same two calls as prompts to an OpenAI-compatible chat endpoint."""
 
-    def __init__(self, domain: Domain, settings: OpenAISettings, cache_dir: str | os.PathLike):
+    def __init__(
+        self,
+        domain: Domain,
+        settings: OpenAISettings,
+        cache_dir: str | os.PathLike,
+        max_forward: int = 8,
+    ):
         self.domain = domain
         self.settings = settings
+        self.max_forward = max_forward
         self.cache = ResponseCache(settings.cache_dir or cache_dir, settings.retry_failed)
         self.faults: Counter[str] = Counter()
         self.requests = 0
@@ -257,7 +261,7 @@ class OpenAITeacher:
     async def _continue(
         self, client: Any, gate: asyncio.Semaphore, job: Job
     ) -> list[StepOut] | None:
-        domain, problem, k = self.domain, job.problem, self.settings.max_forward
+        domain, problem, k = self.domain, job.problem, self.max_forward
         try:
             state = prefix_state(domain, job)
             prompt = PROPOSE_PROMPT.format(
