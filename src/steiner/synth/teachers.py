@@ -200,7 +200,7 @@ class OpenAITeacher:
         domain: Domain,
         settings: OpenAISettings,
         cache_dir: str | os.PathLike,
-        max_forward: int = 8,
+        max_forward: int,  # SynthConfig.max_forward: no default here that could drift from it
     ):
         self.domain = domain
         self.settings = settings
