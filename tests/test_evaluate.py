@@ -159,3 +159,72 @@ def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
         in report
     )
     assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report
+
+
+def _eval_config(model, problems, out, **kw):
+    from steiner.evaluate.accuracy import EvalConfig
+
+    return EvalConfig(str(model), str(problems), str(out), max_new_tokens=24, **kw)
+
+
+def test_eval_will_not_resume_with_other_settings(tiny_model_dir, problems, tmp_path):
+    from steiner.evaluate.accuracy import evaluate
+    from steiner.io import InputError
+
+    out = tmp_path / "ev"
+    assert evaluate(_eval_config(tiny_model_dir, problems, out, limit=2))["n"] == 2
+    # another budget would answer differently: the old outputs must not pass for its own
+    with pytest.raises(InputError, match="max_steps: None there, 1 here") as err:
+        evaluate(_eval_config(tiny_model_dir, problems, out, limit=2, max_steps=1))
+    assert err.value.path.endswith("eval_settings.json")
+    # the batch size and the limit decide no output: the same eval goes on where it stopped
+    m = evaluate(_eval_config(tiny_model_dir, problems, out, limit=4, batch_size=3))
+    assert m["n"] == 4 and len((out / "outputs.jsonl").read_text().splitlines()) == 4
+    # a cli run gets one line and exit code 2
+    proc = steiner(
+        "eval", "--model", str(tiny_model_dir), "--problems", str(problems),
+        "--out", str(out), "--max-new-tokens", "30",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "max_new_tokens: 24 there, 30 here" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_will_not_resume_on_a_changed_problem_file(tiny_model_dir, problems, tmp_path):
+    from steiner.evaluate.accuracy import evaluate
+    from steiner.io import InputError
+
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(problems.read_text())
+    out = tmp_path / "ev"
+    evaluate(_eval_config(tiny_model_dir, problems, out, limit=2))
+    # the same problems under another path: nothing to redo
+    assert evaluate(_eval_config(tiny_model_dir, moved, out))["n"] == 5
+    records = [json.loads(line) for line in moved.read_text().splitlines()]
+    records[1]["target"] += 1  # the same id, another problem
+    moved.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(InputError, match="problem 'p1'") as err:
+        evaluate(_eval_config(tiny_model_dir, moved, out))
+    assert err.value.path.endswith("outputs.jsonl") and err.value.line == 2
+
+
+def test_eval_resumes_after_a_crash_cut_its_last_line(tiny_model_dir, problems, tmp_path):
+    from steiner.evaluate.accuracy import evaluate
+    from steiner.io import InputError
+
+    whole = evaluate(_eval_config(tiny_model_dir, problems, tmp_path / "whole", batch_size=1))
+    out = tmp_path / "cut"
+    evaluate(_eval_config(tiny_model_dir, problems, out, limit=3, batch_size=1))
+    outputs = out / "outputs.jsonl"
+    text = outputs.read_text()
+    outputs.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])  # half a line
+    resumed = evaluate(_eval_config(tiny_model_dir, problems, out, batch_size=1))
+    lines = outputs.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["p0", "p1", "p2", "p3", "p4"]
+    assert resumed["n"] == 5 and resumed["correct"] == whole["correct"]
+    assert resumed["mean_steps"] == whole["mean_steps"]
+    # a whole line that is not a record is not a crash's doing: one error, with its line
+    lines[1] = "not json"
+    outputs.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match="expected one output record per line") as err:
+        evaluate(_eval_config(tiny_model_dir, problems, out, batch_size=1))
+    assert err.value.line == 2

@@ -2,7 +2,9 @@
 
 Greedy decoding gives pass@1; with ``samples`` k > 1, k sampled answers per problem give
 maj@k and pass@k. Every problem's outputs go to ``outputs.jsonl`` (raw text, parsed trace,
-``correct``) as soon as its batch is done, so a re-run skips what is there.
+``correct``) as soon as its batch is done, so a re-run skips what is there. A re-run goes on only
+with the settings that decide the outputs (``eval_settings.json``) and the same question under
+each problem id, so old outputs never pass for another model's, budget's or problem's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, wilson_interval
 from steiner.infer.budget import Budget
 from steiner.infer.generate import Completion, generate, load
-from steiner.io import write_json
+from steiner.io import InputError, settings_differences, write_json
 
 
 @dataclass
@@ -37,6 +39,73 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     limit: int | None = None
+
+
+SETTINGS_FILE = "eval_settings.json"
+
+
+def output_settings(cfg: EvalConfig) -> dict[str, Any]:
+    """The settings that decide a problem's outputs, which a re-run into the same directory
+    must keep. Not the output directory, the batch size or the limit, and not the problem
+    file's path: each output carries its question, and that is checked instead, so a moved
+    file resumes and a changed one does not."""
+    d = asdict(cfg)
+    for key in ("problems", "out", "batch_size", "limit"):
+        d.pop(key)
+    if cfg.samples <= 1:  # greedy only: the sampling settings are unused
+        d.pop("temperature")
+        d.pop("seed")
+    if Path(cfg.model).exists():  # the same directory however the command spells it
+        d["model"] = str(Path(cfg.model).resolve())
+    return d
+
+
+def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
+    """Refuse a re-run whose settings differ from the ones ``out_dir`` was started with. A
+    directory from before the record existed resumes as it always did, and gets one."""
+    path = out_dir / SETTINGS_FILE
+    wanted = output_settings(cfg)
+    if path.exists():
+        defaults = output_settings(EvalConfig(cfg.model, "", ""))
+        differences = settings_differences(json.loads(path.read_text()), wanted, defaults)
+        if differences:
+            raise InputError(
+                path,
+                None,
+                f"this directory holds an eval with other settings ({differences}); "
+                "use a new --out",
+            )
+    else:
+        write_json(path, wanted)
+
+
+def read_outputs(path: Path) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Each problem id's output record and its line in ``outputs.jsonl``. A last line without
+    its newline is what a crash cut short: it is left out, to be redone."""
+    done: dict[str, tuple[int, dict[str, Any]]] = {}
+    if not path.exists():
+        return done
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for lineno, line in enumerate(lines[:-1], start=1):  # lines[-1]: "" or the cut line
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise InputError(
+                path, lineno, "expected one output record per line; remove it or use a new --out"
+            )
+        done[rec["id"]] = (lineno, rec)
+    return done
+
+
+def drop_cut_line(path: Path) -> None:
+    """Truncate ``path`` after its last newline, so what is appended starts a line of its own."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
 
 
 def answer_key(domain_name: str, problem: dict[str, Any], answer: str) -> str | None:
@@ -68,14 +137,35 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
+    """Run (or resume) an eval; returns the metrics written to ``metrics.json``."""
+    return evaluate_records(cfg, progress, model_and_tokenizer)[0]
+
+
+def evaluate_records(
+    cfg: EvalConfig,
+    progress: Callable[[int, int], None] | None = None,
+    model_and_tokenizer: tuple[Any, Any] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``evaluate``, with the output records of this run's problems, in their order."""
     problems = load_problems(cfg.problems, cfg.domain)[: cfg.limit]
     domain_name = cfg.domain or (problems[0]["domain"] if problems else "countdown")
     domain = get_domain(domain_name)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs_path = out_dir / "outputs.jsonl"
-    done = _read_done(outputs_path)
+    check_resumable(cfg, out_dir)
+    done = read_outputs(outputs_path)
+    for problem in problems:
+        lineno, rec = done.get(problem["id"], (None, {}))
+        if lineno is not None and rec.get("question") != problem["question"]:
+            raise InputError(
+                outputs_path,
+                lineno,
+                f"problem {problem['id']!r} was answered here with another question: "
+                f"{cfg.problems} changed since; use a new --out",
+            )
     todo = [p for p in problems if p["id"] not in done]
+    drop_cut_line(outputs_path)
     model, tokenizer = model_and_tokenizer or load(cfg.model)
     budget = Budget(cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, None, cfg.extend_with)
     if progress:
@@ -121,21 +211,11 @@ def evaluate(
             os.fsync(fh.fileno())
             if progress:
                 progress(len(problems) - len(todo) + start + len(batch), len(problems))
-    metrics = summarize(_read_done(outputs_path), [p["id"] for p in problems], cfg)
+    records = {key: rec for key, (_, rec) in read_outputs(outputs_path).items()}
+    ids = [p["id"] for p in problems]
+    metrics = summarize(records, ids, cfg)
     write_json(out_dir / "metrics.json", metrics)
-    return metrics
-
-
-def _read_done(path: Path) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: that problem is redone
-            done[rec["id"]] = rec
-    return done
+    return metrics, [records[i] for i in ids if i in records]
 
 
 def summarize(done: dict[str, dict[str, Any]], ids: list[str], cfg: EvalConfig) -> dict[str, Any]:

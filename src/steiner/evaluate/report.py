@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from steiner.evaluate.accuracy import read_outputs
+
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -24,8 +26,7 @@ def example_trace(root: Path) -> list[str]:
     for path in sorted(root.rglob("outputs.jsonl")):
         if path.parent.name.split("-")[0] in ("cap", "extend"):
             continue
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
+        for _, rec in read_outputs(path).values():
             out = next((o for o in rec["outputs"] if o["correct"] and o["n_backtracks"]), None)
             if out is None:
                 continue

@@ -8,12 +8,11 @@ or backtrack itself). Control is the share of runs whose step count obeys the bu
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from steiner.evaluate.accuracy import EvalConfig, evaluate
+from steiner.evaluate.accuracy import EvalConfig, evaluate_records
 from steiner.evaluate.metrics import scaling_metrics
 from steiner.infer.generate import load
 from steiner.io import write_json
@@ -36,12 +35,8 @@ def run_scale(
                 max_steps=b if mode == "cap" else None,
                 min_steps=b if mode == "extend" else 0,
             )
-            m = evaluate(cfg, model_and_tokenizer=model_and_tokenizer)
-            outputs = [
-                json.loads(line)
-                for line in (out / f"{mode}-{b}" / "outputs.jsonl").read_text().splitlines()
-            ]
-            steps = [o["outputs"][0]["n_steps"] for o in outputs]
+            m, records = evaluate_records(cfg, model_and_tokenizer=model_and_tokenizer)
+            steps = [r["outputs"][0]["n_steps"] for r in records]
             within = [s <= b if mode == "cap" else s >= b for s in steps]
             rows.append(
                 {
