@@ -153,6 +153,11 @@ def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, s
         small_rl_config(tiny_model_dir, small_countdown, tmp_path / "a"), log=resumed_log.append
     )["history"]
     assert resumed_log[0] == {"resumed_from": str(tmp_path / "a" / "checkpoint-2"), "step": 2}
+    # its checkpoints go on only from the same start, which is also the KL term's reference
+    other = small_rl_config(tmp_path / "a" / "checkpoint-2", small_countdown, tmp_path / "a")
+    with pytest.raises(InputError, match="model: ") as err:
+        run_rl(other, log=lambda r: None)
+    assert err.value.path == str(tmp_path / "a" / "rl_settings.json")
     clean = run_rl(
         small_rl_config(tiny_model_dir, small_countdown, tmp_path / "b"), log=lambda r: None
     )["history"]

@@ -168,6 +168,20 @@ def test_resume_restores_step_and_optimizer(data):
     # and a later checkpoint carries the time of the steps before it, over both runs
     state = json.loads((data / "resume" / "checkpoint-6" / "trainer_state.json").read_text())
     assert earlier < state["stateful_callbacks"]["TrainTime"]["args"]["earlier"] <= total
+    # a checkpoint goes on only from the same model and data (one error line, before the data
+    # are built); hyperparameters may change, as with Trainer's resume_from_checkpoint
+    with pytest.raises(InputError, match="limit_problems: None there, 10 here") as err:
+        run_sft(quick(SFTStageConfig, data, "resume", **cfg, limit_problems=10))
+    assert err.value.path == str(data / "resume" / "train_settings.json")
+    with pytest.raises(InputError, match="'sft' there, 'sft-shortcut' here"):
+        run_sft(quick(SFTStageConfig, data, "resume", **cfg, shortcut=True))
+    more = run_sft(quick(SFTStageConfig, data, "resume", **(cfg | {"max_steps": 9})))
+    assert more["resumed_from"].endswith("checkpoint-8") and more["steps"] == 9
+    # starting over writes the new inputs down
+    again = quick(SFTStageConfig, data, "resume", **cfg, limit_problems=10, resume=False)
+    assert run_sft(again)["resumed_from"] is None
+    settings = json.loads((data / "resume" / "train_settings.json").read_text())
+    assert settings["limit_problems"] == 10 and settings["model"] == str(data / "init")
 
 
 def test_shortcut_baseline_and_token_budget(data):

@@ -123,3 +123,43 @@ def settings_differences(
         if there != here:
             differences.append(f"{key}: {there!r} there, {here!r} here")
     return "; ".join(differences)
+
+
+def local_path(name: str) -> str:
+    """A file or directory as one absolute path however a command spells it; a name that is
+    not on disk (a Hub model id) as it is."""
+    return str(Path(name).resolve()) if name and Path(name).exists() else name
+
+
+def check_resume_record(
+    path: str | os.PathLike,
+    wanted: dict[str, Any],
+    defaults: dict[str, Any],
+    what: str,
+    remedy: str,
+    write: bool = True,
+) -> None:
+    """Refuse to continue a job whose record (``path``) holds other settings than ``wanted``,
+    as one InputError naming each difference; a job without a record gets one (``write``: the
+    process that may write it), so a directory from before records existed resumes as it did."""
+    path = Path(path)
+    if path.exists():
+        differences = settings_differences(json.loads(path.read_text()), wanted, defaults)
+        if differences:
+            message = f"this directory holds {what} with other settings ({differences})"
+            raise InputError(path, None, f"{message}; {remedy}")
+    elif write:
+        write_json(path, wanted)
+
+
+def check_checkpoint_inputs(
+    record: str | os.PathLike, inputs: dict[str, Any], resuming: bool, what: str, main: bool
+) -> None:
+    """A training run that continues a checkpoint must start from the same ``inputs`` (its
+    model and data) as the run that wrote it; a fresh run writes them down (``main``: the
+    process that may)."""
+    if resuming:
+        remedy = "use a new --output_dir, or --no_resume to start it over"
+        check_resume_record(record, inputs, {}, what, remedy, write=main)
+    elif main:
+        write_json(record, inputs)

@@ -20,7 +20,7 @@ from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, wilson_interval
 from steiner.infer.budget import Budget
 from steiner.infer.generate import Completion, generate, load
-from steiner.io import InputError, settings_differences, write_json
+from steiner.io import InputError, check_resume_record, local_path, write_json
 
 
 @dataclass
@@ -55,28 +55,8 @@ def output_settings(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.samples <= 1:  # greedy only: the sampling settings are unused
         d.pop("temperature")
         d.pop("seed")
-    if Path(cfg.model).exists():  # the same directory however the command spells it
-        d["model"] = str(Path(cfg.model).resolve())
+    d["model"] = local_path(cfg.model)
     return d
-
-
-def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
-    """Refuse a re-run whose settings differ from the ones ``out_dir`` was started with. A
-    directory from before the record existed resumes as it always did, and gets one."""
-    path = out_dir / SETTINGS_FILE
-    wanted = output_settings(cfg)
-    if path.exists():
-        defaults = output_settings(EvalConfig(cfg.model, "", ""))
-        differences = settings_differences(json.loads(path.read_text()), wanted, defaults)
-        if differences:
-            raise InputError(
-                path,
-                None,
-                f"this directory holds an eval with other settings ({differences}); "
-                "use a new --out",
-            )
-    else:
-        write_json(path, wanted)
 
 
 def read_outputs(path: Path) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -153,7 +133,13 @@ def evaluate_records(
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs_path = out_dir / "outputs.jsonl"
-    check_resumable(cfg, out_dir)
+    check_resume_record(
+        out_dir / SETTINGS_FILE,
+        output_settings(cfg),
+        output_settings(EvalConfig(cfg.model, "", "")),
+        "an eval",
+        "use a new --out",
+    )
     done = read_outputs(outputs_path)
     for problem in problems:
         lineno, rec = done.get(problem["id"], (None, {}))

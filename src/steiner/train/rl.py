@@ -36,7 +36,7 @@ from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.vllm_budget import VLLM_PROCESSOR
-from steiner.io import InputError, write_json
+from steiner.io import InputError, check_checkpoint_inputs, local_path, write_json
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 
@@ -241,6 +241,9 @@ def _logprobs(
     )
 
 
+SETTINGS_FILE = "rl_settings.json"
+
+
 def _last_checkpoint(output_dir: str) -> Path | None:
     found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return found[-1] if found else None
@@ -287,6 +290,11 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             f"expected a multiple of the number of processes ({accelerator.num_processes}), "
             f"got {cfg.prompts_per_step}",
         )
+    # a checkpoint continues only from the same start (the KL term's reference too) and data
+    inputs = {k: local_path(getattr(cfg, k)) for k in ("model", "problems", "dags")}
+    resuming = cfg.resume and _last_checkpoint(cfg.output_dir) is not None
+    record = Path(cfg.output_dir, SETTINGS_FILE)
+    check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)
     problems = load_shortcuts(cfg.problems)
     dags = {d.problem_id: d for d in read_dags(cfg.dags)}
     problems = [p for p in problems if p["id"] in dags]

@@ -23,6 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from steiner.format import SPECIAL_TOKENS
+from steiner.io import check_checkpoint_inputs, local_path
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
 
@@ -286,12 +287,43 @@ def run_stage(
     return summary
 
 
+SETTINGS_FILE = "train_settings.json"
+
+
+def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, Any]:
+    """What a stage trains from: the model it starts at and its data. A checkpoint continues
+    only with these; hyperparameters may change on resume, as with Trainer's
+    ``resume_from_checkpoint`` (to train on to more steps, say)."""
+    inputs = {"stage": stage, "model": local_path(cfg.model)}
+    if isinstance(cfg, SFTStageConfig):
+        return inputs | {"data": local_path(cfg.data), "limit_problems": cfg.limit_problems}
+    return inputs | {
+        "paths": [local_path(p) for p in cfg.paths],
+        "texts": [local_path(t) for t in cfg.texts],
+        "reasoning_ratio": cfg.reasoning_ratio,
+        "countdown_facts": cfg.countdown_facts,
+    }
+
+
+def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> None:
+    """Before the data are built: a checkpoint in ``output_dir`` from another model or other
+    data is one error line, not a run that quietly goes on from it; a fresh run records its
+    inputs there."""
+    resuming = cfg.resume and os.path.isdir(cfg.output_dir)
+    resuming = resuming and get_last_checkpoint(cfg.output_dir) is not None
+    record = Path(cfg.output_dir, SETTINGS_FILE)
+    inputs = stage_inputs(cfg, stage)
+    check_checkpoint_inputs(record, inputs, resuming, f"a {stage} run", cfg.process_index == 0)
+
+
 def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    check_resume(cfg, "sft-shortcut" if cfg.shortcut else "sft")
     dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
     return run_stage(cfg, dataset, "sft-shortcut" if cfg.shortcut else "sft", callbacks)
 
 
 def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    check_resume(cfg, "cpt")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     dataset = cpt_dataset(
         tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
