@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steiner.evaluate.accuracy import read_outputs
-
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -23,6 +21,9 @@ def _rel(path: Path, root: Path) -> str:
 def example_trace(root: Path) -> list[str]:
     """A correct held-out answer whose reasoning backtracked, step by step (from the first
     eval directory that has one, outside scaling sweeps)."""
+    # here, not at the top: the eval module brings torch, which a report needs nowhere else
+    from steiner.evaluate.accuracy import read_outputs
+
     for path in sorted(root.rglob("outputs.jsonl")):
         if path.parent.name.split("-")[0] in ("cap", "extend"):
             continue
