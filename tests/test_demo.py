@@ -113,7 +113,11 @@ def test_cpt_walk_sizes_reach_the_cpt_text(tmp_path):
 def test_a_run_directory_started_before_a_settings_field_existed_still_resumes():
     from dataclasses import asdict
 
-    from steiner.demo import profile_settings, settings_differences
+    from steiner.demo import DemoSettings, profile_settings
+    from steiner.io import settings_differences as io_settings_differences
+
+    def settings_differences(stored, wanted):  # as the demo's resume check compares them
+        return io_settings_differences(stored, wanted, asdict(DemoSettings()))
 
     wanted = {"profile": "quick", "problems": None, **asdict(profile_settings("quick", "graph"))}
     older = {k: v for k, v in wanted.items() if k != "cpt_walk_sizes"}  # before 4293f55

@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from steiner.io import InputError, write_json, write_jsonl, write_lines
-from steiner.io import settings_differences as io_settings_differences
+from steiner.io import InputError, check_resume_record, write_json, write_jsonl, write_lines
 
 PROFILES = ("quick", "full")
 QUICK_MINUTES = 20  # the quick profile's time goal on a 2-core CPU (stage time, summed)
@@ -567,13 +566,6 @@ def targets(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
-    """The demo settings a run directory was started with that differ from this command's
-    (see ``steiner.io.settings_differences``; a field missing there counts as its default)."""
-    # in the form ``wanted`` has: asdict of the settings
-    return io_settings_differences(stored, wanted, asdict(DemoSettings()))
-
-
 def run_demo(
     profile: str = "quick",
     domain: str = "graph",
@@ -589,15 +581,7 @@ def run_demo(
     root.mkdir(parents=True, exist_ok=True)
     settings_path = root / "demo_settings.json"
     wanted = {"profile": profile, "problems": problems, **asdict(s)}
-    if settings_path.exists():
-        differences = settings_differences(json.loads(settings_path.read_text()), wanted)
-        if differences:
-            raise InputError(
-                settings_path,
-                None,
-                f"this directory holds a demo with other settings ({differences}); use a new --out",
-            )
-    write_json(settings_path, wanted)
+    check_resume_record(settings_path, wanted, asdict(DemoSettings()), "a demo", "use a new --out")
     import torch
 
     parallel = (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available()

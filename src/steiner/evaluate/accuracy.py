@@ -81,11 +81,13 @@ def read_outputs(path: Path) -> dict[str, tuple[int, dict[str, Any]]]:
 
 def drop_cut_line(path: Path) -> None:
     """Truncate ``path`` after its last newline, so what is appended starts a line of its own."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with path.open("r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("r+b") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) != b"\n":  # only a crashed run's file is read whole
+            fh.seek(0)
+            fh.truncate(fh.read().rfind(b"\n") + 1)
 
 
 def answer_key(domain_name: str, problem: dict[str, Any], answer: str) -> str | None:
@@ -197,15 +199,15 @@ def evaluate_records(
             os.fsync(fh.fileno())
             if progress:
                 progress(len(problems) - len(todo) + start + len(batch), len(problems))
-    records = {key: rec for key, (_, rec) in read_outputs(outputs_path).items()}
-    ids = [p["id"] for p in problems]
-    metrics = summarize(records, ids, cfg)
+    stored = read_outputs(outputs_path)
+    records = [stored[p["id"]][1] for p in problems if p["id"] in stored]
+    metrics = summarize(records, cfg)
     write_json(out_dir / "metrics.json", metrics)
-    return metrics, [records[i] for i in ids if i in records]
+    return metrics, records
 
 
-def summarize(done: dict[str, dict[str, Any]], ids: list[str], cfg: EvalConfig) -> dict[str, Any]:
-    recs = [done[i] for i in ids if i in done]
+def summarize(recs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+    """The metrics of this run's output records."""
     n = len(recs)
     firsts = [r["outputs"][0] for r in recs]
     correct = sum(r["correct"] for r in recs)
