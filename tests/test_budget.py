@@ -84,6 +84,42 @@ def test_per_row_budgets_and_reasoning_token_cap(model):
     assert outs[3].text.startswith(fmt.REASONING_START)
 
 
+def test_a_sampled_row_does_not_depend_on_its_batch(model):
+    m, tok = model
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:5]]
+    budgets = [Budget(max_steps=2, max_step_tokens=5)] * 5
+    temperatures, seeds = [0.0, 1.0, 1.0, 1.0, 0.8], [None, 1, 2, 1, 1]
+    together = generate(m, tok, convs, budgets, 60, temperatures, seed=seeds)
+    for i in range(5):
+        [alone] = generate(
+            m, tok, convs[i : i + 1], budgets[:1], 60, temperatures[i], seed=seeds[i]
+        )
+        assert alone.text == together[i].text, i
+        assert together[i].trace.n_steps <= 2  # the budget still holds for sampled rows
+    [greedy] = generate(m, tok, convs[:1], budgets[:1], 60)
+    assert together[0].text == greedy.text  # temperature 0 in a sampled batch is greedy
+    # the same prompt and seed give one completion; another seed, another one
+    same = generate(m, tok, [convs[1]] * 3, budgets[:3], 60, 1.0, seed=[7, 7, 8])
+    assert same[0].text == same[1].text != same[2].text
+
+
+def test_per_row_sampler_draws_from_the_warped_distribution():
+    from steiner.infer.sampling import PerRowSampler
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.6, 0.3, 0.1]]))
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    sampler = PerRowSampler([1.0, 1.0], [1.0, 0.5], [0, 0])
+    counts = torch.zeros(2, 3)
+    for _ in range(4000):
+        out = sampler(ids, logits)
+        assert torch.isfinite(out).sum(dim=1).tolist() == [1, 1]
+        counts[torch.arange(2), out.argmax(dim=1)] += 1
+    assert torch.allclose(counts[0] / 4000, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+    assert counts[1].tolist() == [4000, 0, 0]  # top-p 0.5 keeps the most likely token only
+    greedy = PerRowSampler([0.0], [1.0], [None])
+    assert torch.equal(greedy(ids[:1], logits[:1]), logits[:1])  # temperature 0: untouched
+
+
 def test_state_updates_incrementally(tiny_tokenizer):
     ids = TokenIds.from_tokenizer(tiny_tokenizer)
     core = StepBudget(ids, [Budget(min_steps=2, extend_with="proceed")])

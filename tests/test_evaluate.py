@@ -189,6 +189,32 @@ def test_eval_will_not_resume_with_other_settings(tiny_model_dir, problems, tmp_
     assert "Traceback" not in proc.stderr
 
 
+def test_sampled_eval_draws_the_same_samples_however_it_is_batched(
+    tiny_model_dir, problems, tmp_path
+):
+    from steiner.evaluate.accuracy import evaluate
+
+    def samples(out):
+        lines = (out / "outputs.jsonl").read_text().splitlines()
+        return {r["id"]: [s["text"] for s in r["samples"]] for r in map(json.loads, lines)}
+
+    cfg = dict(samples=3, temperature=1.0, seed=5, max_steps=2)
+    whole = evaluate(_eval_config(tiny_model_dir, problems, tmp_path / "whole", **cfg))
+    out = tmp_path / "resumed"  # stopped after two problems, resumed with another batch size
+    evaluate(_eval_config(tiny_model_dir, problems, out, limit=2, batch_size=1, **cfg))
+    resumed = evaluate(_eval_config(tiny_model_dir, problems, out, batch_size=3, **cfg))
+    assert samples(out) == samples(tmp_path / "whole")
+    assert {k: v for k, v in resumed.items() if k != "config"} == {
+        k: v for k, v in whole.items() if k != "config"
+    }
+    drawn = samples(out)
+    assert len({t for texts in drawn.values() for t in texts}) > len(drawn)  # k samples differ
+    other = evaluate(
+        _eval_config(tiny_model_dir, problems, tmp_path / "seed6", **{**cfg, "seed": 6})
+    )
+    assert samples(tmp_path / "seed6") != drawn and other["n"] == 5
+
+
 def test_eval_will_not_resume_on_a_changed_problem_file(tiny_model_dir, problems, tmp_path):
     from steiner.evaluate.accuracy import evaluate
     from steiner.io import InputError

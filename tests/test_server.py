@@ -81,6 +81,39 @@ def test_streaming(server):
     assert usage is not None and usage.completion_tokens_details.reasoning_tokens > 0
 
 
+def test_a_seeded_request_gets_one_answer_alone_or_batched(server):
+    def request(content: str, **sampling) -> dict:
+        return dict(
+            model="tiny",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=40,
+            extra_body={"max_steps": 2, "max_step_tokens": 5},
+            **sampling,
+        )
+
+    seeded = request("Reach 79.", temperature=1.0, seed=5)
+    others = [
+        request("Find a path.", temperature=1.0, seed=5),  # the same settings, another prompt
+        request("Go."),  # greedy
+        request("Why?", temperature=0.6, top_p=0.9, seed=9),
+    ]
+
+    async def run(bodies: list[dict]) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server, api_key="none", max_retries=0)
+        try:
+            replies = await asyncio.gather(*(client.chat.completions.create(**b) for b in bodies))
+        finally:
+            await client.close()
+        return [
+            r.choices[0].message.reasoning_content + r.choices[0].message.content for r in replies
+        ]
+
+    [alone] = asyncio.run(run([seeded]))
+    batched = asyncio.run(run([seeded, *others]))
+    assert batched[0] == alone
+    assert asyncio.run(run([seeded, seeded])) == [alone, alone]
+
+
 def test_200_concurrent_requests_no_5xx(server):
     async def run() -> list:
         client = openai.AsyncOpenAI(base_url=server, api_key="none", max_retries=0, timeout=120)

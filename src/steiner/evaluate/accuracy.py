@@ -9,6 +9,7 @@ each problem id, so old outputs never pass for another model's, budget's or prob
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -57,6 +58,13 @@ def output_settings(cfg: EvalConfig) -> dict[str, Any]:
         d.pop("seed")
     d["model"] = local_path(cfg.model)
     return d
+
+
+def sample_seed(seed: int, problem_id: str, k: int) -> int:
+    """The seed of a problem's k-th sample: from the problem's id, not its place in a batch,
+    so a resumed eval, another batch size or another --limit draw the same samples."""
+    digest = hashlib.blake2b(f"{seed}/{problem_id}/{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest) >> 1  # torch seeds are below 2**63
 
 
 def read_outputs(path: Path) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -174,7 +182,7 @@ def evaluate_records(
                     [budget] * len(batch),
                     cfg.max_new_tokens,
                     cfg.temperature,
-                    seed=cfg.seed * 1000 + start + k,
+                    seed=[sample_seed(cfg.seed, p["id"], k) for p in batch],
                 )
                 for row, o in zip(sampled, outs, strict=True):
                     row.append(o)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from steiner.format import Trace, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
 from steiner.infer.hf import StepBudgetLogitsProcessor
+from steiner.infer.sampling import PerRowSampler
 
 
 @dataclass
@@ -27,6 +29,14 @@ class Completion:
     reasoning_tokens: int
     finish_reason: str  # stop | length
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _per_row(value: Any, n: int) -> list[Any]:
+    if isinstance(value, Sequence):
+        if len(value) != n:
+            raise ValueError(f"{len(value)} per-row values for {n} conversations")
+        return list(value)
+    return [value] * n
 
 
 def load(model_dir: str | Path) -> tuple[Any, Any]:
@@ -48,12 +58,14 @@ def generate(
     conversations: list[list[dict[str, str]]],
     budgets: list[Budget | None] | None = None,
     max_new_tokens: int = 512,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    temperature: float | Sequence[float] = 0.0,
+    top_p: float | Sequence[float] = 1.0,
+    seed: int | None | Sequence[int | None] = None,
 ) -> list[Completion]:
     """One completion per conversation, in one batched ``generate`` call. A row whose budget
-    is None still gets the format's structure (``Budget()`` has no step limits)."""
+    is None still gets the format's structure (``Budget()`` has no step limits). Temperature,
+    top-p and seed are one for all rows or one per row; a sampled row draws from its own seeded
+    generator, so its completion does not depend on the other rows of the batch."""
     if not conversations:
         return []
     prompts = [chat_prompt(tokenizer, c) for c in conversations]
@@ -61,17 +73,19 @@ def generate(
     rows = [b or Budget() for b in (budgets or [None] * len(prompts))]
     processor = StepBudgetLogitsProcessor(tokenizer, rows)
     end_ids = processor.ids.eos
-    if seed is not None:
-        torch.manual_seed(seed)
-    sampling = temperature > 0
+    sampler = PerRowSampler(
+        _per_row(temperature, len(prompts)),
+        _per_row(top_p, len(prompts)),
+        _per_row(seed, len(prompts)),
+    )
     out = model.generate(
         **batch,
         max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
+        do_sample=False,  # the sampler draws; greedy search takes its draw
+        temperature=None,
+        top_p=None,
         top_k=None,
-        logits_processor=[processor],
+        logits_processor=[processor, sampler],
         eos_token_id=list(end_ids),
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -1,9 +1,10 @@
 """``steiner serve``: an OpenAI-compatible chat server (FastAPI + uvicorn).
 
 Concurrent requests are queued and run together: a batcher takes up to ``max_batch``
-waiting requests with the same sampling settings and runs one ``generate`` for all of them
-(the step budget is per row). Streaming sends the reasoning and the answer as SSE deltas
-once that batch is done (a batch is generated as a whole; the deltas are not token by token).
+waiting requests and runs one ``generate`` for all of them (the step budget, temperature,
+top-p and seed are per row; a seeded request gets the same completion alone or batched).
+Streaming sends the reasoning and the answer as SSE deltas once that batch is done (a batch
+is generated as a whole; the deltas are not token by token).
 """
 
 from __future__ import annotations
@@ -103,14 +104,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         while True:
             first = await queue.get()
             await asyncio.sleep(settings.batch_wait_s)  # let concurrent requests join
-            jobs, rest = [first], []
-            key = (first.request.temperature, first.request.top_p, first.request.seed)
+            jobs = [first]
             while not queue.empty() and len(jobs) < settings.max_batch:
-                job = queue.get_nowait()
-                same = (job.request.temperature, job.request.top_p, job.request.seed) == key
-                (jobs if same else rest).append(job)
-            for job in rest:
-                queue.put_nowait(job)
+                jobs.append(queue.get_nowait())
             try:
                 outs = await loop.run_in_executor(None, run_batch, jobs)
                 for job, out in zip(jobs, outs, strict=True):
@@ -121,16 +117,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
                         job.future.set_exception(exc)
 
     def run_batch(jobs: list[_Job]) -> list[Completion]:
-        r = jobs[0].request
         outs = generate(
             model,
             tokenizer,
             [[m.model_dump() for m in j.request.messages] for j in jobs],
             [j.budget for j in jobs],
             max_new_tokens=max(j.max_tokens for j in jobs),
-            temperature=r.temperature,
-            top_p=r.top_p,
-            seed=r.seed,
+            temperature=[j.request.temperature for j in jobs],
+            top_p=[j.request.top_p for j in jobs],
+            seed=[j.request.seed for j in jobs],
         )
         return [truncate(out, job.max_tokens) for out, job in zip(outs, jobs, strict=True)]
 
