@@ -231,3 +231,34 @@ def test_a_journal_without_settings_resumes_by_its_hash_alone(synth_run, tmp_pat
     assert proc.returncode == 2 and "other settings" in proc.stderr
     assert steiner(*args, "--seed", "3").returncode == 0
     assert (tmp_path / "paths.jsonl").read_bytes() == (tmp / "out" / "paths.jsonl").read_bytes()
+
+
+def test_a_moved_problem_file_resumes_and_an_edited_one_is_refused(synth_run, tmp_path):
+    tmp, _ = synth_run
+    lines = (tmp / "shortcut.jsonl").read_text().splitlines(keepends=True)
+    moved = tmp_path / "elsewhere" / "problems.jsonl"
+    moved.parent.mkdir()
+    moved.write_text("".join(lines))
+    out = tmp_path / "moved"
+    rewrite_journal(out, half_finished_run(synth_run, out))
+    assert (
+        steiner("synth", "--shortcut", str(moved), "--out", str(out), "--seed", "3").returncode == 0
+    )
+    for name in ("dags.jsonl", "paths.jsonl", "stats.json"):
+        assert (out / name).read_bytes() == (tmp / "out" / name).read_bytes(), name
+    # a problem among those done was edited: the DAGs written for it would no longer match
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join([lines[1], lines[0], *lines[2:]]))
+    out = tmp_path / "edited"
+    rewrite_journal(out, half_finished_run(synth_run, out))
+    proc = steiner("synth", "--shortcut", str(edited), "--out", str(out), "--seed", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ".journal.jsonl:2:" in proc.stderr and "the file changed since" in proc.stderr
+    # a journal from before the check names no digest: its path is compared, as it was
+    out = tmp_path / "old"
+    entries = half_finished_run(synth_run, out)
+    for entry in entries:
+        del entry["problems_sha256"]
+    rewrite_journal(out, entries)
+    proc = steiner("synth", "--shortcut", str(moved), "--out", str(out), "--seed", "3")
+    assert proc.returncode == 2 and "shortcut: " in proc.stderr

@@ -227,6 +227,22 @@ def _process_chunk_star(args: tuple[SynthConfig, list[dict[str, Any]]]) -> dict[
     return process_chunk(*args)
 
 
+PROBLEMS_KEY = "problems_sha256"  # of the problems done so far, in the journal's lines
+
+
+def problems_digest(problems: list[dict[str, Any]], digest: Any = None) -> Any:
+    """A running SHA-256 over problem records. Resume checks the problems a journal has done
+    against the file's first ones, not the file's path, as eval does with its questions."""
+    digest = hashlib.sha256() if digest is None else digest
+    for problem in problems:
+        digest.update(json.dumps(problem, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest
+
+
+def _hex(digest: Any) -> str:
+    return digest.hexdigest()[:16]
+
+
 def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     """Run (or resume) synthesis; returns the stats written to stats.json."""
     problems = load_shortcuts(cfg.shortcut, cfg.domain, cfg.step_separator)
@@ -241,7 +257,13 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     if journal:
         if "settings" in journal[0]:
             defaults = SynthConfig().resume_settings()
-            differences = settings_differences(journal[0]["settings"], settings, defaults)
+            stored, wanted = journal[0]["settings"], settings
+            if PROBLEMS_KEY in journal[0]:
+                # the problems themselves are checked below, not the file's path: a moved
+                # file resumes
+                stored = {k: v for k, v in stored.items() if k != "shortcut"}
+                wanted = {k: v for k, v in wanted.items() if k != "shortcut"}
+            differences = settings_differences(stored, wanted, defaults)
         else:
             same = journal[0].get("fingerprint") == fingerprint
             differences = "" if same else "its journal, from an older Steiner, names none"
@@ -254,7 +276,11 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     else:
         for key in ("dags", "paths"):
             files[key].write_bytes(b"")
-        first = {"fingerprint": fingerprint, "settings": settings}
+        first = {
+            "fingerprint": fingerprint,
+            "settings": settings,
+            PROBLEMS_KEY: _hex(problems_digest([])),
+        }
         _append(
             files["journal"],
             json.dumps(first | {"done": 0, "dags_bytes": 0, "paths_bytes": 0}) + "\n",
@@ -265,6 +291,15 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
         with files[key].open("r+b") as fh:
             fh.truncate(last[f"{key}_bytes"])
     done = last["done"]
+    # journals from before the digest carry none: their shortcut path was compared instead
+    digest = problems_digest(problems[:done]) if PROBLEMS_KEY in journal[0] else None
+    if digest is not None and last.get(PROBLEMS_KEY) != _hex(digest):
+        raise InputError(
+            files["journal"],
+            len(journal),
+            f"the {done} problems done here are not the first {done} of {cfg.shortcut}"
+            f"{f' (shard {cfg.shard})' if n > 1 else ''}: the file changed since; use a new --out",
+        )
     todo = list(chunks(problems[done:], cfg.chunk_size))
     if progress is not None:
         progress(done, len(problems))
@@ -301,6 +336,7 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
         entry = {
             "fingerprint": fingerprint,
             "done": done,
+            **({PROBLEMS_KEY: _hex(problems_digest(chunk, digest))} if digest is not None else {}),
             "dags_bytes": files["dags"].stat().st_size,
             "paths_bytes": files["paths"].stat().st_size,
             "stats": result["stats"],
