@@ -10,6 +10,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -41,6 +42,21 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
+def timed_generate(model: Any, tok: Any, batch: Any, new_tokens: int, **kwargs: Any) -> float:
+    """Seconds for one seeded ``generate`` of exactly ``new_tokens`` tokens per row."""
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=tok.pad_token_id,
+            **kwargs,
+        )
+    return time.perf_counter() - start
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     for preset in ("tiny", "small"):
@@ -63,18 +79,7 @@ def measure(preset: str) -> None:
         procs = {True: [StepBudgetLogitsProcessor(tok, budget)], False: [], None: [NoOp()]}[
             with_budget
         ]
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                **batch,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=True,
-                logits_processor=procs,
-                pad_token_id=tok.pad_token_id,
-            )
-        return time.perf_counter() - start
+        return timed_generate(model, tok, batch, NEW_TOKENS, do_sample=True, logits_processor=procs)
 
     run(False), run(True), run(None)  # warm-up
     plain, budgeted, noop = [], [], []

@@ -10,12 +10,11 @@ entries, where the per-row work over the vocabulary weighs most.
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 
 import torch
 
-from bench_processor import tokenizer
+from bench_processor import timed_generate, tokenizer
 from steiner.infer.sampling import PerRowSampler
 from steiner.train.model import build_model
 
@@ -31,28 +30,14 @@ def measure(vocab: int | None, new_tokens: int) -> float:
     batch = tok(prompts, return_tensors="pt", padding=True)
 
     def run(per_row: bool) -> float:
-        torch.manual_seed(0)
-        sampling = (
-            {
-                "do_sample": False,
-                "logits_processor": [
-                    PerRowSampler([0.7] * BATCH, [0.95] * BATCH, list(range(BATCH)))
-                ],
-            }
-            if per_row
-            else {"do_sample": True, "temperature": 0.7, "top_p": 0.95}
-        )
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                **batch,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                top_k=None,
-                pad_token_id=tok.pad_token_id,
-                **sampling,
+        if per_row:
+            rows = PerRowSampler([0.7] * BATCH, [0.95] * BATCH, list(range(BATCH)))
+            return timed_generate(
+                model, tok, batch, new_tokens, do_sample=False, top_k=None, logits_processor=[rows]
             )
-        return time.perf_counter() - start
+        return timed_generate(
+            model, tok, batch, new_tokens, do_sample=True, temperature=0.7, top_p=0.95, top_k=None
+        )
 
     run(False), run(True)  # warm-up
     hf, ours = [], []
