@@ -7,7 +7,7 @@ uninterrupted one. transformers has no per-row generator, so this processor samp
 with its own ``torch.Generator`` (seeded per row, like vLLM's ``SamplingParams.seed``) and hands
 ``generate`` a score row whose only finite entry is the drawn token; run with
 ``do_sample=False``, greedy search then takes exactly that token. Temperature and top-p use
-transformers' own warpers, row by row.
+transformers' own warpers, on the rows that share them together.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class PerRowSampler(LogitsProcessor):
         self.n_rows = len(seeds)
         self.seeds = [
             (int(torch.randint(0, 2**62, ())) if s is None else s) if t > 0 else None
-            for t, p, s in zip(temperatures, top_ps, seeds, strict=True)
+            for t, s in zip(temperatures, seeds, strict=True)
         ]
         # rows that share their settings are warped together (usually one group in all)
         groups: dict[tuple[float, float], list[int]] = {}
