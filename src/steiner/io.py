@@ -1,5 +1,6 @@
-"""Reading and writing record files (JSON Lines or Parquet) with one-line input errors, and
-the settings check that lets a resumable job continue.
+"""Reading and writing record files (JSON Lines or Parquet) with one-line input errors, the
+settings check that lets a resumable job continue, and the per-record seeds that make a job's
+output independent of how it is split into batches, chunks or resumed runs.
 
 Bottom layer like ``format``: imports nothing else from steiner.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -163,3 +165,9 @@ def check_checkpoint_inputs(
         check_resume_record(record, inputs, {}, what, remedy, write=main)
     elif main:
         write_json(record, inputs)
+
+
+def derived_seed(*parts: Any) -> int:
+    """A seed from a job's seed and a record's identity (``seed, problem id, ...``), so each
+    record draws the same numbers whatever else is processed with it."""
+    return zlib.crc32(":".join(map(str, parts)).encode())

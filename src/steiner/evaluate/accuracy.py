@@ -9,7 +9,6 @@ each problem id, so old outputs never pass for another model's, budget's or prob
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, wilson_interval
 from steiner.infer.budget import Budget
 from steiner.infer.generate import Completion, generate, load
-from steiner.io import InputError, check_resume_record, local_path, write_json
+from steiner.io import InputError, check_resume_record, derived_seed, local_path, write_json
 
 
 @dataclass
@@ -58,13 +57,6 @@ def output_settings(cfg: EvalConfig) -> dict[str, Any]:
         d.pop("seed")
     d["model"] = local_path(cfg.model)
     return d
-
-
-def sample_seed(seed: int, problem_id: str, k: int) -> int:
-    """The seed of a problem's k-th sample: from the problem's id, not its place in a batch,
-    so a resumed eval, another batch size or another --limit draw the same samples."""
-    digest = hashlib.blake2b(f"{seed}/{problem_id}/{k}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest) >> 1  # torch seeds are below 2**63
 
 
 def read_outputs(path: Path) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -162,6 +154,7 @@ def evaluate_records(
             )
     todo = [p for p in problems if p["id"] not in done]
     drop_cut_line(outputs_path)
+    records_by_id = {i: rec for i, (_, rec) in done.items()}  # and this run's, as written
     model, tokenizer = model_and_tokenizer or load(cfg.model)
     budget = Budget(cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, None, cfg.extend_with)
     if progress:
@@ -182,7 +175,9 @@ def evaluate_records(
                     [budget] * len(batch),
                     cfg.max_new_tokens,
                     cfg.temperature,
-                    seed=[sample_seed(cfg.seed, p["id"], k) for p in batch],
+                    # from the problem, not its place in a batch: a resumed run, another
+                    # --batch-size or --limit draw the same samples
+                    seed=[derived_seed(cfg.seed, p["id"], k) for p in batch],
                 )
                 for row, o in zip(sampled, outs, strict=True):
                     row.append(o)
@@ -203,12 +198,12 @@ def evaluate_records(
                     rec["maj_correct"] = vote is not None and domain.check_answer(problem, vote)
                     rec["pass_correct"] = any(oks)
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                records_by_id[rec["id"]] = rec
             fh.flush()
             os.fsync(fh.fileno())
             if progress:
                 progress(len(problems) - len(todo) + start + len(batch), len(problems))
-    stored = read_outputs(outputs_path)
-    records = [stored[p["id"]][1] for p in problems if p["id"] in stored]
+    records = [records_by_id[p["id"]] for p in problems]
     metrics = summarize(records, cfg)
     write_json(out_dir / "metrics.json", metrics)
     return metrics, records

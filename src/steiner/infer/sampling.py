@@ -48,8 +48,11 @@ class PerRowSampler(LogitsProcessor):
         ]
         self.sampled = [i for rows, _ in self.groups for i in rows]  # in group order
         self.all_rows = self.sampled == list(range(self.n_rows))
-        self.generators: list[torch.Generator] | None = None
-        self.index: list[torch.Tensor] = []  # each group's rows, then all sampled rows
+        self.whole = self.all_rows and len(self.groups) == 1  # warp the scores without a copy
+        # made at the first call, on the scores' device
+        self.generators: list[torch.Generator] = []
+        self.group_rows: list[torch.Tensor] = []
+        self.sampled_rows = torch.tensor([])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if len(scores) != self.n_rows:
@@ -57,16 +60,15 @@ class PerRowSampler(LogitsProcessor):
         if not self.sampled:
             return scores
         device = scores.device
-        if self.generators is None:  # on the scores' device, known only now
+        if not self.generators:
             self.generators = [
                 torch.Generator(device).manual_seed(self.seeds[i]) for i in self.sampled
             ]
-            self.index = [torch.tensor(r, device=device) for r, _ in self.groups]
-            self.index.append(torch.tensor(self.sampled, device=device))
+            self.group_rows = [torch.tensor(r, device=device) for r, _ in self.groups]
+            self.sampled_rows = torch.tensor(self.sampled, device=device)
         parts = []
-        whole = self.all_rows and len(self.groups) == 1  # warp the scores without a copy
-        for (_, warpers), rows in zip(self.groups, self.index[:-1], strict=True):
-            part, ids = (scores, input_ids) if whole else (scores[rows], input_ids[rows])
+        for (_, warpers), rows in zip(self.groups, self.group_rows, strict=True):
+            part, ids = (scores, input_ids) if self.whole else (scores[rows], input_ids[rows])
             for warp in warpers:
                 part = warp(ids, part)
             parts.append(part)
@@ -82,6 +84,6 @@ class PerRowSampler(LogitsProcessor):
         tokens = tokens.clamp(max=scores.shape[-1] - 1).squeeze(1)
         # every row sampled (the usual case): no need to copy the scores
         out = torch.full_like(scores, float("-inf")) if self.all_rows else scores.clone()
-        out[self.index[-1]] = float("-inf")
-        out[self.index[-1], tokens] = 0.0
+        out[self.sampled_rows] = float("-inf")
+        out[self.sampled_rows, tokens] = 0.0
         return out

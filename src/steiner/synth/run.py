@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import random
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 from steiner.dag import Dag, Observation, build_dag
 from steiner.domains import get_domain, load_shortcuts, walk_shortcut
 from steiner.domains.base import Domain
-from steiner.io import InputError, settings_differences, write_json
+from steiner.io import InputError, derived_seed, settings_differences, write_json
 from steiner.synth.cluster import cluster_texts
 from steiner.synth.paths import PathSettings, default_token_count, sample_paths, tokenizer_counter
 from steiner.synth.teachers import Job, OpenAISettings, OpenAITeacher, OracleTeacher, StepOut
@@ -105,17 +104,13 @@ def output_paths(cfg: SynthConfig) -> dict[str, Path]:
     }
 
 
-def _seed(*parts: Any) -> int:
-    return zlib.crc32(":".join(map(str, parts)).encode())
-
-
 def plan_jobs(problem: dict[str, Any], cfg: SynthConfig) -> list[Job]:
     """M truncation points (kept-step counts, sampled without replacement) x K attempts."""
     steps = problem["steps"]
-    rng = random.Random(_seed(cfg.seed, problem["id"], "cuts"))
+    rng = random.Random(derived_seed(cfg.seed, problem["id"], "cuts"))
     cuts = sorted(rng.sample(range(len(steps)), min(cfg.truncations, len(steps))))
     return [
-        Job(problem, steps[:cut], _seed(cfg.seed, problem["id"], cut, k))
+        Job(problem, steps[:cut], derived_seed(cfg.seed, problem["id"], cut, k))
         for cut in cuts
         for k in range(cfg.attempts)
     ]
@@ -179,7 +174,7 @@ def process_chunk(
         stats["dags"] += 1
         stats["nodes"] += len(dag.nodes)
         stats["dead_end_nodes"] += sum(n.d_e is None for n in dag.nodes)
-        rng = random.Random(_seed(cfg.seed, problem["id"], "paths"))
+        rng = random.Random(derived_seed(cfg.seed, problem["id"], "paths"))
         paths, dropped = sample_paths(domain, problem, dag, rng, cfg.paths, count)
         for k, v in dropped.items():
             stats[f"dropped_{k}"] += v
