@@ -158,6 +158,14 @@ def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, s
     with pytest.raises(InputError, match="model: ") as err:
         run_rl(other, log=lambda r: None)
     assert err.value.path == str(tmp_path / "a" / "rl_settings.json")
+    # and from the same problems and DAGs, by content: fewer DAGs elsewhere are refused
+    problems, dags = small_countdown
+    fewer = tmp_path / "fewer-dags.jsonl"
+    fewer.write_text("".join(dags.read_text().splitlines(keepends=True)[:-1]))
+    with pytest.raises(InputError, match="dags_sha256: "):
+        run_rl(
+            small_rl_config(tiny_model_dir, (problems, fewer), tmp_path / "a"), log=lambda r: None
+        )
     clean = run_rl(
         small_rl_config(tiny_model_dir, small_countdown, tmp_path / "b"), log=lambda r: None
     )["history"]

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from transformers import (
 )
 
 from steiner.format import REASONING_START, SPECIAL_TOKENS, parse
-from steiner.io import InputError
+from steiner.io import InputError, settings_differences
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import sft_dataset
 from steiner.train.model import descriptive_words, init_model
@@ -177,11 +178,35 @@ def test_resume_restores_step_and_optimizer(data):
         run_sft(quick(SFTStageConfig, data, "resume", **cfg, shortcut=True))
     more = run_sft(quick(SFTStageConfig, data, "resume", **(cfg | {"max_steps": 9})))
     assert more["resumed_from"].endswith("checkpoint-8") and more["steps"] == 9
+    # the data are checked by content, not by path: a moved file resumes, an edited one does not
+    moved = data / "resume-moved" / "paths.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(cfg["data"], moved)
+    onward = cfg | {"data": str(moved), "max_steps": 10}
+    assert run_sft(quick(SFTStageConfig, data, "resume", **onward))["resumed_from"].endswith(
+        "checkpoint-9"
+    )
+    lines = moved.read_text().splitlines(keepends=True)
+    moved.write_text("".join(lines[1:] + lines[:1]))  # the same records in another order
+    with pytest.raises(InputError, match="data_sha256: '[0-9a-f]{16}' there, '[0-9a-f]{16}' here"):
+        run_sft(quick(SFTStageConfig, data, "resume", **(onward | {"max_steps": 11})))
     # starting over writes the new inputs down
     again = quick(SFTStageConfig, data, "resume", **cfg, limit_problems=10, resume=False)
     assert run_sft(again)["resumed_from"] is None
     settings = json.loads((data / "resume" / "train_settings.json").read_text())
     assert settings["limit_problems"] == 10 and settings["model"] == str(data / "init")
+
+
+def test_a_record_from_before_data_digests_compares_paths():
+    old = {"data": "/a/paths.jsonl"}
+    moved = {"data": "/b/paths.jsonl", "data_sha256": "0123456789abcdef"}
+    assert settings_differences(old, moved, {}) == (
+        "data: '/a/paths.jsonl' there, '/b/paths.jsonl' here"
+    )
+    assert settings_differences(old, moved | {"data": "/a/paths.jsonl"}, {}) == ""
+    # with a digest on both sides the path no longer matters, the content does
+    assert settings_differences(moved | {"data": "/a/paths.jsonl"}, moved, {}) == ""
+    assert "data_sha256" in settings_differences(moved | {"data_sha256": "f" * 16}, moved, {})
 
 
 def test_shortcut_baseline_and_token_budget(data):

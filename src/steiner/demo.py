@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from steiner.io import InputError, check_resume_record, write_json, write_jsonl, write_lines
+from steiner.io import (
+    InputError,
+    check_resume_record,
+    file_digest,
+    write_json,
+    write_jsonl,
+    write_lines,
+)
 
 PROFILES = ("quick", "full")
 QUICK_MINUTES = 20  # the quick profile's time goal on a 2-core CPU (stage time, summed)
@@ -581,6 +588,8 @@ def run_demo(
     root.mkdir(parents=True, exist_ok=True)
     settings_path = root / "demo_settings.json"
     wanted = {"profile": profile, "problems": problems, **asdict(s)}
+    if problems:
+        wanted["problems_sha256"] = file_digest(problems)
     check_resume_record(settings_path, wanted, asdict(DemoSettings()), "a demo", "use a new --out")
     import torch
 

@@ -36,7 +36,7 @@ from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.vllm_budget import VLLM_PROCESSOR
-from steiner.io import InputError, check_checkpoint_inputs, local_path, write_json
+from steiner.io import InputError, check_checkpoint_inputs, file_digest, local_path, write_json
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 
@@ -292,6 +292,7 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         )
     # a checkpoint continues only from the same start (the KL term's reference too) and data
     inputs = {k: local_path(getattr(cfg, k)) for k in ("model", "problems", "dags")}
+    inputs |= {f"{k}_sha256": file_digest(getattr(cfg, k)) for k in ("problems", "dags")}
     resuming = cfg.resume and _last_checkpoint(cfg.output_dir) is not None
     record = Path(cfg.output_dir, SETTINGS_FILE)
     check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)

@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from steiner.format import SPECIAL_TOKENS
-from steiner.io import check_checkpoint_inputs, local_path
+from steiner.io import check_checkpoint_inputs, file_digest, local_path
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
 
@@ -293,13 +293,21 @@ SETTINGS_FILE = "train_settings.json"
 def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, Any]:
     """What a stage trains from: the model it starts at and its data. A checkpoint continues
     only with these; hyperparameters may change on resume, as with Trainer's
-    ``resume_from_checkpoint`` (to train on to more steps, say)."""
+    ``resume_from_checkpoint`` (to train on to more steps, say). Data files are checked by
+    content, the model by its path (hashing gigabytes of weights on every start is not worth
+    it: a stage's start model is a finished stage's output, which Steiner does not rewrite)."""
     inputs = {"stage": stage, "model": local_path(cfg.model)}
     if isinstance(cfg, SFTStageConfig):
-        return inputs | {"data": local_path(cfg.data), "limit_problems": cfg.limit_problems}
+        return inputs | {
+            "data": local_path(cfg.data),
+            "data_sha256": file_digest(cfg.data),
+            "limit_problems": cfg.limit_problems,
+        }
     return inputs | {
         "paths": [local_path(p) for p in cfg.paths],
+        "paths_sha256": [file_digest(p) for p in cfg.paths],
         "texts": [local_path(t) for t in cfg.texts],
+        "texts_sha256": [file_digest(t) for t in cfg.texts],
         "reasoning_ratio": cfg.reasoning_ratio,
         "countdown_facts": cfg.countdown_facts,
     }
