@@ -189,6 +189,22 @@ def test_eval_will_not_resume_with_other_settings(tiny_model_dir, problems, tmp_
     assert "Traceback" not in proc.stderr
 
 
+def test_an_empty_problem_file_is_an_error_not_zero_of_zero(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    for command in ("eval", "scale"):
+        out = tmp_path / command
+        proc = steiner(
+            command, "--model", str(tiny_model_dir), "--problems", str(empty), "--out", str(out)
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert (
+            proc.stderr.strip()
+            == f"steiner: error: {empty}: no records; expected one problem per line"
+        )
+        assert not out.exists()
+
+
 def test_sampled_eval_draws_the_same_samples_however_it_is_batched(
     tiny_model_dir, problems, tmp_path
 ):

@@ -163,6 +163,13 @@ def test_200_concurrent_requests_no_5xx(server):
             "min_steps",
         ),
         (
+            # over int64 (vLLM's range too): refused up front, not a failed batch for everyone
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"temperature": 0.5, "seed": 99999999999999999999}',
+            400,
+            "seed",
+        ),
+        (
             b'{"model": "tiny", "messages": [{"role": "user", "content": "'
             + b"x" * 30_000
             + b'"}]}',

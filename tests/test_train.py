@@ -24,6 +24,7 @@ from steiner.io import InputError, settings_differences
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import sft_dataset
 from steiner.train.model import descriptive_words, init_model
+from steiner.train.rl import RLStageConfig, run_rl
 from steiner.train.trainer import run_cpt, run_sft, shared_tied_keys
 
 
@@ -345,6 +346,33 @@ def test_train_cli_bad_flag_is_one_line(data):
     proc = steiner("train", "sft", "--model", str(data / "init"), "--bogus", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "--bogus" in proc.stderr
+
+
+def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
+    from steiner.cli import parse_stage_config
+
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(InputError, match="cannot open: No such file") as err:
+        parse_stage_config(SFTStageConfig, ["--config", str(missing)], "steiner train sft")
+    assert err.value.path == str(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("max_steps: 10\nlearning_rate: [1e-3\n")
+    with pytest.raises(InputError, match="invalid YAML") as err:
+        parse_stage_config(SFTStageConfig, ["--config", str(broken)], "steiner train sft")
+    assert (err.value.path, err.value.line) == (str(broken), 3)
+
+
+def test_a_seed_out_of_numpys_range_is_one_error_line(tmp_path):
+    from steiner.cli import parse_stage_config
+
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(InputError, match=f"expected 0 to 4294967295, got {seed}"):
+            parse_stage_config(SFTStageConfig, ["--seed", seed], "steiner train sft")
+        with pytest.raises(InputError, match="--seed"):
+            run_rl(RLStageConfig(seed=int(seed)))
+        proc = steiner("demo", "--out", str(tmp_path / "demo"), "--seed", seed)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--seed" in proc.stderr
+        assert not (tmp_path / "demo").exists()
 
 
 def test_yaml_config_with_command_line_override(tmp_path):

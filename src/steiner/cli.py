@@ -16,7 +16,7 @@ from rich.table import Table
 
 from steiner import format as fmt
 from steiner.domains import countdown
-from steiner.io import InputError, iter_records, validate, write_jsonl
+from steiner.io import MAX_SEED, InputError, iter_records, validate, write_jsonl
 
 app = typer.Typer(
     help="Steiner: train language models that search inside one context.",
@@ -36,6 +36,10 @@ app.add_typer(graph_app, name="graph")
 app.add_typer(format_app, name="format")
 
 console = Console(stderr=True)
+# typer checks the range (io.MAX_SEED), so a bad seed is one error line before any stage runs
+Seed = Annotated[
+    int, typer.Option(min=0, max=MAX_SEED, help="Random seed; the same seed gives the same files.")
+]
 out = Console()
 
 
@@ -75,7 +79,7 @@ def countdown_generate(
     max_number: Annotated[int, typer.Option(min=1)] = 50,
     min_target: Annotated[int, typer.Option(min=0)] = 10,
     max_target: Annotated[int, typer.Option(min=0)] = 100,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, same file.")] = 0,
+    seed: Seed = 0,
     shortcut: Annotated[
         bool, typer.Option("--shortcut", help="Add the steps of one solution.")
     ] = False,
@@ -131,7 +135,7 @@ def graph_generate(
     extra_edge_prob: Annotated[
         float, typer.Option(min=0, max=1, help="dag: chance of each extra forward edge.")
     ] = 0.1,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, same file.")] = 0,
+    seed: Seed = 0,
     shortcut: Annotated[
         bool, typer.Option("--shortcut", help="Add the steps of the shortest path.")
     ] = False,
@@ -251,7 +255,7 @@ def synth(
         float, typer.Option(help="Cosine distance (text domains).")
     ] = 0.25,
     step_separator: Annotated[str, typer.Option(help="Splits a text chain of thought.")] = "\n",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Seed = 0,
     shard: Annotated[
         str | None, typer.Option(help="i/N: handle every N-th problem from i.")
     ] = None,
@@ -436,6 +440,7 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help
 
 def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], prog: str) -> Any:
     """Parse a stage's dataclass(es) from --config YAML and flags; errors become one line."""
+    import yaml
     from trl import TrlParser
 
     class OneLineParser(TrlParser):
@@ -447,6 +452,15 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
         parsed = OneLineParser(classes, prog=prog).parse_args_and_config(args=args)
     except ValueError as exc:  # unknown flags, bad YAML keys
         raise InputError(prog, None, str(exc)) from None
+    except OSError as exc:  # the --config file
+        raise InputError(exc.filename, None, f"cannot open: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = (mark.name, mark.line + 1) if mark else (prog, None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(
+            *where, f"invalid YAML: {problem}; expected a mapping of config fields"
+        ) from None
     return parsed if isinstance(config_cls, tuple) else parsed[0]
 
 
@@ -563,7 +577,7 @@ def generate_cmd(
     extend_with: Annotated[str, typer.Option(help="model | proceed | backtrack")] = "model",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     temperature: Annotated[float, typer.Option(min=0)] = 0.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Seed = 0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the parsed trace as JSON.")
     ] = False,
@@ -661,7 +675,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0, help="For the k samples.")] = 0.7,
     limit: Annotated[int | None, typer.Option(min=1, help="First N problems only.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Seed = 0,
 ) -> None:
     """Accuracy (pass@1, maj@k, pass@k), steps, backtracks, format errors; raw outputs."""
     from steiner.evaluate.accuracy import EvalConfig, evaluate
@@ -772,7 +786,7 @@ def probe_latency_cmd(
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
     max_tokens: Annotated[int, typer.Option(min=8)] = 512,
     api_key_env: Annotated[str, typer.Option()] = "OPENAI_API_KEY",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Seed = 0,
 ) -> None:
     """Completion tokens vs request seconds: linear fit, R², scatter plot."""
     import os
@@ -825,7 +839,7 @@ def demo(
     problems: Annotated[
         str | None, typer.Option(help="Held-out problem file to evaluate on instead.")
     ] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Seed = 0,
 ) -> None:
     """The whole pipeline: problems, synth, init/CPT/SFT, shortcut baseline, RL, eval, scale,
     serve + latency probe, report card (resumes from the last finished stage)."""

@@ -195,6 +195,15 @@ def check_checkpoint_inputs(
         write_json(record, inputs)
 
 
+MAX_SEED = 2**32 - 1  # numpy's range, which transformers' set_seed needs
+
+
+def check_seed(seed: int) -> None:
+    """A seed out of range is one error line, not numpy's traceback mid-stage."""
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError("--seed", None, f"expected 0 to {MAX_SEED}, got {seed}")
+
+
 def derived_seed(*parts: Any) -> int:
     """A seed from a job's seed and a record's identity (``seed, problem id, ...``), so each
     record draws the same numbers whatever else is processed with it."""

@@ -33,12 +33,17 @@ def get_domain(name: str) -> Domain:
 
 
 def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[dict[str, Any]]:
-    """Problems to evaluate: any record file of a domain (bare fields are enough)."""
+    """Problems to evaluate: any record file of a domain (bare fields are enough). An empty
+    file is an error, not an accuracy of 0/0."""
     if domain == "mcq":
         from steiner.domains.mcq import load_mcq
 
-        return load_mcq(source)
-    return load_shortcuts(source, domain)
+        problems = load_mcq(source)
+    else:
+        problems = load_shortcuts(source, domain)
+    if not problems:
+        raise InputError(source, None, "no records; expected one problem per line")
+    return problems
 
 
 class _CountdownRecord(BaseModel):

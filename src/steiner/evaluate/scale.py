@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from steiner.domains import load_problems
 from steiner.evaluate.accuracy import EvalConfig, evaluate_records
 from steiner.evaluate.metrics import scaling_metrics
 from steiner.infer.generate import load
@@ -24,6 +25,7 @@ def run_scale(
     base: EvalConfig, budgets: list[int], modes: list[str], progress=None
 ) -> dict[str, Any]:
     out = Path(base.out)
+    load_problems(base.problems, base.domain)  # a bad file is one error line before the model loads
     model_and_tokenizer = load(base.model)
     rows = []
     for mode in modes:

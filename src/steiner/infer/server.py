@@ -44,7 +44,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM
     # Steiner extras (also accepted inside "extra_body" by the openai client, which merges them)
     min_steps: int | None = Field(default=None, ge=0)
     max_steps: int | None = Field(default=None, ge=1)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from steiner.io import InputError
+from steiner.io import InputError, check_seed
 
 _NO_GPU = not torch.cuda.is_available()
 
@@ -52,6 +52,9 @@ class InitConfig:
     max_positions: int = field(default=8192, metadata={"help": "Context length of a new model."})
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
+
 
 @dataclass
 class _StageMixin:
@@ -84,6 +87,7 @@ class _StageMixin:
         # the plain loss is the mean token NLL; other loss types (DFT) live in TRL's head
         if self.fused_lm_head is False and self.loss_type != "nll":
             raise InputError("--fused_lm_head", None, "false needs --loss_type nll")
+        check_seed(self.seed)
         super().__post_init__()
 
 

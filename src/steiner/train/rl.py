@@ -36,7 +36,14 @@ from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.vllm_budget import VLLM_PROCESSOR
-from steiner.io import InputError, check_checkpoint_inputs, file_digest, local_path, write_json
+from steiner.io import (
+    InputError,
+    check_checkpoint_inputs,
+    check_seed,
+    file_digest,
+    local_path,
+    write_json,
+)
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 
@@ -272,6 +279,7 @@ def _save_checkpoint(
 
 
 def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
+    check_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.loss_type not in ("grpo", "dapo"):
