@@ -164,3 +164,27 @@ def test_the_run_max_forward_is_what_the_teacher_asks_for(server, tmp_path):
     assert proposals and all("Write the next 3 step(s)" in p for p in proposals)
     # journals from before keep resuming: their settings record the OpenAI copy too
     assert cfg.resume_settings()["openai.max_forward"] == 3
+
+
+def test_an_unreachable_teacher_stops_the_run_and_a_fixed_url_starts_it_over(server, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    shortcut = tmp_path / "text.jsonl"
+    rows = [{"id": q, "question": q, "cot": "1+1=2\n2+2=4", "answer": "4"} for q in BEHAVIOUR]
+    shortcut.write_text("".join(json.dumps(r) + "\n" for r in rows if "valid" in r["id"]))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    stopped = synth(shortcut, out, cache, dead)
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    assert (
+        f"the teacher at {dead} answered none of the 4 calls for problems 1-2 (connection: 4)"
+        in (stopped.stderr)
+    )
+    # no shortcut-only DAGs were kept, and no failure cached that would outlive the fix
+    assert (out / "dags.jsonl").read_text() == "" and not list(cache.rglob("*.json"))
+    fixed = synth(shortcut, out, cache, server)  # the same --out: nothing was done there yet
+    assert fixed.returncode == 0, fixed.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dags"] == 2 and stats["teacher_faults"] == {} and stats["failed_attempts"] == 0

@@ -249,7 +249,9 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     files["dags"].parent.mkdir(parents=True, exist_ok=True)
     journal = _read_journal(files["journal"])
     fingerprint, settings = cfg.fingerprint(), cfg.resume_settings()
-    if journal:
+    # a run that finished no chunk (one that stopped on an unreachable teacher, say) holds
+    # nothing to protect: it starts over with this command's settings
+    if journal and journal[-1]["done"] > 0:
         if "settings" in journal[0]:
             defaults = SynthConfig().resume_settings()
             stored, wanted = journal[0]["settings"], settings
@@ -269,7 +271,7 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
                 f"this directory holds a run with other settings ({differences}); use a new --out",
             )
     else:
-        for key in ("dags", "paths"):
+        for key in ("dags", "paths", "journal"):
             files[key].write_bytes(b"")
         first = {
             "fingerprint": fingerprint,
@@ -321,10 +323,22 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     requests = 0
     for chunk, result in zip(todo, results(), strict=True):
         if teacher is not None:  # the openai teacher's counts accumulate across chunks
+            if not teacher.replies and teacher.faults:
+                # a teacher that answers nothing is a setup error, not data: the chunk's DAGs
+                # would all be the bare shortcuts, kept for good by the journal
+                faults = ", ".join(f"{k}: {v}" for k, v in sorted(teacher.faults.items()))
+                raise InputError(
+                    "--base-url",
+                    None,
+                    f"the teacher at {cfg.openai.base_url} answered none of the "
+                    f"{sum(teacher.faults.values())} calls for problems {done + 1}-"
+                    f"{done + len(chunk)} ({faults}); check --base-url, --model and "
+                    "--api-key-env (cached failures: --retry-failed)",
+                )
             result["faults"] = dict(teacher.faults)
             result["requests"] = teacher.requests
             teacher.faults.clear()
-            teacher.requests = 0
+            teacher.requests = teacher.replies = 0
         _append(files["dags"], result["dags"])
         _append(files["paths"], result["paths"])
         done += len(chunk)

@@ -192,6 +192,11 @@ class OpenAISettings:
     retry_failed: bool = False
 
 
+# faults that say the request never reached a model (no server, a wrong key, model or path):
+# not cached, so a re-run once the teacher is set up asks again
+UNREACHED = frozenset({"connection", "http_401", "http_403", "http_404"})
+
+
 class OpenAITeacher:
     """The same two calls as prompts to an OpenAI-compatible chat endpoint."""
 
@@ -208,6 +213,7 @@ class OpenAITeacher:
         self.cache = ResponseCache(settings.cache_dir or cache_dir, settings.retry_failed)
         self.faults: Counter[str] = Counter()
         self.requests = 0
+        self.replies = 0  # calls answered (made or cached), whatever the reply said
 
     def continue_all(self, jobs: list[Job]) -> list[list[StepOut] | None]:
         return asyncio.run(self._continue_all(jobs))
@@ -253,9 +259,11 @@ class OpenAITeacher:
                     entry = {"ok": False, "fault": "connection"}
                 except (IndexError, AttributeError, TypeError):
                     entry = {"ok": True, "content": ""}  # a 200 with an odd body: malformed
-            self.cache.put(key, entry)
+            if entry.get("fault") not in UNREACHED:
+                self.cache.put(key, entry)
         if not entry["ok"]:
             raise _Fault(entry["fault"])
+        self.replies += 1
         return entry["content"]
 
     async def _continue(
