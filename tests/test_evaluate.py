@@ -161,6 +161,21 @@ def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
     assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report
 
 
+def test_report_lists_files_of_other_tools_instead_of_failing_on_them(tmp_path):
+    (tmp_path / "lm-eval").mkdir()
+    (tmp_path / "lm-eval" / "metrics.json").write_text('{"acc": 0.5}')
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "latency.json").write_text('{"intercept_s": 0.1,')
+    (tmp_path / "outputs.jsonl").write_text('{"id": "a", "answer": "4"}\n')  # not eval's
+    proc = steiner("report", str(tmp_path))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    said = proc.stderr.replace("\n", "")  # rich wraps long lines
+    assert "lm-eval/metrics.json" in said and "cut/latency.json" in said
+    report = (tmp_path / "report.md").read_text()
+    assert "| lm-eval/metrics.json | not a Steiner metrics.json: no 'n', 'correct', " in report
+    assert "| cut/latency.json | not JSON: " in report and "Nothing to report yet" in report
+
+
 def _eval_config(model, problems, out, **kw):
     from steiner.evaluate.accuracy import EvalConfig
 

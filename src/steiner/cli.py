@@ -825,6 +825,10 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]
 
     paths = build_report(run_dir)
     console.print(f"wrote {paths['markdown']} and {paths['html']}")
+    if paths["skipped"]:
+        names = ", ".join(str(p) for p in paths["skipped"][:3])
+        more = f" and {len(paths['skipped']) - 3} more" if len(paths["skipped"]) > 3 else ""
+        console.print(f"not read (not Steiner's files; why: in the report): {names}{more}")
 
 
 @app.command("demo")

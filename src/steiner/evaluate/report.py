@@ -18,6 +18,41 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
 
+# the keys each file the report reads must have: a run directory may also hold another tool's
+# file of the same name (an lm-eval metrics.json, say), which is listed as not read instead
+# of stopping the report with a KeyError
+KEYS = {
+    "demo.json": ("profile", "domain", "targets", "stages", "total_seconds"),
+    "stats.json": ("dags", "paths", "mean_steps", "mean_reasoning_tokens", "backtrack_histogram"),
+    "training_summary.json": ("stage", "steps", "tokens_seen", "tokens_per_s", "train_seconds"),
+    "metrics.json": (
+        *("n", "correct", "pass@1", "pass@1_ci95", "mean_steps", "mean_backtracks"),
+        *("mean_reasoning_tokens", "format_error_rate"),
+    ),
+    "scale.json": ("rows", "metrics"),
+    "latency.json": ("intercept_s", "seconds_per_token", "r2", "n"),
+}
+
+
+def read_steiner_json(
+    path: Path, kind: str, skipped: list[tuple[Path, str]]
+) -> dict[str, Any] | None:
+    """``path`` as the ``kind`` file Steiner writes, or None, with the reason in ``skipped``."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        skipped.append((path, f"not JSON: {exc}"))
+        return None
+    if not isinstance(d, dict):
+        skipped.append((path, f"expected a JSON object, got {type(d).__name__}"))
+        return None
+    missing = [k for k in KEYS[kind] if k not in d]
+    if missing:
+        skipped.append((path, f"not a Steiner {kind}: no {', '.join(map(repr, missing))}"))
+        return None
+    return d
+
+
 def example_trace(root: Path) -> list[str]:
     """A correct held-out answer whose reasoning backtracked, step by step (from the first
     eval directory that has one, outside scaling sweeps)."""
@@ -28,7 +63,11 @@ def example_trace(root: Path) -> list[str]:
         if path.parent.name.split("-")[0] in ("cap", "extend"):
             continue
         for _, rec in read_outputs(path).values():
-            out = next((o for o in rec["outputs"] if o["correct"] and o["n_backtracks"]), None)
+            outputs = rec.get("outputs") if isinstance(rec.get("outputs"), list) else []
+            out = next(
+                (o for o in outputs if o.get("correct") and o.get("n_backtracks")),
+                None,
+            )
             if out is None:
                 continue
             lines = [f"## Example trace with a backtrack ({_rel(path.parent, root)})", ""]
@@ -77,9 +116,10 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         raise InputError(root, None, "expected a run directory")
     lines = [f"# Steiner report: {root.name}", ""]
     found = 0
+    skipped: list[tuple[Path, str]] = []
     demo = root / "demo.json"
-    if demo.exists():
-        d = json.loads(demo.read_text())
+    d = read_steiner_json(demo, "demo.json", skipped) if demo.exists() else None
+    if d is not None:
         lines += [f"## Demo ({d['profile']} profile, {d['domain']} domain)", ""]
         lines += _table(
             ["target", "measured", "met"],
@@ -92,13 +132,12 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         )
         found += 1
     synth = sorted(p for p in root.rglob("stats*.json") if "teacher-cache" not in p.parts)
-    if synth:
+    synth_stats = [(p, read_steiner_json(p, "stats.json", skipped)) for p in synth]
+    synth_stats = [(p, s) for p, s in synth_stats if s is not None]
+    if synth_stats:
         lines += ["## Synthesis", ""]
         rows = []
-        for p in synth:
-            s = json.loads(p.read_text())
-            if "dags" not in s:
-                continue
+        for p, s in synth_stats:
             rows.append(
                 [
                     _rel(p.parent, root) or ".",
@@ -107,7 +146,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                     s["mean_steps"],
                     s["mean_reasoning_tokens"],
                     s["backtrack_histogram"],
-                    s["teacher_faults"] or "none",
+                    s.get("teacher_faults") or "none",
                 ]
             )
         lines += _table(
@@ -123,12 +162,15 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
             rows,
         )
         found += len(rows)
-    training = sorted(root.rglob("training_summary.json"))
+    training = [
+        (p, s)
+        for p in sorted(root.rglob("training_summary.json"))
+        if (s := read_steiner_json(p, "training_summary.json", skipped)) is not None
+    ]
     if training:
         lines += ["## Training", ""]
         rows = []
-        for p in training:
-            s = json.loads(p.read_text())
+        for p, s in training:
             first, last = s.get("first_loss"), s.get("final_loss")
             rows.append(
                 [
@@ -156,16 +198,16 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
             rows,
         )
         found += len(rows)
-    metrics = sorted(
-        p
-        for p in root.rglob("metrics.json")
+    metrics = [
+        (p, m)
+        for p in sorted(root.rglob("metrics.json"))
         if p.parent.name.split("-")[0] not in ("cap", "extend")
-    )
+        and (m := read_steiner_json(p, "metrics.json", skipped)) is not None
+    ]
     if metrics:
         lines += ["## Accuracy", ""]
         rows = []
-        for p in metrics:
-            m = json.loads(p.read_text())
+        for p, m in metrics:
             lo, hi = m["pass@1_ci95"]
             extra = ", ".join(
                 f"{k} {100 * v:.1f}%"
@@ -201,7 +243,8 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         )
         found += len(rows)
     for p in sorted(root.rglob("scale.json")):
-        s = json.loads(p.read_text())
+        if (s := read_steiner_json(p, "scale.json", skipped)) is None:
+            continue
         lines += [f"## Inference-time scaling ({_rel(p.parent, root)})", ""]
         lines += _table(
             ["mode", "budget", "accuracy", "mean reasoning tokens", "mean steps", "control"],
@@ -234,7 +277,8 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
             lines += [f"![scaling]({_rel(p.parent / 'scale.png', root)})", ""]
         found += 1
     for p in sorted(root.rglob("latency.json")):
-        s = json.loads(p.read_text())
+        if (s := read_steiner_json(p, "latency.json", skipped)) is None:
+            continue
         lines += [
             f"## Latency probe ({_rel(p.parent, root)})",
             "",
@@ -256,6 +300,9 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
             "scale.json or latency.json under this directory.",
             "",
         ]
+    if skipped:
+        lines += ["## Files not read", ""]
+        lines += _table(["file", "why"], [[_rel(p, root), why] for p, why in skipped])
     md_path, html_path = root / "report.md", root / "report.html"
     text = "\n".join(lines)
     md_path.write_text(text)
@@ -268,4 +315,4 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
         f"{body}"
     )
-    return {"markdown": md_path, "html": html_path}
+    return {"markdown": md_path, "html": html_path, "skipped": [p for p, _ in skipped]}
