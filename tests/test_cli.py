@@ -156,3 +156,42 @@ def test_demo_rejects_bad_options_in_one_line(tmp_path):
     (tmp_path / "d" / "demo_settings.json").write_text('{"profile": "full"}')
     proc = steiner("demo", "--out", str(tmp_path / "d"))
     assert proc.returncode == 2 and "other settings" in proc.stderr
+
+
+def test_dag_show_prints_the_tree_and_writes_dot(tmp_path):
+    shortcut, synth = tmp_path / "sc.jsonl", tmp_path / "synth"
+    assert (
+        steiner(
+            "graph", "generate", "--count", "2", "--shortcut", "--out", str(shortcut)
+        ).returncode
+        == 0
+    )
+    assert steiner("synth", "--shortcut", str(shortcut), "--out", str(synth)).returncode == 0
+    dag = json.loads((synth / "dags.jsonl").read_text().splitlines()[0])
+    dot = tmp_path / "dag.dot"
+    proc = steiner(
+        "dag", "show", "--id", dag["problem_id"], str(synth / "dags.jsonl"), "--dot", str(dot)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"problem {dag['problem_id']}" in proc.stdout and "answer" in proc.stdout
+    text = dot.read_text()
+    assert text.startswith("digraph dag {") and text.rstrip().endswith("}")
+    assert text.count(" -> ") == len(dag["edges"]) and "color=green" in text
+    assert_one_line_error(
+        steiner("dag", "show", "--id", "nope", str(synth / "dags.jsonl")),
+        "no DAG for problem id 'nope'",
+    )
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_one_line_error(
+        steiner(
+            "dag",
+            "show",
+            "--id",
+            dag["problem_id"],
+            str(synth / "dags.jsonl"),
+            "--dot",
+            str(blocker / "x.dot"),
+        ),
+        "cannot write",
+    )

@@ -119,6 +119,25 @@ def test_generator_is_seeded_and_only_solvable():
     assert len({p["id"] for p in a}) == 300
 
 
+def test_ranges_that_reach_no_target_are_an_error_not_a_hang(tmp_path):
+    import subprocess
+    import sys
+
+    # two numbers of at most 2 reach at most 4: the generator once redrew them forever
+    with pytest.raises(ValueError, match="reached no target in 500-600; widen the ranges"):
+        next(cd.generate_problems(3, n_numbers=2, max_number=2, min_target=500, max_target=600))
+    out = tmp_path / "p.jsonl"
+    args = "--n-numbers 2 --max-number 2 --min-target 500 --max-target 600 --count 3 --out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "steiner.cli", "countdown", "generate", *args.split(), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "widen the ranges" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
 def test_shortcut_record_steps_are_a_straight_solution():
     p = next(cd.generate_problems(1, n_numbers=5, seed=9))
     rec = cd.shortcut_record(p)

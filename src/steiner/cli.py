@@ -16,7 +16,7 @@ from rich.table import Table
 
 from steiner import format as fmt
 from steiner.domains import countdown
-from steiner.io import MAX_SEED, InputError, iter_records, validate, write_jsonl
+from steiner.io import MAX_SEED, InputError, iter_records, validate, write_jsonl, write_lines
 
 app = typer.Typer(
     help="Steiner: train language models that search inside one context.",
@@ -91,7 +91,10 @@ def countdown_generate(
     problems = countdown.generate_problems(
         count, n_numbers, min_number, max_number, min_target, max_target, seed
     )
-    n = write_generated(out_path, problems, count, countdown.shortcut_record, shortcut)
+    try:
+        n = write_generated(out_path, problems, count, countdown.shortcut_record, shortcut)
+    except ValueError as exc:  # ranges that reach no target
+        raise typer.BadParameter(str(exc)) from None
     console.print(
         f"wrote {n} {'shortcut records' if shortcut else 'problems'} to {out_path} "
         f"in {time.perf_counter() - start:.1f}s (seed {seed})"
@@ -425,7 +428,10 @@ def dag_show(
             color = "green" if n.status == "answer" else "red" if n.d_e is None else "black"
             lines.append(f"  {n.id} [label={json.dumps((n.key or n.text)[:40])}, color={color}];")
         lines += [f"  {u} -> {v};" for u, v in dag.edges]
-        dot.write_text("\n".join(lines + ["}"]) + "\n")
+        try:
+            write_lines(dot, ["\n".join(lines + ["}"]) + "\n"])
+        except OSError as exc:
+            raise InputError(dot, None, f"cannot write: {exc.strerror}") from None
         console.print(f"wrote {dot}")
 
 

@@ -284,6 +284,9 @@ def shortcut_record(problem: dict) -> dict:
     return {**problem, "steps": [str(s) for s in steps]}
 
 
+MAX_MISSES = 1000
+
+
 def generate_problems(
     count: int,
     n_numbers: int = 4,
@@ -300,14 +303,21 @@ def generate_problems(
     if min_number > max_number or min_target > max_target:
         raise ValueError("empty number or target range")
     rng = random.Random(seed)
-    made = 0
+    made = misses = 0
     while made < count:
         nums = [rng.randint(min_number, max_number) for _ in range(n_numbers)]
         reachable = sorted(
             v for v in final_values(state_key(nums)) if min_target <= v <= max_target
         )
         if not reachable:
+            misses += 1
+            if misses == MAX_MISSES:  # ranges that (almost) never meet would loop forever
+                raise ValueError(
+                    f"{MAX_MISSES} draws in a row of {n_numbers} numbers in {min_number}-"
+                    f"{max_number} reached no target in {min_target}-{max_target}; widen the ranges"
+                )
             continue
+        misses = 0
         target = rng.choice(reachable)
         yield make_problem(f"countdown-{seed}-{made}", nums, target, {"seed": seed})
         made += 1
