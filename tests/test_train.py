@@ -362,6 +362,18 @@ def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
     assert (err.value.path, err.value.line) == (str(broken), 3)
 
 
+def test_a_missing_start_model_is_one_error_line_before_anything_is_written(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(InputError, match="expected a model directory") as err:
+        init_model(tmp_path / "init", from_pretrained=missing)
+    assert err.value.path == missing
+    with pytest.raises(InputError, match="expected a model directory"):
+        run_sft(quick(SFTStageConfig, tmp_path, "sft", model=missing, data="paths.jsonl"))
+    with pytest.raises(InputError, match="expected a model directory"):
+        run_rl(RLStageConfig(model=missing, output_dir=str(tmp_path / "rl")))
+    assert not list(tmp_path.iterdir())  # no settings record of a run that never started
+
+
 def test_a_seed_out_of_numpys_range_is_one_error_line(tmp_path):
     from steiner.cli import parse_stage_config
 

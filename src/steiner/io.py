@@ -155,6 +155,13 @@ def settings_differences(
     return "; ".join(differences)
 
 
+def check_model_dir(name: str | None, flag: str, made_by: str) -> None:
+    """Training starts from a local directory (``save_pretrained``), never a Hub download: a
+    missing one is one error line, not transformers' offline-Hub traceback."""
+    if not name or not Path(name).is_dir():
+        raise InputError(name or flag, None, f"expected a model directory ({made_by})")
+
+
 def local_path(name: str) -> str:
     """A file or directory as one absolute path however a command spells it; a name that is
     not on disk (a Hub model id) as it is."""

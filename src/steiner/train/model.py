@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
-from steiner.io import iter_records, write_json
+from steiner.io import check_model_dir, iter_records, write_json
 
 # hidden, layers, heads, kv heads, MLP width, default vocab: about 0.6M, 1M, 10M and 50M
 # parameters
@@ -193,6 +193,7 @@ def init_model(
     """Create and save a model + tokenizer (``save_pretrained``); returns a summary."""
     out = Path(out)
     if from_pretrained:
+        check_model_dir(from_pretrained, "--from_pretrained", "save_pretrained, or a Hub snapshot")
         tokenizer = AutoTokenizer.from_pretrained(from_pretrained)
         model = AutoModelForCausalLM.from_pretrained(from_pretrained, dtype=torch.float32)
         new_ids = add_tokens_to_pretrained(model, tokenizer)

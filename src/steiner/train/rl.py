@@ -39,6 +39,7 @@ from steiner.infer.vllm_budget import VLLM_PROCESSOR
 from steiner.io import (
     InputError,
     check_checkpoint_inputs,
+    check_model_dir,
     check_seed,
     file_digest,
     local_path,
@@ -280,6 +281,7 @@ def _save_checkpoint(
 
 def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     check_seed(cfg.seed)
+    check_model_dir(cfg.model, "--model", "steiner train sft")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.loss_type not in ("grpo", "dapo"):

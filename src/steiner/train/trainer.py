@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from steiner.format import SPECIAL_TOKENS
-from steiner.io import check_checkpoint_inputs, file_digest, local_path
+from steiner.io import check_checkpoint_inputs, check_model_dir, file_digest, local_path
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
 
@@ -171,12 +171,7 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
 
 
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
-    if not cfg.model or not Path(cfg.model).is_dir():
-        from steiner.io import InputError
-
-        raise InputError(
-            cfg.model or "--model", None, "expected a model directory (steiner train init)"
-        )
+    check_model_dir(cfg.model, "--model", "steiner train init")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32
@@ -320,6 +315,7 @@ def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> None:
     resuming = cfg.resume and os.path.isdir(cfg.output_dir)
     resuming = resuming and get_last_checkpoint(cfg.output_dir) is not None
     record = Path(cfg.output_dir, SETTINGS_FILE)
+    check_model_dir(cfg.model, "--model", "steiner train init")  # before anything is written
     inputs = stage_inputs(cfg, stage)
     check_checkpoint_inputs(record, inputs, resuming, f"a {stage} run", cfg.process_index == 0)
 
