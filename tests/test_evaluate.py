@@ -220,6 +220,18 @@ def test_an_empty_problem_file_is_an_error_not_zero_of_zero(tiny_model_dir, tmp_
         assert not out.exists()
 
 
+def test_an_impossible_budget_is_one_error_line_before_anything_is_written(
+    tiny_model_dir, problems, tmp_path
+):
+    from steiner.evaluate.accuracy import evaluate
+    from steiner.io import InputError
+
+    out = tmp_path / "ev"
+    with pytest.raises(InputError, match="budget: min_steps cannot exceed max_steps"):
+        evaluate(_eval_config(tiny_model_dir, problems, out, min_steps=3, max_steps=1))
+    assert not out.exists()
+
+
 def test_sampled_eval_draws_the_same_samples_however_it_is_batched(
     tiny_model_dir, problems, tmp_path
 ):

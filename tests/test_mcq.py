@@ -46,6 +46,19 @@ def test_gpqa_options_shuffle_deterministically(tmp_path):
         assert "step by step" not in p["question"].lower()  # zero-shot, no CoT instruction
 
 
+def test_a_missing_or_non_utf8_gpqa_csv_is_one_error_line(tmp_path):
+    from steiner.io import InputError
+
+    with pytest.raises(InputError, match="cannot open: No such file"):
+        load_mcq(tmp_path / "missing.csv")
+    path = tmp_path / "latin1.csv"
+    write_gpqa(path)
+    path.write_bytes(path.read_bytes().replace(b"What", b"Wh\xe4t"))
+    with pytest.raises(InputError, match="invalid UTF-8; expected a UTF-8 CSV") as err:
+        load_mcq(path)
+    assert err.value.path == str(path)
+
+
 def test_mmlu_pro_records(tmp_path):
     path = tmp_path / "mmlu.jsonl"
     path.write_text(

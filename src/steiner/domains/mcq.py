@@ -65,12 +65,21 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
     path = Path(path)
     out = []
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            for i, row in enumerate(csv.DictReader(fh), start=2):
-                try:
-                    out.append(gpqa_record(row, i - 1, seed))
-                except KeyError as exc:
-                    raise InputError(path, i, f"expected GPQA column {exc}") from None
+        try:
+            fh = path.open(newline="", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(path, None, f"cannot open: {exc.strerror}") from None
+        with fh:
+            rows = enumerate(csv.DictReader(fh), start=2)
+            try:
+                for i, row in rows:
+                    try:
+                        out.append(gpqa_record(row, i - 1, seed))
+                    except KeyError as exc:
+                        raise InputError(path, i, f"expected GPQA column {exc}") from None
+            except UnicodeDecodeError:
+                # the reader decodes ahead in blocks, so the row is not known
+                raise InputError(path, None, "invalid UTF-8; expected a UTF-8 CSV") from None
         return out
     rows = iter_records(path) if path.exists() else _dataset_rows(str(path))
     for line, rec in rows:

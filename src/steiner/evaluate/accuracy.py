@@ -129,6 +129,12 @@ def evaluate_records(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``evaluate``, with the output records of this run's problems, in their order."""
+    try:  # before any file is written or the model loaded
+        budget = Budget(
+            cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, None, cfg.extend_with
+        )
+    except ValueError as exc:
+        raise InputError("budget", None, str(exc)) from None
     problems = load_problems(cfg.problems, cfg.domain)[: cfg.limit]
     domain_name = cfg.domain or (problems[0]["domain"] if problems else "countdown")
     domain = get_domain(domain_name)
@@ -156,7 +162,6 @@ def evaluate_records(
     drop_cut_line(outputs_path)
     records_by_id = {i: rec for i, (_, rec) in done.items()}  # and this run's, as written
     model, tokenizer = model_and_tokenizer or load(cfg.model)
-    budget = Budget(cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, None, cfg.extend_with)
     if progress:
         progress(len(problems) - len(todo), len(problems))
     with outputs_path.open("a", encoding="utf-8") as fh:
