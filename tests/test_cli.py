@@ -195,3 +195,12 @@ def test_dag_show_prints_the_tree_and_writes_dot(tmp_path):
         ),
         "cannot write",
     )
+
+
+def test_an_unwritable_output_path_is_one_line_exit_1(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = steiner("graph", "generate", "--count", "2", "--out", str(blocker / "g.jsonl"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"steiner: error: {blocker}: ")

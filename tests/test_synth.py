@@ -262,3 +262,20 @@ def test_a_moved_problem_file_resumes_and_an_edited_one_is_refused(synth_run, tm
     rewrite_journal(out, entries)
     proc = steiner("synth", "--shortcut", str(moved), "--out", str(out), "--seed", "3")
     assert proc.returncode == 2 and "shortcut: " in proc.stderr
+
+
+def test_a_tokenizer_that_cannot_load_is_one_line_before_any_file(tmp_path):
+    shortcut = tmp_path / "sc.jsonl"
+    assert (
+        steiner(
+            "graph", "generate", "--count", "2", "--shortcut", "--out", str(shortcut)
+        ).returncode
+        == 0
+    )
+    missing, out = tmp_path / "no-tokenizer", tmp_path / "synth"
+    proc = steiner(
+        "synth", "--shortcut", str(shortcut), "--out", str(out), "--tokenizer", str(missing)
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"steiner: error: --tokenizer: cannot load '{missing}'" in proc.stderr
+    assert not out.exists()

@@ -889,7 +889,8 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: bad input and usage errors print one line and exit 2, never a traceback."""
+    """Entry point: bad input and usage errors print one line and exit 2, and file-system
+    errors one line and exit 1, never a traceback."""
     try:
         rc = app(standalone_mode=False)
     except InputError as exc:
@@ -898,6 +899,11 @@ def main() -> None:
     except typer.Abort:
         print("steiner: aborted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # the file system: an --out that cannot be made, a full disk
+        what = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"steiner: error: {where}{what}", file=sys.stderr)
+        sys.exit(1)
     except typer.TyperException as exc:  # typer's vendored click: usage and parameter errors
         ctx = getattr(exc, "ctx", None)
         cmd = ctx.command_path if ctx is not None else "steiner"

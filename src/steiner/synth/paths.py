@@ -7,6 +7,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from steiner.dag import Dag
@@ -185,10 +186,21 @@ def default_token_count(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
 
 
+@lru_cache(maxsize=4)  # one load per process, not one per chunk
 def tokenizer_counter(path: str) -> Callable[[str], int]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    from steiner.io import InputError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            "--tokenizer",
+            None,
+            f"cannot load {path!r} ({reason}); expected a tokenizer directory or a cached Hub name",
+        ) from None
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 

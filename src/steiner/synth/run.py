@@ -245,6 +245,8 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
         raise InputError(cfg.shortcut, None, "no records")
     i, n = parse_shard(cfg.shard)
     problems = problems[: cfg.limit][i::n]
+    if cfg.tokenizer:
+        tokenizer_counter(cfg.tokenizer)  # a bad name is one error line before any file is made
     files = output_paths(cfg)
     files["dags"].parent.mkdir(parents=True, exist_ok=True)
     journal = _read_journal(files["journal"])
