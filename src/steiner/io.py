@@ -14,7 +14,7 @@ import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -30,14 +30,19 @@ class InputError(Exception):
         self.path, self.line, self.message = str(path), line, message
 
 
+def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """``open`` for reading an input file: one that is missing or unreadable is one
+    InputError."""
+    try:
+        return open(path, mode, **kwargs)
+    except OSError as exc:
+        raise InputError(path, None, f"cannot open: {exc.strerror}") from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; InputError on the first bad one."""
     path = Path(path)
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise InputError(path, None, f"cannot open: {exc.strerror}") from None
-    with fh:
+    with open_input(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -118,12 +123,9 @@ def file_digest(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes (16 hex digits): what a resumed job checks its input files
     by. Reading the file once more costs seconds against the hours of a training run."""
     digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                digest.update(block)
-    except OSError as exc:
-        raise InputError(path, None, f"cannot open: {exc.strerror}") from None
+    with open_input(path) as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
     return digest.hexdigest()[:16]
 
 

@@ -60,19 +60,14 @@ def mmlu_pro_record(rec: dict[str, Any], index: int) -> dict[str, Any]:
 
 def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
     """GPQA-Diamond CSV, or MMLU-Pro JSONL/Parquet (or a `datasets` name)."""
-    from steiner.io import InputError, iter_records
+    from steiner.io import InputError, iter_records, open_input
 
     path = Path(path)
     out = []
     if path.suffix == ".csv":
-        try:
-            fh = path.open(newline="", encoding="utf-8")
-        except OSError as exc:
-            raise InputError(path, None, f"cannot open: {exc.strerror}") from None
-        with fh:
-            rows = enumerate(csv.DictReader(fh), start=2)
+        with open_input(path, "r", newline="", encoding="utf-8") as fh:
             try:
-                for i, row in rows:
+                for i, row in enumerate(csv.DictReader(fh), start=2):
                     try:
                         out.append(gpqa_record(row, i - 1, seed))
                     except KeyError as exc:

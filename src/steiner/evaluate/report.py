@@ -131,13 +131,16 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
             + [["total", f"{d['total_seconds']} ({d['total_seconds'] / 60:.1f} min)"]],
         )
         found += 1
-    synth = sorted(p for p in root.rglob("stats*.json") if "teacher-cache" not in p.parts)
-    synth_stats = [(p, read_steiner_json(p, "stats.json", skipped)) for p in synth]
-    synth_stats = [(p, s) for p, s in synth_stats if s is not None]
-    if synth_stats:
+    synth = [
+        (p, s)
+        for p in sorted(root.rglob("stats*.json"))
+        if "teacher-cache" not in p.parts
+        and (s := read_steiner_json(p, "stats.json", skipped)) is not None
+    ]
+    if synth:
         lines += ["## Synthesis", ""]
         rows = []
-        for p, s in synth_stats:
+        for p, s in synth:
             rows.append(
                 [
                     _rel(p.parent, root) or ".",

@@ -171,7 +171,6 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
 
 
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
-    check_model_dir(cfg.model, "--model", "steiner train init")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32
@@ -311,11 +310,12 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
 def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> None:
     """Before the data are built: a checkpoint in ``output_dir`` from another model or other
     data is one error line, not a run that quietly goes on from it; a fresh run records its
-    inputs there."""
+    inputs there. The start model is checked here too, for every stage, before anything is
+    written."""
+    check_model_dir(cfg.model, "--model", "steiner train init")
     resuming = cfg.resume and os.path.isdir(cfg.output_dir)
     resuming = resuming and get_last_checkpoint(cfg.output_dir) is not None
     record = Path(cfg.output_dir, SETTINGS_FILE)
-    check_model_dir(cfg.model, "--model", "steiner train init")  # before anything is written
     inputs = stage_inputs(cfg, stage)
     check_checkpoint_inputs(record, inputs, resuming, f"a {stage} run", cfg.process_index == 0)
 
