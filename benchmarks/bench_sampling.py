@@ -12,8 +12,6 @@ from __future__ import annotations
 import statistics
 import warnings
 
-import torch
-
 from bench_processor import timed_generate, tokenizer
 from steiner.infer.sampling import PerRowSampler
 from steiner.train.model import build_model
@@ -58,7 +56,6 @@ def measure(vocab: int | None, new_tokens: int) -> float:
 
 def main() -> None:
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     measure(None, 256)
     measure(151_936, 48)  # about 0.25 s per token on this CPU
 
