@@ -1,6 +1,8 @@
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -204,3 +206,25 @@ def test_an_unwritable_output_path_is_one_line_exit_1(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"steiner: error: {blocker}: ")
+
+
+def test_sigterm_unwinds_an_atomic_write_instead_of_leaving_its_temp_file(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "steiner.cli", "graph", "generate", "--count", "50000000"]
+        + ["--out", str(out / "g.jsonl")],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".g.jsonl.*.tmp")):  # the write has begun
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip().splitlines()[-1] == "steiner: terminated"
+    assert list(out.iterdir()) == []  # neither half a file nor its temp file

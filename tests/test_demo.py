@@ -1,5 +1,6 @@
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -199,3 +200,34 @@ def test_a_resumed_stage_counts_the_time_of_its_interrupted_attempts(tmp_path, m
     build_report(tmp_path)
     every, last = record["seconds_all_attempts"], record["seconds"]
     assert f"| synth | {every} (the last attempt: {last}) |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_failed_steiner_sft_stops_the_baseline_process_beside_it(tmp_path, monkeypatch):
+    from steiner import demo
+
+    for name in ("problems", "synth", "synth-verify", "init", "cpt"):  # finished earlier
+        marker = demo.Stage(tmp_path, name).marker
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"stage": name, "seconds": 0.0}))
+    started = []
+
+    def start_baseline(s, root):  # a stand-in baseline that would train for a minute
+        started.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return started[0]
+
+    def run_training(s, root, which, *callbacks):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(demo, "start_baseline", start_baseline)
+    monkeypatch.setattr(demo, "run_training", run_training)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)  # the two-core path on any machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run_demo(out=tmp_path, settings=tiny_settings())
+        assert len(started) == 1
+        # not left to train on alone, where a re-run would start a second one beside it
+        assert started[0].poll() == -signal.SIGTERM
+    finally:
+        for process in started:
+            process.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -888,11 +889,26 @@ def demo(
         out.print(table)
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
 def main() -> None:
     """Entry point: bad input and usage errors print one line and exit 2, and file-system
     errors one line and exit 1, never a traceback."""
+    # Python's default SIGTERM (`timeout`, `kill`, a cluster scheduler) ends the process
+    # without running `finally`: atomic writes left their temp files behind, the demo's
+    # baseline process outlived it, and a stage's clock lost its last seconds
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         rc = app(standalone_mode=False)
+    except Terminated as exc:
+        print("steiner: terminated", file=sys.stderr)
+        sys.exit(exc.code)
     except InputError as exc:
         print(f"steiner: error: {exc}", file=sys.stderr)
         sys.exit(2)

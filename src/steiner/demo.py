@@ -433,6 +433,22 @@ def take_both_cores(process: Any, from_step: int, threads: int) -> Any:
     return TakeBothCores()
 
 
+def stop_baseline(process: Any, grace_seconds: float = 30) -> None:
+    """End the baseline process when the demo stops early (an error, Ctrl-C, SIGTERM): left
+    running, it would train on alone, and a re-run would start a second one on its directory.
+    SIGTERM first, so that it unwinds like the demo (its last checkpoint stays resumable)."""
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def run_rl_stage(s: DemoSettings, root: Path) -> dict[str, Any]:
     from steiner.train.rl import RLStageConfig, run_rl
 
@@ -645,15 +661,20 @@ def run_demo(
         ("serve-latency", lambda: run_latency(s, root)),
     ]
     records = []
-    for name, run in stages:
-        stage = Stage(root, name)
-        record = stage.done()
-        skipped = record is not None
-        if record is None:
-            record = stage.run(run)
-        records.append(record)
-        if on_stage:
-            on_stage(name, record, skipped)
+    try:
+        for name, run in stages:
+            stage = Stage(root, name)
+            record = stage.done()
+            skipped = record is not None
+            if record is None:
+                record = stage.run(run)
+            records.append(record)
+            if on_stage:
+                on_stage(name, record, skipped)
+    except BaseException:
+        if "process" in baseline:
+            stop_baseline(baseline["process"])
+        raise
     total = round(sum(stage_seconds(r) for r in records), 1)
     checks = targets(root)
     if profile == "quick":

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -222,6 +223,12 @@ def _process_chunk_star(args: tuple[SynthConfig, list[dict[str, Any]]]) -> dict[
     return process_chunk(*args)
 
 
+def _default_sigterm() -> None:
+    # the pool ends its forked workers with SIGTERM; the CLI's handler (an exception, so that
+    # the main process unwinds) would have them unwind through the pool's own machinery
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 PROBLEMS_KEY = "problems_sha256"  # of the problems done so far, in the journal's lines
 
 
@@ -316,7 +323,7 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
         if teacher is None and cfg.workers > 1:
             import multiprocessing as mp
 
-            with mp.get_context("fork").Pool(cfg.workers) as pool:
+            with mp.get_context("fork").Pool(cfg.workers, _default_sigterm) as pool:
                 yield from pool.imap(_process_chunk_star, [(cfg, c) for c in todo])
         else:
             for c in todo:
