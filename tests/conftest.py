@@ -52,3 +52,29 @@ def tiny_model_dir(tiny_tokenizer, tmp_path_factory):
     Qwen2ForCausalLM(config).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def lock_held_elsewhere():
+    """Hold a job's lock file from another process, as a second run of a command would."""
+    import subprocess
+    import sys
+
+    holders = []
+
+    def hold(path) -> None:
+        code = (
+            "import sys, time\nfrom filelock import FileLock\n"
+            "lock = FileLock(sys.argv[1])\nlock.acquire()\n"
+            "print('held', flush=True)\ntime.sleep(120)"
+        )
+        holder = subprocess.Popen(
+            [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True
+        )
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "held"
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()

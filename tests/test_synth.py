@@ -279,3 +279,24 @@ def test_a_tokenizer_that_cannot_load_is_one_line_before_any_file(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"steiner: error: --tokenizer: cannot load '{missing}'" in proc.stderr
     assert not out.exists()
+
+
+def test_a_second_run_into_a_held_out_is_one_line_and_shards_run_side_by_side(
+    synth_run, tmp_path, lock_held_elsewhere
+):
+    tmp, _ = synth_run
+    out = tmp_path / "out"
+    lock_held_elsewhere(out / ".journal.lock")  # a run of this command is still going
+    proc = steiner("synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [
+        f"steiner: error: {out}: another run is writing here (--out); wait for it to end "
+        "or use another --out"
+    ]
+    assert os.listdir(out) == [".journal.lock"]  # it wrote nothing beside the other run
+    # another shard of the same --out holds its own lock
+    stats = run_synth(
+        SynthConfig(shortcut=str(tmp / "shortcut.jsonl"), out=str(out), shard="1/2", limit=6)
+    )
+    assert stats["dags"] == 3 and (out / "dags-00001-of-00002.jsonl").exists()

@@ -460,3 +460,15 @@ def test_only_a_head_that_shares_the_embeddings_counts_as_stored_with_them(data)
     # an untied head is its own tensor: a checkpoint without it has lost it, so it stays
     # in the resume warning
     assert shared_tied_keys(AutoModelForCausalLM.from_config(config)) == set()
+
+
+def test_a_training_run_into_a_held_output_dir_is_refused(data, tmp_path, lock_held_elsewhere):
+    for name in ("sft", "rl"):
+        lock_held_elsewhere(tmp_path / name / ".steiner.lock")  # a run there is still going
+    cfg = quick(SFTStageConfig, tmp_path, "sft", **checkpointed(data, max_steps=2, save_steps=1))
+    with pytest.raises(InputError, match=r"another run is writing here \(--output_dir\)"):
+        run_sft(cfg)
+    with pytest.raises(InputError, match=r"another run is writing here \(--output_dir\)"):
+        run_rl(RLStageConfig(model=str(data / "init"), output_dir=str(tmp_path / "rl")))
+    for name in ("sft", "rl"):  # no settings record or checkpoint beside the other run's
+        assert [p.name for p in (tmp_path / name).iterdir()] == [".steiner.lock"]

@@ -24,6 +24,7 @@ from steiner.io import (
     InputError,
     check_resume_record,
     file_digest,
+    sole_writer,
     write_json,
     write_jsonl,
     write_lines,
@@ -601,7 +602,18 @@ def run_demo(
     """Run (or resume) every stage; returns the summary written to ``demo.json``."""
     s = settings or replace(profile_settings(profile, domain), seed=seed)
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+    with sole_writer(root, "--out"):
+        return run_stages(s, root, profile, problems, on_stage)
+
+
+def run_stages(
+    s: DemoSettings,
+    root: Path,
+    profile: str,
+    problems: str | None,
+    on_stage: Callable[[str, dict[str, Any], bool], None] | None,
+) -> dict[str, Any]:
+    """``run_demo`` holding its directory."""
     settings_path = root / "demo_settings.json"
     wanted = {"profile": profile, "problems": problems, **asdict(s)}
     if problems:

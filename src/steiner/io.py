@@ -13,6 +13,7 @@ import os
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -155,6 +156,56 @@ def settings_differences(
         if there != here:
             differences.append(f"{key}: {there!r} there, {here!r} here")
     return "; ".join(differences)
+
+
+LOCK_FILE = ".steiner.lock"
+_held: set[Path] = set()  # locks this process holds: a job may run another inside its directory
+
+
+@contextmanager
+def sole_writer(
+    directory: str | os.PathLike, flag: str, name: str = LOCK_FILE, main_process: bool = True
+) -> Iterator[None]:
+    """Hold a resumable job's output for one run at a time. Two runs into one directory (the
+    same command in two terminals, or a run left behind by a killed parent) would both resume
+    from its files and write the same records twice; the second is one error line instead.
+    ``name`` tells apart jobs that share a directory (synthesis shards). Only the main process
+    of a multi-process job holds it. The lock is the OS's (``filelock``: flock on Unix; where
+    the file system has none, a marker naming its process, taken over once that one is dead),
+    so a killed job does not leave it held."""
+    from filelock import FileLock, Timeout
+
+    path = Path(directory).resolve() / name
+    if not main_process or path in _held:
+        yield
+        return
+    made = path.parent  # the directories made here, removed again if the job writes nothing
+    while not made.parent.exists():
+        made = made.parent
+    made = made if not made.exists() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise InputError(
+            directory,
+            None,
+            f"another run is writing here ({flag}); wait for it to end or use another {flag}",
+        ) from None
+    _held.add(path)
+    try:
+        yield
+    finally:
+        _held.discard(path)
+        lock.release()
+        if made is not None and os.listdir(path.parent) == [name]:
+            # a job that stopped on bad input leaves no directory behind, as before the lock
+            path.unlink(missing_ok=True)
+            empty = path.parent
+            while empty != made.parent and not any(empty.iterdir()):
+                empty.rmdir()
+                empty = empty.parent
 
 
 def check_model_dir(name: str | None, flag: str, made_by: str) -> None:

@@ -20,7 +20,14 @@ from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, wilson_interval
 from steiner.infer.budget import Budget
 from steiner.infer.generate import Completion, generate, load
-from steiner.io import InputError, check_resume_record, derived_seed, local_path, write_json
+from steiner.io import (
+    InputError,
+    check_resume_record,
+    derived_seed,
+    local_path,
+    sole_writer,
+    write_json,
+)
 
 
 @dataclass
@@ -137,9 +144,21 @@ def evaluate_records(
         raise InputError("budget", None, str(exc)) from None
     problems = load_problems(cfg.problems, cfg.domain)[: cfg.limit]
     domain_name = cfg.domain or (problems[0]["domain"] if problems else "countdown")
+    with sole_writer(cfg.out, "--out"):
+        return answer_problems(cfg, problems, domain_name, budget, progress, model_and_tokenizer)
+
+
+def answer_problems(
+    cfg: EvalConfig,
+    problems: list[dict[str, Any]],
+    domain_name: str,
+    budget: Budget,
+    progress: Callable[[int, int], None] | None,
+    model_and_tokenizer: tuple[Any, Any] | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``evaluate_records`` once its input is checked, holding ``--out``."""
     domain = get_domain(domain_name)
     out_dir = Path(cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     outputs_path = out_dir / "outputs.jsonl"
     check_resume_record(
         out_dir / SETTINGS_FILE,

@@ -8,6 +8,7 @@ or backtrack itself). Control is the share of runs whose step count obeys the bu
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from steiner.domains import load_problems
 from steiner.evaluate.accuracy import EvalConfig, evaluate_records
 from steiner.evaluate.metrics import scaling_metrics
 from steiner.infer.generate import load
-from steiner.io import write_json
+from steiner.io import sole_writer, write_json, write_lines
 
 MODES = ("cap", "extend")
 
@@ -26,42 +27,44 @@ def run_scale(
 ) -> dict[str, Any]:
     out = Path(base.out)
     load_problems(base.problems, base.domain)  # a bad file is one error line before the model loads
-    model_and_tokenizer = load(base.model)
-    rows = []
-    for mode in modes:
-        for b in budgets:
-            cfg = replace(
-                base,
-                out=str(out / f"{mode}-{b}"),
-                samples=1,
-                max_steps=b if mode == "cap" else None,
-                min_steps=b if mode == "extend" else 0,
-            )
-            m, records = evaluate_records(cfg, model_and_tokenizer=model_and_tokenizer)
-            steps = [r["outputs"][0]["n_steps"] for r in records]
-            within = [s <= b if mode == "cap" else s >= b for s in steps]
-            rows.append(
-                {
-                    "mode": mode,
-                    "budget": b,
-                    "accuracy": m["pass@1"],
-                    "n": m["n"],
-                    "mean_reasoning_tokens": m["mean_reasoning_tokens"],
-                    "mean_steps": m["mean_steps"],
-                    "control": sum(within) / len(within) if within else 0.0,
-                }
-            )
-            if progress:
-                progress(len(rows), len(modes) * len(budgets))
-    summary = {mode: scaling_metrics([r for r in rows if r["mode"] == mode]) for mode in modes}
-    result = {"model": base.model, "problems": base.problems, "rows": rows, "metrics": summary}
-    write_json(out / "scale.json", result)
-    with (out / "scale.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, list(rows[0]))
+    with sole_writer(out, "--out"):
+        model_and_tokenizer = load(base.model)
+        rows = []
+        for mode in modes:
+            for b in budgets:
+                cfg = replace(
+                    base,
+                    out=str(out / f"{mode}-{b}"),
+                    samples=1,
+                    max_steps=b if mode == "cap" else None,
+                    min_steps=b if mode == "extend" else 0,
+                )
+                m, records = evaluate_records(cfg, model_and_tokenizer=model_and_tokenizer)
+                steps = [r["outputs"][0]["n_steps"] for r in records]
+                within = [s <= b if mode == "cap" else s >= b for s in steps]
+                rows.append(
+                    {
+                        "mode": mode,
+                        "budget": b,
+                        "accuracy": m["pass@1"],
+                        "n": m["n"],
+                        "mean_reasoning_tokens": m["mean_reasoning_tokens"],
+                        "mean_steps": m["mean_steps"],
+                        "control": sum(within) / len(within) if within else 0.0,
+                    }
+                )
+                if progress:
+                    progress(len(rows), len(modes) * len(budgets))
+        summary = {mode: scaling_metrics([r for r in rows if r["mode"] == mode]) for mode in modes}
+        result = {"model": base.model, "problems": base.problems, "rows": rows, "metrics": summary}
+        write_json(out / "scale.json", result)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    plot_scale(rows, out / "scale.png")
-    return result
+        write_lines(out / "scale.csv", [table.getvalue()])
+        plot_scale(rows, out / "scale.png")
+        return result
 
 
 def plot_scale(rows: list[dict[str, Any]], path: Path) -> None:

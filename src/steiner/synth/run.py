@@ -23,7 +23,13 @@ from typing import Any
 from steiner.dag import Dag, Observation, build_dag
 from steiner.domains import get_domain, load_shortcuts, walk_shortcut
 from steiner.domains.base import Domain
-from steiner.io import InputError, derived_seed, settings_differences, write_json
+from steiner.io import (
+    InputError,
+    derived_seed,
+    settings_differences,
+    sole_writer,
+    write_json,
+)
 from steiner.synth.cluster import cluster_texts
 from steiner.synth.paths import PathSettings, default_token_count, sample_paths, tokenizer_counter
 from steiner.synth.teachers import Job, OpenAISettings, OpenAITeacher, OracleTeacher, StepOut
@@ -255,7 +261,15 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     if cfg.tokenizer:
         tokenizer_counter(cfg.tokenizer)  # a bad name is one error line before any file is made
     files = output_paths(cfg)
-    files["dags"].parent.mkdir(parents=True, exist_ok=True)
+    # one lock per shard: shards of one --out run side by side
+    with sole_writer(cfg.out, "--out", files["journal"].with_suffix(".lock").name):
+        return synthesize(cfg, problems, files, progress)
+
+
+def synthesize(
+    cfg: SynthConfig, problems: list[dict[str, Any]], files: dict[str, Path], progress: Any
+) -> dict[str, Any]:
+    """``run_synth`` on its shard's problems, holding the shard's files."""
     journal = _read_journal(files["journal"])
     fingerprint, settings = cfg.fingerprint(), cfg.resume_settings()
     # a run that finished no chunk (one that stopped on an unreachable teacher, say) holds
@@ -300,11 +314,12 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     # journals from before the digest carry none: their shortcut path was compared instead
     digest = problems_digest(problems[:done]) if PROBLEMS_KEY in journal[0] else None
     if digest is not None and last.get(PROBLEMS_KEY) != _hex(digest):
+        shard = f" (shard {cfg.shard})" if parse_shard(cfg.shard)[1] > 1 else ""
         raise InputError(
             files["journal"],
             len(journal),
             f"the {done} problems done here are not the first {done} of {cfg.shortcut}"
-            f"{f' (shard {cfg.shard})' if n > 1 else ''}: the file changed since; use a new --out",
+            f"{shard}: the file changed since; use a new --out",
         )
     todo = list(chunks(problems[done:], cfg.chunk_size))
     if progress is not None:

@@ -43,6 +43,7 @@ from steiner.io import (
     check_seed,
     file_digest,
     local_path,
+    sole_writer,
     write_json,
 )
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
@@ -300,6 +301,14 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             f"expected a multiple of the number of processes ({accelerator.num_processes}), "
             f"got {cfg.prompts_per_step}",
         )
+    with sole_writer(cfg.output_dir, "--output_dir", main_process=accelerator.is_main_process):
+        return train_rl(cfg, accelerator, rng, log)
+
+
+def train_rl(
+    cfg: RLStageConfig, accelerator: Accelerator, rng: random.Random, log: Any
+) -> dict[str, Any]:
+    """``run_rl`` once its settings are checked, holding ``output_dir``."""
     # a checkpoint continues only from the same start (the KL term's reference too) and data
     inputs = {k: local_path(getattr(cfg, k)) for k in ("model", "problems", "dags")}
     inputs |= {f"{k}_sha256": file_digest(getattr(cfg, k)) for k in ("problems", "dags")}

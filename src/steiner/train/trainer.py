@@ -23,7 +23,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from steiner.format import SPECIAL_TOKENS
-from steiner.io import check_checkpoint_inputs, check_model_dir, file_digest, local_path
+from steiner.io import (
+    check_checkpoint_inputs,
+    check_model_dir,
+    file_digest,
+    local_path,
+    sole_writer,
+)
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
 
@@ -320,16 +326,23 @@ def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> None:
     check_checkpoint_inputs(record, inputs, resuming, f"a {stage} run", cfg.process_index == 0)
 
 
+def holding_output_dir(cfg: SFTStageConfig | CPTStageConfig) -> Any:
+    return sole_writer(cfg.output_dir, "--output_dir", main_process=cfg.process_index == 0)
+
+
 def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    check_resume(cfg, "sft-shortcut" if cfg.shortcut else "sft")
-    dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
-    return run_stage(cfg, dataset, "sft-shortcut" if cfg.shortcut else "sft", callbacks)
+    stage = "sft-shortcut" if cfg.shortcut else "sft"
+    with holding_output_dir(cfg):
+        check_resume(cfg, stage)
+        dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
+        return run_stage(cfg, dataset, stage, callbacks)
 
 
 def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    check_resume(cfg, "cpt")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    dataset = cpt_dataset(
-        tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
-    )
-    return run_stage(cfg, dataset, "cpt", callbacks)
+    with holding_output_dir(cfg):
+        check_resume(cfg, "cpt")
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        dataset = cpt_dataset(
+            tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
+        )
+        return run_stage(cfg, dataset, "cpt", callbacks)
