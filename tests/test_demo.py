@@ -231,3 +231,31 @@ def test_a_failed_steiner_sft_stops_the_baseline_process_beside_it(tmp_path, mon
     finally:
         for process in started:
             process.kill()
+
+
+def test_a_failed_baseline_process_is_one_line_with_the_last_line_of_its_log(tmp_path, monkeypatch):
+    from steiner import demo
+    from steiner.io import InputError
+
+    for name in ("problems", "synth", "synth-verify", "init", "cpt"):  # finished earlier
+        marker = demo.Stage(tmp_path, name).marker
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"stage": name, "seconds": 0.0}))
+
+    def start_baseline(s, root):  # a stand-in baseline that stops on an error, as the CLI does
+        log = root / "models" / "shortcut-sft.log"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text("Loading weights...\nsteiner: error: runs/x: another run is writing here\n")
+        return subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+
+    monkeypatch.setattr(demo, "start_baseline", start_baseline)
+    monkeypatch.setattr(demo, "run_training", lambda *args: {"steps": 6})
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError) as err:
+        run_demo(out=tmp_path, settings=tiny_settings())
+    assert str(err.value) == (
+        f"{tmp_path / 'models' / 'shortcut-sft.log'}: the shortcut-baseline SFT failed (exit 2): "
+        "steiner: error: runs/x: another run is writing here"
+    )
+    assert demo.Stage(tmp_path, "steiner-sft").done() is not None  # what finished is kept

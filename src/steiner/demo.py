@@ -646,8 +646,11 @@ def run_stages(
         process = baseline.get("process")
         if process is None:
             return run_training(s, root, "shortcut-sft")
-        if process.wait() != 0:
-            raise RuntimeError(f"the baseline SFT failed; see {root / 'models/shortcut-sft.log'}")
+        if code := process.wait():
+            log = root / "models" / "shortcut-sft.log"
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            last = f": {lines[-1].strip()}" if lines else ""
+            raise InputError(log, None, f"the shortcut-baseline SFT failed (exit {code}){last}")
         summary = json.loads((root / "models/shortcut-sft/training_summary.json").read_text())
         keys = ("steps", "tokens_seen", "tokens_per_s", "final_loss")
         # all its runs: a resumed baseline that had already finished trained 0 s this time
