@@ -228,3 +228,22 @@ def test_sigterm_unwinds_an_atomic_write_instead_of_leaving_its_temp_file(tmp_pa
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert stderr.strip().splitlines()[-1] == "steiner: terminated"
     assert list(out.iterdir()) == []  # neither half a file nor its temp file
+
+
+def test_a_directory_without_a_model_is_one_line_for_every_command(tmp_path):
+    run_dir = tmp_path / "run"  # a run directory given for the model inside it
+    (run_dir / "models").mkdir(parents=True)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n")
+    out = tmp_path / "out"
+    for args in (
+        ["generate", "--model", str(run_dir), "hi"],
+        ["serve", "--model", str(run_dir)],
+        ["eval", "--model", str(run_dir), "--problems", str(problems), "--out", str(out)],
+        ["scale", "--model", str(run_dir), "--problems", str(problems), "--out", str(out)],
+        ["train", "sft", "--model", str(run_dir), "--data", str(problems)]
+        + ["--output_dir", str(out)],
+    ):
+        proc = steiner(*args)
+        assert_one_line_error(proc, "expected a model directory with config.json and a tokenizer")
+    assert not out.exists()

@@ -569,8 +569,27 @@ def train_rl(ctx: typer.Context) -> None:
 
 # every command that loads a local model: typer checks the directory, so a wrong path is one
 # error line instead of a hub lookup's traceback
+def model_directory(path: Path) -> Path:
+    """Checked when the command line is parsed: before a progress bar, a banner or a file."""
+    from steiner.infer.generate import MADE_BY
+    from steiner.io import check_model_dir
+
+    try:
+        check_model_dir(str(path), "--model", MADE_BY)
+    except InputError as exc:
+        raise typer.BadParameter(exc.message) from None
+    return path
+
+
 ModelDirectory = Annotated[
-    Path, typer.Option(help="Model directory.", exists=True, file_okay=False, dir_okay=True)
+    Path,
+    typer.Option(
+        help="Model directory.",
+        exists=True,
+        file_okay=False,
+        dir_okay=True,
+        callback=model_directory,
+    ),
 ]
 
 

@@ -209,10 +209,24 @@ def sole_writer(
 
 
 def check_model_dir(name: str | None, flag: str, made_by: str) -> None:
-    """Training starts from a local directory (``save_pretrained``), never a Hub download: a
-    missing one is one error line, not transformers' offline-Hub traceback."""
+    """Steiner loads models from a local directory (``save_pretrained``), never a Hub
+    download: a missing one, or one without a model and tokenizer (a run directory given for
+    the model inside it, say), is one error line, not transformers' traceback."""
     if not name or not Path(name).is_dir():
         raise InputError(name or flag, None, f"expected a model directory ({made_by})")
+    files = {p.name for p in Path(name).iterdir()}
+    missing = [
+        what
+        for what, names in (
+            ("config.json", {"config.json"}),
+            ("a tokenizer", {"tokenizer.json", "tokenizer_config.json"}),
+        )
+        if not files & names
+    ]
+    if missing:
+        raise InputError(
+            name, None, f"expected a model directory with {' and '.join(missing)} ({made_by})"
+        )
 
 
 def local_path(name: str) -> str:

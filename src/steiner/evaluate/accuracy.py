@@ -19,9 +19,10 @@ from typing import Any
 from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, wilson_interval
 from steiner.infer.budget import Budget
-from steiner.infer.generate import Completion, generate, load
+from steiner.infer.generate import MADE_BY, Completion, generate, load
 from steiner.io import (
     InputError,
+    check_model_dir,
     check_resume_record,
     derived_seed,
     local_path,
@@ -144,6 +145,8 @@ def evaluate_records(
         raise InputError("budget", None, str(exc)) from None
     problems = load_problems(cfg.problems, cfg.domain)[: cfg.limit]
     domain_name = cfg.domain or (problems[0]["domain"] if problems else "countdown")
+    if model_and_tokenizer is None:  # before the output directory, which load() comes after
+        check_model_dir(cfg.model, "--model", MADE_BY)
     with sole_writer(cfg.out, "--out"):
         return answer_problems(cfg, problems, domain_name, budget, progress, model_and_tokenizer)
 

@@ -27,8 +27,8 @@ def run_scale(
 ) -> dict[str, Any]:
     out = Path(base.out)
     load_problems(base.problems, base.domain)  # a bad file is one error line before the model loads
+    model_and_tokenizer = load(base.model)
     with sole_writer(out, "--out"):
-        model_and_tokenizer = load(base.model)
         rows = []
         for mode in modes:
             for b in budgets:

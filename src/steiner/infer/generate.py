@@ -15,6 +15,7 @@ from steiner.format import Trace, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.sampling import PerRowSampler
+from steiner.io import check_model_dir
 
 
 @dataclass
@@ -39,7 +40,11 @@ def _per_row(value: Any, n: int) -> list[Any]:
     return [value] * n
 
 
+MADE_BY = "steiner train, or save_pretrained"
+
+
 def load(model_dir: str | Path) -> tuple[Any, Any]:
+    check_model_dir(str(model_dir), "--model", MADE_BY)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

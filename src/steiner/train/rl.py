@@ -259,14 +259,22 @@ def _last_checkpoint(output_dir: str) -> Path | None:
 
 
 def _save_checkpoint(
-    out: Path, step: int, model: Any, opt: Any, rng: random.Random, history: list[dict[str, Any]]
+    out: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    opt: Any,
+    rng: random.Random,
+    history: list[dict[str, Any]],
 ) -> None:
-    """Written to a temporary folder, then renamed: a crash never leaves half a checkpoint."""
+    """Written to a temporary folder, then renamed: a crash never leaves half a checkpoint.
+    With the tokenizer, as the Trainer's are, so that a checkpoint loads like a model."""
     import shutil
 
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     torch.save(
         {
             "optimizer": opt.state_dict(),
@@ -441,7 +449,7 @@ def train_rl(
         log(record)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
             if accelerator.is_main_process:
-                _save_checkpoint(Path(cfg.output_dir), step, policy, opt, rng, history)
+                _save_checkpoint(Path(cfg.output_dir), step, policy, tok, opt, rng, history)
             accelerator.wait_for_everyone()
     summary = {"config": asdict(cfg), "history": history}
     if accelerator.is_main_process:
