@@ -202,13 +202,22 @@ def test_a_resumed_stage_counts_the_time_of_its_interrupted_attempts(tmp_path, m
     assert f"| synth | {every} (the last attempt: {last}) |" in (tmp_path / "report.md").read_text()
 
 
-def test_a_failed_steiner_sft_stops_the_baseline_process_beside_it(tmp_path, monkeypatch):
+def at_the_sfts_on_two_cores(root, monkeypatch, start_baseline, run_training) -> None:
+    """A demo directory whose stages before the SFTs finished, on a two-core machine (where
+    the baseline runs as a process beside the Steiner SFT), with both SFTs stood in for."""
     from steiner import demo
 
-    for name in ("problems", "synth", "synth-verify", "init", "cpt"):  # finished earlier
-        marker = demo.Stage(tmp_path, name).marker
+    for name in ("problems", "synth", "synth-verify", "init", "cpt"):
+        marker = demo.Stage(root, name).marker
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps({"stage": name, "seconds": 0.0}))
+    monkeypatch.setattr(demo, "start_baseline", start_baseline)
+    monkeypatch.setattr(demo, "run_training", run_training)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_a_failed_steiner_sft_stops_the_baseline_process_beside_it(tmp_path, monkeypatch):
     started = []
 
     def start_baseline(s, root):  # a stand-in baseline that would train for a minute
@@ -218,10 +227,7 @@ def test_a_failed_steiner_sft_stops_the_baseline_process_beside_it(tmp_path, mon
     def run_training(s, root, which, *callbacks):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(demo, "start_baseline", start_baseline)
-    monkeypatch.setattr(demo, "run_training", run_training)
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)  # the two-core path on any machine
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    at_the_sfts_on_two_cores(tmp_path, monkeypatch, start_baseline, run_training)
     try:
         with pytest.raises(RuntimeError, match="out of memory"):
             run_demo(out=tmp_path, settings=tiny_settings())
@@ -237,21 +243,13 @@ def test_a_failed_baseline_process_is_one_line_with_the_last_line_of_its_log(tmp
     from steiner import demo
     from steiner.io import InputError
 
-    for name in ("problems", "synth", "synth-verify", "init", "cpt"):  # finished earlier
-        marker = demo.Stage(tmp_path, name).marker
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"stage": name, "seconds": 0.0}))
-
     def start_baseline(s, root):  # a stand-in baseline that stops on an error, as the CLI does
         log = root / "models" / "shortcut-sft.log"
         log.parent.mkdir(exist_ok=True)
         log.write_text("Loading weights...\nsteiner: error: runs/x: another run is writing here\n")
         return subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
 
-    monkeypatch.setattr(demo, "start_baseline", start_baseline)
-    monkeypatch.setattr(demo, "run_training", lambda *args: {"steps": 6})
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    at_the_sfts_on_two_cores(tmp_path, monkeypatch, start_baseline, lambda *a: {"steps": 6})
     with pytest.raises(InputError) as err:
         run_demo(out=tmp_path, settings=tiny_settings())
     assert str(err.value) == (
