@@ -567,8 +567,6 @@ def train_rl(ctx: typer.Context) -> None:
     )
 
 
-# every command that loads a local model: typer checks the directory, so a wrong path is one
-# error line instead of a hub lookup's traceback
 def model_directory(path: Path) -> Path:
     """Checked when the command line is parsed: before a progress bar, a banner or a file."""
     from steiner.infer.generate import MADE_BY
@@ -581,6 +579,8 @@ def model_directory(path: Path) -> Path:
     return path
 
 
+# every command that loads a local model: typer checks the directory, so a wrong path is one
+# error line instead of a hub lookup's traceback
 ModelDirectory = Annotated[
     Path,
     typer.Option(
