@@ -158,6 +158,10 @@ def test_resume_restores_step_and_optimizer(data):
         run_sft(quick(SFTStageConfig, data, "resume", **cfg), callbacks=[Interrupt()])
     state = json.loads((data / "resume" / "checkpoint-3" / "trainer_state.json").read_text())
     earlier = state["stateful_callbacks"]["TrainTime"]["args"]["earlier"]
+    # a checkpoint the crash cut short while it was being written: no trainer_state.json yet
+    half = data / "resume" / "checkpoint-6"
+    half.mkdir()
+    shutil.copy(data / "resume" / "checkpoint-3" / "config.json", half)
     record = RecordStart()
     summary = run_sft(quick(SFTStageConfig, data, "resume", **cfg), callbacks=[record])
     assert summary["resumed_from"].endswith("checkpoint-3")

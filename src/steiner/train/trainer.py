@@ -19,7 +19,6 @@ from transformers import (
     TrainerState,
 )
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
 from steiner.format import SPECIAL_TOKENS
@@ -208,6 +207,22 @@ def reached_limit(state: TrainerState, cfg: SFTStageConfig | CPTStageConfig) -> 
     return state.global_step >= steps or tokens_spent(state, cfg.max_train_tokens)
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint the Trainer finished writing. It writes one in place, its
+    ``trainer_state.json`` last, so a run killed while saving leaves a checkpoint without it;
+    a re-run goes on from the one before (``get_last_checkpoint`` picks the half one, and
+    the run could not resume at all)."""
+    if not os.path.isdir(output_dir):
+        return None
+    done = [
+        path
+        for path in Path(output_dir).glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit()
+        and (path / "trainer_state.json").is_file()
+    ]
+    return str(max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")))) if done else None
+
+
 def run_stage(
     cfg: SFTStageConfig | CPTStageConfig,
     dataset: Dataset,
@@ -216,11 +231,7 @@ def run_stage(
 ) -> dict[str, Any]:
     model, tokenizer = _load(cfg)
     cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
-    last = (
-        get_last_checkpoint(cfg.output_dir)
-        if cfg.resume and os.path.isdir(cfg.output_dir)
-        else None
-    )
+    last = last_complete_checkpoint(cfg.output_dir) if cfg.resume else None
     resumed = (
         TrainerState.load_from_json(os.path.join(last, "trainer_state.json")) if last else None
     )
@@ -319,8 +330,7 @@ def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> None:
     inputs there. The start model is checked here too, for every stage, before anything is
     written."""
     check_model_dir(cfg.model, "--model", "steiner train init")
-    resuming = cfg.resume and os.path.isdir(cfg.output_dir)
-    resuming = resuming and get_last_checkpoint(cfg.output_dir) is not None
+    resuming = cfg.resume and last_complete_checkpoint(cfg.output_dir) is not None
     record = Path(cfg.output_dir, SETTINGS_FILE)
     inputs = stage_inputs(cfg, stage)
     check_checkpoint_inputs(record, inputs, resuming, f"a {stage} run", cfg.process_index == 0)
