@@ -19,7 +19,7 @@ def steiner(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = proc.stderr.splitlines()  # one line: no blank line from a progress bar either
     assert len(lines) == 1, proc.stderr
     for needle in needles:
         assert needle in lines[0]
@@ -204,7 +204,7 @@ def test_an_unwritable_output_path_is_one_line_exit_1(tmp_path):
     blocker.write_text("")
     proc = steiner("graph", "generate", "--count", "2", "--out", str(blocker / "g.jsonl"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = proc.stderr.splitlines()  # one line: no blank line from a progress bar either
     assert len(lines) == 1 and lines[0].startswith(f"steiner: error: {blocker}: ")
 
 
@@ -247,3 +247,12 @@ def test_a_directory_without_a_model_is_one_line_for_every_command(tmp_path):
         proc = steiner(*args)
         assert_one_line_error(proc, "expected a model directory with config.json and a tokenizer")
     assert not out.exists()
+
+
+def test_an_error_inside_a_progress_bar_is_still_one_line(tmp_path, tiny_model_dir):
+    # eval's bar is open when the problem file is read; off a terminal it draws nothing
+    missing = tmp_path / "missing.jsonl"
+    proc = steiner(
+        "eval", "--model", str(tiny_model_dir), "--problems", str(missing), "--out", str(tmp_path)
+    )
+    assert_one_line_error(proc, f"{missing}: ")

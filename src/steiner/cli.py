@@ -52,6 +52,9 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=True,
+        # off a terminal (a log file, a pipe) rich draws no bar, only a blank line at the end,
+        # which would stand above an error's one line
+        disable=not console.is_terminal,
     )
 
 
