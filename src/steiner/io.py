@@ -256,6 +256,19 @@ def check_resume_record(
         write_json(path, wanted)
 
 
+def last_checkpoint(output_dir: str | os.PathLike, marker: str) -> Path | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that holds ``marker``, the file its writer
+    writes last: a checkpoint cut short by a kill while it was written is passed over."""
+    if not os.path.isdir(output_dir):
+        return None
+    done = [
+        path
+        for path in Path(output_dir).glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit() and (path / marker).is_file()
+    ]
+    return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-"))) if done else None
+
+
 def check_checkpoint_inputs(
     record: str | os.PathLike, inputs: dict[str, Any], resuming: bool, what: str, main: bool
 ) -> None:

@@ -42,6 +42,7 @@ from steiner.io import (
     check_model_dir,
     check_seed,
     file_digest,
+    last_checkpoint,
     local_path,
     sole_writer,
     write_json,
@@ -253,11 +254,6 @@ def _logprobs(
 SETTINGS_FILE = "rl_settings.json"
 
 
-def _last_checkpoint(output_dir: str) -> Path | None:
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
 def _save_checkpoint(
     out: Path,
     step: int,
@@ -320,8 +316,10 @@ def train_rl(
     # a checkpoint continues only from the same start (the KL term's reference too) and data
     inputs = {k: local_path(getattr(cfg, k)) for k in ("model", "problems", "dags")}
     inputs |= {f"{k}_sha256": file_digest(getattr(cfg, k)) for k in ("problems", "dags")}
-    resuming = cfg.resume and _last_checkpoint(cfg.output_dir) is not None
+    # written whole to a temporary folder, then renamed: state.pt is there when the folder is
+    last = last_checkpoint(cfg.output_dir, "state.pt") if cfg.resume else None
     record = Path(cfg.output_dir, SETTINGS_FILE)
+    resuming = last is not None
     check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)
     problems = load_shortcuts(cfg.problems)
     dags = {d.problem_id: d for d in read_dags(cfg.dags)}
@@ -343,7 +341,6 @@ def train_rl(
     eos, spaces = token_ids.eos, frozenset(token_ids.spaces)
     history: list[dict[str, Any]] = []
     first_step = 1
-    last = _last_checkpoint(cfg.output_dir) if cfg.resume else None
     if last is not None:
         state = torch.load(last / "state.pt", weights_only=False)
         model.load_state_dict(

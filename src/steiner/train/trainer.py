@@ -26,6 +26,7 @@ from steiner.io import (
     check_checkpoint_inputs,
     check_model_dir,
     file_digest,
+    last_checkpoint,
     local_path,
     sole_writer,
 )
@@ -212,15 +213,8 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     ``trainer_state.json`` last, so a run killed while saving leaves a checkpoint without it;
     a re-run goes on from the one before (``get_last_checkpoint`` picks the half one, and
     the run could not resume at all)."""
-    if not os.path.isdir(output_dir):
-        return None
-    done = [
-        path
-        for path in Path(output_dir).glob("checkpoint-*")
-        if path.name.removeprefix("checkpoint-").isdigit()
-        and (path / "trainer_state.json").is_file()
-    ]
-    return str(max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")))) if done else None
+    last = last_checkpoint(output_dir, "trainer_state.json")
+    return str(last) if last else None
 
 
 def run_stage(
