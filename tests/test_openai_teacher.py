@@ -139,6 +139,18 @@ def test_faults_are_counted_and_cache_makes_rerun_free(server, tmp_path):
     assert FakeChat.hits == hits  # zero requests: everything came from the cache
     for name in ("dags.jsonl", "paths.jsonl", "stats.json"):
         assert (tmp_path / "run1" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes()
+    # a damaged entry stops the run on one line that names it, instead of a traceback or a
+    # quiet new call that would make the run differ from the cached one
+    damaged = sorted((tmp_path / "cache").rglob("*.json"))[0]
+    damaged.write_text('{"ok": true, "cont')
+    third = synth(shortcut, tmp_path / "run3", tmp_path / "cache", server)
+    assert third.returncode == 2 and "Traceback" not in third.stderr, third.stderr
+    assert third.stderr.splitlines() == [
+        f"steiner: error: {damaged}: corrupt teacher-cache entry; expected "
+        '{"ok": true, "content": ...} or {"ok": false, "fault": ...}; '
+        "delete it to ask the teacher again"
+    ]
+    assert FakeChat.hits == hits
 
 
 def test_the_run_max_forward_is_what_the_teacher_asks_for(server, tmp_path):

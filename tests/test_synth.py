@@ -11,6 +11,7 @@ from steiner.dag import read_dags
 from steiner.domains import countdown as cd
 from steiner.domains import load_shortcuts
 from steiner.format import Decision, parse
+from steiner.io import InputError
 from steiner.synth.run import SynthConfig, run_synth
 
 
@@ -300,3 +301,18 @@ def test_a_second_run_into_a_held_out_is_one_line_and_shards_run_side_by_side(
         SynthConfig(shortcut=str(tmp / "shortcut.jsonl"), out=str(out), shard="1/2", limit=6)
     )
     assert stats["dags"] == 3 and (out / "dags-00001-of-00002.jsonl").exists()
+
+
+def _raise_input_error(line: int) -> None:
+    raise InputError("problems.jsonl", line, "expected a problem")
+
+
+def test_an_input_error_in_a_pool_worker_reaches_the_parent_whole():
+    import multiprocessing as mp
+
+    # the worker pickles the exception for the parent; rebuilt from its formatted text it
+    # failed with a TypeError in the pool's result thread, and the pool waited forever
+    with mp.get_context("fork").Pool(1) as pool, pytest.raises(InputError) as caught:
+        pool.map_async(_raise_input_error, [7]).get(timeout=60)
+    assert (caught.value.path, caught.value.line) == ("problems.jsonl", 7)
+    assert str(caught.value) == "problems.jsonl:7: expected a problem"

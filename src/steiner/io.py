@@ -30,6 +30,11 @@ class InputError(Exception):
         super().__init__(f"{where}: {message}")
         self.path, self.line, self.message = str(path), line, message
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled with its three fields, not the formatted text: a worker process of a pool
+        # (synthesis, evaluation) hands its InputError to the parent this way
+        return (InputError, (self.path, self.line, self.message))
+
 
 def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     """``open`` for reading an input file: one that is missing or unreadable is one

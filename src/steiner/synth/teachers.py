@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from steiner.domains.base import ALIVE, ANSWER, DEAD, Domain
-from steiner.io import write_lines
+from steiner.io import InputError, write_lines
 
 STATUSES = (ALIVE, DEAD, ANSWER)
 
@@ -170,8 +170,21 @@ class ResponseCache:
         path = self._path(key)
         if not path.exists():
             return None
-        entry = json.loads(path.read_text())
-        if not entry.get("ok") and self.retry_failed:
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            entry = None
+        # entries are written atomically, so a bad one is disk damage or a hand edit: asking
+        # again in its place would quietly change a run that the cache should reproduce
+        ok = entry.get("ok") if isinstance(entry, dict) else None
+        if not isinstance(ok, bool) or not isinstance(entry.get("content" if ok else "fault"), str):
+            raise InputError(
+                path,
+                None,
+                'corrupt teacher-cache entry; expected {"ok": true, "content": ...} or '
+                '{"ok": false, "fault": ...}; delete it to ask the teacher again',
+            )
+        if not entry["ok"] and self.retry_failed:
             return None
         return entry
 
