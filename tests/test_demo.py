@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -237,6 +238,30 @@ def test_a_failed_steiner_sft_stops_the_baseline_process_beside_it(tmp_path, mon
     finally:
         for process in started:
             process.kill()
+
+
+def test_a_second_sigterm_while_the_baseline_winds_down_kills_it_instead_of_leaving_it():
+    from steiner.cli import Terminated, raise_terminated
+    from steiner.demo import stop_baseline
+
+    # a baseline slow to unwind: it ignores the first SIGTERM for longer than the test waits
+    slow = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", slow])
+    time.sleep(1)  # let it install its handler
+    before = signal.signal(signal.SIGTERM, raise_terminated)  # as the CLI's main() does
+    again = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        again.start()
+        started = time.monotonic()
+        with pytest.raises(Terminated):
+            stop_baseline(process, grace_seconds=30)
+        assert time.monotonic() - started < 10
+        assert process.poll() == -signal.SIGKILL  # not left to train on alone
+    finally:
+        again.cancel()
+        signal.signal(signal.SIGTERM, before)
+        process.kill()
+        process.wait()
 
 
 def test_a_failed_baseline_process_is_one_line_with_the_last_line_of_its_log(tmp_path, monkeypatch):

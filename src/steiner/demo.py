@@ -437,7 +437,8 @@ def take_both_cores(process: Any, from_step: int, threads: int) -> Any:
 def stop_baseline(process: Any, grace_seconds: float = 30) -> None:
     """End the baseline process when the demo stops early (an error, Ctrl-C, SIGTERM): left
     running, it would train on alone, and a re-run would start a second one on its directory.
-    SIGTERM first, so that it unwinds like the demo (its last checkpoint stays resumable)."""
+    SIGTERM first, so that it unwinds like the demo (its last checkpoint stays resumable);
+    a second Ctrl-C or SIGTERM during the wait kills it at once instead of leaving it."""
     import subprocess
 
     if process.poll() is not None:
@@ -448,6 +449,10 @@ def stop_baseline(process: Any, grace_seconds: float = 30) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 def run_rl_stage(s: DemoSettings, root: Path) -> dict[str, Any]:
