@@ -2,9 +2,12 @@
 
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -476,3 +479,45 @@ def test_a_training_run_into_a_held_output_dir_is_refused(data, tmp_path, lock_h
         run_rl(RLStageConfig(model=str(data / "init"), output_dir=str(tmp_path / "rl")))
     for name in ("sft", "rl"):  # no settings record or checkpoint beside the other run's
         assert [p.name for p in (tmp_path / name).iterdir()] == [".steiner.lock"]
+
+
+def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_path):
+    from filelock import FileLock
+
+    root = tmp_path / "demo"
+    shutil.copytree(data / "init", root / "models" / "cpt")
+    (root / "data").mkdir()
+    shutil.copy(data / "shortcut.jsonl", root / "data" / "train.jsonl")
+    # a demo that starts its baseline SFT (long enough to outlive the test) and is then
+    # SIGKILLed, as by the OOM killer: no Python code of it runs to stop the baseline
+    demo = (
+        "import sys, time\nfrom pathlib import Path\n"
+        "from steiner.demo import DemoSettings, start_baseline\n"
+        "s = DemoSettings(sft_steps=100_000, batch_size=2)\n"
+        "print(start_baseline(s, Path(sys.argv[1])).pid, flush=True)\ntime.sleep(600)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", demo, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    baseline = int(parent.stdout.readline())
+    lock = root / "models" / "shortcut-sft" / ".steiner.lock"
+    log = root / "models" / "shortcut-sft.log"
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.exists():  # the baseline has started its run
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 60
+        while not log.read_text().endswith("steiner: terminated\n"):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        # it unwound and let go of its output: a re-run's baseline is not refused
+        FileLock(lock).acquire(timeout=30)
+    finally:
+        parent.kill()
+        try:
+            os.kill(baseline, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -17,7 +17,15 @@ from rich.table import Table
 
 from steiner import format as fmt
 from steiner.domains import countdown
-from steiner.io import MAX_SEED, InputError, iter_records, validate, write_jsonl, write_lines
+from steiner.io import (
+    MAX_SEED,
+    InputError,
+    end_with_parent,
+    iter_records,
+    validate,
+    write_jsonl,
+    write_lines,
+)
 
 app = typer.Typer(
     help="Steiner: train language models that search inside one context.",
@@ -926,6 +934,7 @@ def main() -> None:
     # without running `finally`: atomic writes left their temp files behind, the demo's
     # baseline process outlived it, and a stage's clock lost its last seconds
     signal.signal(signal.SIGTERM, raise_terminated)
+    end_with_parent()
     try:
         rc = app(standalone_mode=False)
     except Terminated as exc:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from steiner.io import (
+    PARENT_PID_ENV,
     InputError,
     check_resume_record,
     file_digest,
@@ -410,7 +411,9 @@ def start_baseline(s: DemoSettings, root: Path) -> Any:
     ]  # fmt: skip
     for key, value in train_kwargs(s, s.sft_steps).items():
         args += [f"--{key}", str(value)]
+    # it ends with the demo even when the demo is killed outright (io.end_with_parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env[PARENT_PID_ENV] = str(os.getpid())
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

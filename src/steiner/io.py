@@ -1,6 +1,7 @@
 """Reading and writing record files (JSON Lines or Parquet) with one-line input errors, the
-settings check that lets a resumable job continue, and the per-record seeds that make a job's
-output independent of how it is split into batches, chunks or resumed runs.
+settings check that lets a resumable job continue, the per-record seeds that make a job's
+output independent of how it is split into batches, chunks or resumed runs, and the guards
+of a job's run: one run per output directory, a child job that ends with its parent.
 
 Bottom layer like ``format``: imports nothing else from steiner.
 """
@@ -211,6 +212,31 @@ def sole_writer(
             while empty != made.parent and not any(empty.iterdir()):
                 empty.rmdir()
                 empty = empty.parent
+
+
+PARENT_PID_ENV = "STEINER_PARENT_PID"
+
+
+def end_with_parent(poll_seconds: float = 1.0) -> None:
+    """In a job started with ``PARENT_PID_ENV`` set to its parent's pid (the demo's baseline
+    SFT): SIGTERM itself once that parent is gone, so that it unwinds as on a stop. A parent
+    killed by SIGKILL (the OOM killer) cannot stop it, and left alone it trained on, its lock
+    refusing the re-run's baseline. Polling ``getppid`` (the parent's death re-parents the
+    process) works on Linux and macOS alike; ``prctl(PR_SET_PDEATHSIG)`` is Linux's only."""
+    import signal
+    import threading
+    import time
+
+    parent = os.environ.pop(PARENT_PID_ENV, "")  # not handed on to the job's own children
+    if not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 def check_model_dir(name: str | None, flag: str, made_by: str) -> None:
