@@ -421,6 +421,10 @@ def test_yaml_config_with_command_line_override(tmp_path):
     for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp"):
         conf = yaml.safe_load((configs / "accelerate" / f"{name}.yaml").read_text())
         assert conf["distributed_type"] in ("DEEPSPEED", "FSDP")
+    # --out, as every other command spells it, sets the output directory of each stage
+    for stage, config in (("sft", SFTStageConfig), ("cpt", CPTStageConfig), ("rl", RLStageConfig)):
+        cfg = parse_stage_config(config, ["--out", "runs/x"], f"steiner train {stage}")
+        assert cfg.output_dir == "runs/x", stage
 
 
 class KeptWarnings(logging.Handler):

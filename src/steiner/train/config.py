@@ -95,6 +95,11 @@ class _StageMixin:
 class _CPUDefaults(SFTConfig):
     """The defaults both stages share (see the module docstring)."""
 
+    # --out as every other steiner command spells it (argparse called it ambiguous)
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where checkpoints and the final model go.", "aliases": ["--out"]},
+    )
     use_cpu: bool = _NO_GPU
     bf16: bool | None = False
     activation_checkpointing: bool | None = False

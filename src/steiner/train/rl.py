@@ -55,7 +55,7 @@ class RLStageConfig:
     model: str = ""
     problems: str = ""  # the training problems (shortcut or problem records)
     dags: str = ""  # dags.jsonl from `steiner synth` for those problems
-    output_dir: str = "runs/rl"
+    output_dir: str = field(default="runs/rl", metadata={"aliases": ["--out"]})
     steps: int = 100
     prompts_per_step: int = 4
     group_size: int = 4
