@@ -280,6 +280,11 @@ def test_a_tokenizer_that_cannot_load_is_one_line_before_any_file(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"steiner: error: --tokenizer: cannot load '{missing}'" in proc.stderr
     assert not out.exists()
+    # a relative name that is no directory is looked up in the Hub cache only: no request,
+    # so no retry lines from huggingface_hub above the one error line
+    proc = steiner("synth", "--shortcut", str(shortcut), "--out", str(out), "--tokenizer", "tok-x")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "steiner: error: --tokenizer: cannot load 'tok-x'" in proc.stderr
 
 
 def test_a_second_run_into_a_held_out_is_one_line_and_shards_run_side_by_side(

@@ -193,7 +193,9 @@ def tokenizer_counter(path: str) -> Callable[[str], int]:
     from steiner.io import InputError
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        # a directory or a name already in the Hub cache: a run never downloads, and offline
+        # a name that is neither was 50 s of retry lines above the error line
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
