@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,13 +179,14 @@ def test_resume_restores_step_and_optimizer(data):
     # and a later checkpoint carries the time of the steps before it, over both runs
     state = json.loads((data / "resume" / "checkpoint-6" / "trainer_state.json").read_text())
     assert earlier < state["stateful_callbacks"]["TrainTime"]["args"]["earlier"] <= total
-    # a checkpoint goes on only from the same model and data (one error line, before the data
-    # are built); hyperparameters may change, as with Trainer's resume_from_checkpoint
+    # a checkpoint goes on only from the same model and data (one error line, before the model
+    # loads); hyperparameters may change, as with Trainer's resume_from_checkpoint
     with pytest.raises(InputError, match="limit_problems: None there, 10 here") as err:
         run_sft(quick(SFTStageConfig, data, "resume", **cfg, limit_problems=10))
     assert err.value.path == str(data / "resume" / "train_settings.json")
     with pytest.raises(InputError, match="'sft' there, 'sft-shortcut' here"):
-        run_sft(quick(SFTStageConfig, data, "resume", **cfg, shortcut=True))
+        shortcuts = cfg | {"data": str(data / "shortcut.jsonl")}
+        run_sft(quick(SFTStageConfig, data, "resume", **shortcuts, shortcut=True))
     more = run_sft(quick(SFTStageConfig, data, "resume", **(cfg | {"max_steps": 9})))
     assert more["resumed_from"].endswith("checkpoint-8") and more["steps"] == 9
     # the data are checked by content, not by path: a moved file resumes, an edited one does not
@@ -381,6 +384,27 @@ def test_a_missing_start_model_is_one_error_line_before_anything_is_written(tmp_
     assert not list(tmp_path.iterdir())  # no settings record of a run that never started
 
 
+def test_bad_training_data_is_one_error_line_and_leaves_no_output_dir(data, tmp_path):
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text('{"a": 1}\n')
+    init, out = str(data / "init"), tmp_path / "runs"
+    with pytest.raises(InputError, match="expected a 'messages' list"):
+        run_sft(quick(SFTStageConfig, out, "sft", model=init, data=str(odd)))
+    with pytest.raises(InputError, match="expected a 'messages' list"):
+        run_cpt(quick(CPTStageConfig, out, "cpt", model=init, paths=[str(odd)]))
+    problems, dags = str(data / "shortcut.jsonl"), str(data / "synth" / "dags.jsonl")
+    rl = RLStageConfig(model=init, problems=problems, dags=str(odd), output_dir=str(out / "rl"))
+    with pytest.raises(InputError, match="expected a dag record"):
+        run_rl(rl)
+    # DAGs of other problems: no problem left to train on (was an IndexError)
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(problems).read_text().replace('"id": "countdown-', '"id": "other-'))
+    with pytest.raises(InputError, match="no DAG for any problem of"):
+        run_rl(replace(rl, problems=str(other), dags=dags))
+    # no settings record of a run that never started, which a re-run would be checked against
+    assert not out.exists()
+
+
 def test_a_seed_out_of_numpys_range_is_one_error_line(tmp_path):
     from steiner.cli import parse_stage_config
 
@@ -395,7 +419,6 @@ def test_a_seed_out_of_numpys_range_is_one_error_line(tmp_path):
 
 
 def test_yaml_config_with_command_line_override(tmp_path):
-    from pathlib import Path
 
     import yaml
 

@@ -320,10 +320,17 @@ def train_rl(
     last = last_checkpoint(cfg.output_dir, "state.pt") if cfg.resume else None
     record = Path(cfg.output_dir, SETTINGS_FILE)
     resuming = last is not None
-    check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)
     problems = load_shortcuts(cfg.problems)
     dags = {d.problem_id: d for d in read_dags(cfg.dags)}
     problems = [p for p in problems if p["id"] in dags]
+    if not problems:
+        raise InputError(
+            cfg.dags,
+            None,
+            f"no DAG for any problem of {cfg.problems}; expected synth's DAGs of them",
+        )
+    # once the data have loaded: bad data stops the run before this writes anything
+    check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)
     domain = get_domain(problems[0]["domain"])
     tok = AutoTokenizer.from_pretrained(cfg.model)
     tok.padding_side = "left"

@@ -319,11 +319,9 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
 
 
 def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> None:
-    """Before the data are built: a checkpoint in ``output_dir`` from another model or other
-    data is one error line, not a run that quietly goes on from it; a fresh run records its
-    inputs there. The start model is checked here too, for every stage, before anything is
-    written."""
-    check_model_dir(cfg.model, "--model", "steiner train init")
+    """Once the data have loaded (bad data stops the run before this writes anything): a
+    checkpoint in ``output_dir`` from another model or other data is one error line, not a
+    run that quietly goes on from it; a fresh run records its inputs there."""
     resuming = cfg.resume and last_complete_checkpoint(cfg.output_dir) is not None
     record = Path(cfg.output_dir, SETTINGS_FILE)
     inputs = stage_inputs(cfg, stage)
@@ -337,16 +335,18 @@ def holding_output_dir(cfg: SFTStageConfig | CPTStageConfig) -> Any:
 def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     stage = "sft-shortcut" if cfg.shortcut else "sft"
     with holding_output_dir(cfg):
-        check_resume(cfg, stage)
+        check_model_dir(cfg.model, "--model", "steiner train init")
         dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
+        check_resume(cfg, stage)
         return run_stage(cfg, dataset, stage, callbacks)
 
 
 def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     with holding_output_dir(cfg):
-        check_resume(cfg, "cpt")
+        check_model_dir(cfg.model, "--model", "steiner train init")
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         dataset = cpt_dataset(
             tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
         )
+        check_resume(cfg, "cpt")
         return run_stage(cfg, dataset, "cpt", callbacks)
