@@ -153,6 +153,19 @@ def test_demo_rejects_bad_options_in_one_line(tmp_path):
         proc = steiner("demo", "--out", str(tmp_path / "d"), *args)
         assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+    # a bad domain or problem file: one line before the banner, and no run directory (the
+    # file's check was in the problems stage, after the settings record and its clock)
+    graph = tmp_path / "graph.jsonl"
+    assert steiner("graph", "generate", "--count", "2", "--out", str(graph)).returncode == 0
+    for args, expected in (
+        (["--domain", "chess"], "--domain: expected graph or countdown, got 'chess'"),
+        (["--domain", "countdown", "--problems", str(graph)], "graph.jsonl:1: field 'nums'"),
+        # named like a file, so not a dataset name asked of the Hub (offline: a minute of
+        # huggingface_hub's retry lines)
+        (["--domain", "graph", "--problems", "missing.jsonl"], "missing.jsonl: cannot open"),
+    ):
+        assert_one_line_error(steiner("demo", "--out", "d", *args, cwd=tmp_path), expected)
+        assert not (tmp_path / "d").exists()
     # a directory holding a demo with other settings is refused, not overwritten
     (tmp_path / "d").mkdir(exist_ok=True)
     (tmp_path / "d" / "demo_settings.json").write_text('{"profile": "full"}')

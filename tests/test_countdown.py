@@ -1,3 +1,4 @@
+import json
 import random
 from fractions import Fraction
 from itertools import combinations
@@ -143,3 +144,19 @@ def test_shortcut_record_steps_are_a_straight_solution():
     rec = cd.shortcut_record(p)
     assert len(rec["steps"]) == 4
     assert cd.check_answer(p["nums"], p["target"], "\n".join(rec["steps"]))
+
+
+def test_a_parquet_problem_file_reads_as_its_json_lines(tmp_path):
+    import datasets
+
+    from steiner.domains import load_shortcuts
+    from steiner.io import InputError
+
+    jsonl, parquet = tmp_path / "p.jsonl", tmp_path / "p.parquet"
+    problems = cd.generate_problems(5, 3, 1, 50, 10, 100, seed=2)
+    jsonl.write_text("".join(json.dumps(cd.shortcut_record(p)) + "\n" for p in problems))
+    datasets.Dataset.from_json(str(jsonl)).to_parquet(str(parquet))
+    assert load_shortcuts(parquet) == load_shortcuts(jsonl)
+    # a missing one is the same one line as a missing JSON Lines file, not pyarrow's words
+    with pytest.raises(InputError, match=r"missing\.parquet: cannot open: No such file"):
+        load_shortcuts(tmp_path / "missing.parquet")

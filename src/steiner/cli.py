@@ -887,7 +887,7 @@ def demo(
     import datasets
     import transformers
 
-    from steiner.demo import PROFILES, run_demo
+    from steiner.demo import PROFILES, check_demo_inputs, run_demo
 
     # one display: the stage lines and the trainers' loss lines, not a progress bar for every
     # dataset map, weight load and shard write
@@ -898,6 +898,7 @@ def demo(
     domains = [domain] if domain else (["graph", "countdown"] if profile == "full" else ["graph"])
     if problems and len(domains) > 1:
         raise typer.BadParameter("--problems needs --domain (the file is of one domain)")
+    check_demo_inputs(profile, domains, problems)
     for name in domains:
         run_dir = out_dir / name if len(domains) > 1 else out_dir
         console.rule(f"steiner demo: {profile} profile, {name} domain -> {run_dir}")

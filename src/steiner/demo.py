@@ -114,6 +114,17 @@ class DemoSettings:
             raise ValueError("verify_sft_steps must be >= 0 and below sft_steps")
 
 
+def check_demo_inputs(profile: str, domains: list[str], problems: str | None) -> None:
+    """A bad --profile, --domain or --problems file: one InputError before a run directory,
+    its settings record or a banner is written."""
+    for domain in domains:
+        profile_settings(profile, domain)
+    if problems:
+        from steiner.domains import load_problems
+
+        load_problems(problems, domains[0])
+
+
 def profile_settings(profile: str, domain: str) -> DemoSettings:
     if profile not in PROFILES:
         raise InputError("--profile", None, f"expected quick or full, got {profile!r}")
@@ -609,6 +620,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary written to ``demo.json``."""
     s = settings or replace(profile_settings(profile, domain), seed=seed)
+    check_demo_inputs(profile, [s.domain], problems)
     root = Path(out)
     with sole_writer(root, "--out"):
         return run_stages(s, root, profile, problems, on_stage)

@@ -76,7 +76,8 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
         try:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            with open_input(path) as fh:  # a missing file: "cannot open", as for JSON Lines
+                table = pq.read_table(fh)
         except (OSError, ValueError) as exc:
             raise InputError(path, None, f"cannot read Parquet: {exc}") from None
         yield from enumerate(table.to_pylist(), start=1)

@@ -142,7 +142,9 @@ def load_shortcuts(
     source: str | os.PathLike, domain: str | None = None, separator: str = "\n"
 ) -> list[dict[str, Any]]:
     """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory."""
-    if Path(source).is_file():
+    if Path(source).is_file() or Path(source).suffix in (".jsonl", ".json", ".parquet"):
+        # a missing file is "cannot open", not a dataset name asked of the Hub (offline that
+        # was a minute of huggingface_hub's retry lines above the error)
         rows = iter_records(source)
     else:
         try:
