@@ -32,8 +32,8 @@ class InputError(Exception):
         self.path, self.line, self.message = str(path), line, message
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # pickled with its three fields, not the formatted text: a worker process of a pool
-        # (synthesis, evaluation) hands its InputError to the parent this way
+        # pickled with its three fields, not the formatted text: a synthesis pool worker hands
+        # its InputError to the parent this way, and one rebuilt from the text hung the pool
         return (InputError, (self.path, self.line, self.message))
 
 
