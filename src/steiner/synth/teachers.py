@@ -184,7 +184,7 @@ class ResponseCache:
                 'corrupt teacher-cache entry; expected {"ok": true, "content": ...} or '
                 '{"ok": false, "fault": ...}; delete it to ask the teacher again',
             )
-        if not entry["ok"] and self.retry_failed:
+        if not ok and self.retry_failed:
             return None
         return entry
 

@@ -221,11 +221,12 @@ def run_stage(
     cfg: SFTStageConfig | CPTStageConfig,
     dataset: Dataset,
     stage: str,
+    last: str | None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
+    """Train ``dataset`` on from ``last`` (``check_resume``'s checkpoint; None: from the start)."""
     model, tokenizer = _load(cfg)
     cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
-    last = last_complete_checkpoint(cfg.output_dir) if cfg.resume else None
     resumed = (
         TrainerState.load_from_json(os.path.join(last, "trainer_state.json")) if last else None
     )
@@ -318,14 +319,17 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
     }
 
 
-def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> None:
-    """Once the data have loaded (bad data stops the run before this writes anything): a
-    checkpoint in ``output_dir`` from another model or other data is one error line, not a
-    run that quietly goes on from it; a fresh run records its inputs there."""
-    resuming = cfg.resume and last_complete_checkpoint(cfg.output_dir) is not None
+def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> str | None:
+    """The checkpoint to go on from, once the data have loaded (bad data stops the run before
+    this writes anything): one in ``output_dir`` from another model or other data is one
+    error line, not a run that quietly goes on from it; a fresh run records its inputs
+    there."""
+    last = last_complete_checkpoint(cfg.output_dir) if cfg.resume else None
     record = Path(cfg.output_dir, SETTINGS_FILE)
     inputs = stage_inputs(cfg, stage)
-    check_checkpoint_inputs(record, inputs, resuming, f"a {stage} run", cfg.process_index == 0)
+    main = cfg.process_index == 0
+    check_checkpoint_inputs(record, inputs, last is not None, f"a {stage} run", main)
+    return last
 
 
 def holding_output_dir(cfg: SFTStageConfig | CPTStageConfig) -> Any:
@@ -337,8 +341,8 @@ def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None)
     with holding_output_dir(cfg):
         check_model_dir(cfg.model, "--model", "steiner train init")
         dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
-        check_resume(cfg, stage)
-        return run_stage(cfg, dataset, stage, callbacks)
+        last = check_resume(cfg, stage)
+        return run_stage(cfg, dataset, stage, last, callbacks)
 
 
 def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -348,5 +352,5 @@ def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None)
         dataset = cpt_dataset(
             tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
         )
-        check_resume(cfg, "cpt")
-        return run_stage(cfg, dataset, "cpt", callbacks)
+        last = check_resume(cfg, "cpt")
+        return run_stage(cfg, dataset, "cpt", last, callbacks)
