@@ -1,5 +1,7 @@
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -219,6 +221,23 @@ def test_an_unwritable_output_path_is_one_line_exit_1(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.splitlines()  # one line: no blank line from a progress bar either
     assert len(lines) == 1 and lines[0].startswith(f"steiner: error: {blocker}: ")
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
+    """Shared clusters: an output must be as readable as the umask allows, not mkstemp's 0600;
+    overwriting a file keeps that file's mode."""
+    out, kept = tmp_path / "g.jsonl", tmp_path / "kept.jsonl"
+    kept.write_text("")
+    kept.chmod(0o640)
+    old = os.umask(0o022)  # the child inherits it
+    try:
+        for path in (out, kept):
+            proc = steiner("graph", "generate", "--count", "2", "--out", str(path))
+            assert proc.returncode == 0, proc.stderr
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text()
 
 
 def test_sigterm_unwinds_an_atomic_write_instead_of_leaving_its_temp_file(tmp_path):

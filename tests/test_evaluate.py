@@ -161,6 +161,15 @@ def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
     assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report
 
 
+def test_report_on_a_directory_with_nothing_to_report_is_one_error_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("a mistyped run directory")
+    proc = steiner("report", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    said = proc.stderr.replace("\n", "")  # rich wraps long lines
+    assert said.startswith(f"steiner: error: {tmp_path}: nothing to report; expected ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no empty page
+
+
 def test_report_lists_files_of_other_tools_instead_of_failing_on_them(tmp_path):
     (tmp_path / "lm-eval").mkdir()
     (tmp_path / "lm-eval" / "metrics.json").write_text('{"acc": 0.5}')

@@ -95,6 +95,23 @@ def validate(model: type[M], record: dict[str, Any], path: str | os.PathLike, li
         raise InputError(path, line, f"field '{field}': {err['msg']}") from None
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before any threads start.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
 def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
     """Write text atomically (temp file + rename): a crash never leaves half a file.
     Returns how many pieces were written."""
@@ -103,6 +120,9 @@ def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (the old file's,
+        # or what the umask allows), so colleagues on a shared cluster can read our outputs.
+        os.fchmod(fd, _mode_for(path))
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for line in lines:
                 fh.write(line)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from steiner.io import InputError
+
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -111,8 +113,6 @@ def _tokens_per_s(summary: dict[str, Any]) -> str:
 def build_report(run_dir: str | Path) -> dict[str, Path]:
     root = Path(run_dir)
     if not root.is_dir():
-        from steiner.io import InputError
-
         raise InputError(root, None, "expected a run directory")
     lines = [f"# Steiner report: {root.name}", ""]
     found = 0
@@ -297,6 +297,14 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     if example:
         lines += example
         found += 1
+    if not found and not skipped:
+        # A page saying "nothing" for a mistyped directory would look like success.
+        raise InputError(
+            root,
+            None,
+            "nothing to report; expected a run directory with a stats.json, "
+            "training_summary.json, metrics.json, scale.json or latency.json under it",
+        )
     if not found:
         lines += [
             "Nothing to report yet: no stats.json, training_summary.json, metrics.json, "
