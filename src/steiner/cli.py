@@ -440,10 +440,7 @@ def dag_show(
             color = "green" if n.status == "answer" else "red" if n.d_e is None else "black"
             lines.append(f"  {n.id} [label={json.dumps((n.key or n.text)[:40])}, color={color}];")
         lines += [f"  {u} -> {v};" for u, v in dag.edges]
-        try:
-            write_lines(dot, ["\n".join(lines + ["}"]) + "\n"])
-        except OSError as exc:
-            raise InputError(dot, None, f"cannot write: {exc.strerror}") from None
+        write_lines(dot, ["\n".join(lines + ["}"]) + "\n"])
         console.print(f"wrote {dot}")
 
 

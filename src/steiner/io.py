@@ -127,7 +127,10 @@ def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
             for line in lines:
                 fh.write(line)
                 n += 1
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # name the user's path (a directory, say), not our temp file
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
