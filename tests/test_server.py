@@ -62,6 +62,31 @@ def test_models_and_chat_fields(server):
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_content_parts_and_the_developer_role_read_as_their_plain_forms(server):
+    """What newer OpenAI clients send: content as a list of text parts, "developer" for
+    "system". The reply must be the one the plain form gets (greedy)."""
+    client = openai.OpenAI(base_url=server, api_key="none")
+
+    def ask(messages: list[dict]):
+        return client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=40, extra_body=BUDGET
+        )
+
+    plain = ask([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}])
+    parts = ask(
+        [
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+        ]
+    )
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.choices[0].message.reasoning_content == plain.choices[0].message.reasoning_content
+
+
 def test_streaming(server):
     client = openai.OpenAI(base_url=server, api_key="none")
     reasoning, content, usage = "", "", None
@@ -145,6 +170,12 @@ def test_200_concurrent_requests_no_5xx(server):
         (b"{not json", 400, "JSON"),
         (b'{"model": "tiny"}', 400, "messages"),
         (b'{"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", '
+            b'"image_url": {"url": "http://x/y.png"}}]}]}',
+            400,
+            "only text parts are supported",
+        ),
         (
             b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}',
             404,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steiner.infer.budget import EXTEND_WITH, Budget
@@ -30,8 +30,31 @@ from steiner.infer.generate import Completion, generate, load
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def join_text_parts(cls, content: Any) -> Any:
+        """OpenAI clients may send content as parts, ``[{"type": "text", "text": ...}]``; a
+        text model takes their texts joined by newlines and refuses any other kind of part."""
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"only text parts are supported ({{'type': 'text', 'text': ...}}), got {kind!r}"
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    @field_validator("role")
+    @classmethod
+    def developer_is_system(cls, role: str) -> str:
+        # OpenAI's newer name for the system message; the chat template knows "system"
+        return "system" if role == "developer" else role
 
 
 class ChatRequest(BaseModel):
