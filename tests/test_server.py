@@ -177,6 +177,12 @@ def test_200_concurrent_requests_no_5xx(server):
             "only text parts are supported",
         ),
         (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", '
+            b'"text": 5}]}]}',
+            400,
+            "'text' must be a string",
+        ),
+        (
             b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}',
             404,
             "does not exist",

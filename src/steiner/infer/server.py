@@ -43,10 +43,12 @@ class ChatMessage(BaseModel):
         texts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text" or not isinstance(part.get("text"), str):
+            if kind != "text":
                 raise ValueError(
                     f"only text parts are supported ({{'type': 'text', 'text': ...}}), got {kind!r}"
                 )
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text part's 'text' must be a string")
             texts.append(part["text"])
         return "\n".join(texts)
 
