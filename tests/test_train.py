@@ -97,6 +97,12 @@ def quick(cls, tmp, name, **kw):
 
 
 def test_cpt_then_sft_learns_and_reloads(data):
+    history: list[dict] = []
+
+    class KeepLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            history.append(dict(logs or {}))
+
     paths = str(data / "synth" / "paths.jsonl")
     cpt = run_cpt(
         quick(
@@ -107,9 +113,14 @@ def test_cpt_then_sft_learns_and_reloads(data):
             paths=[paths],
             countdown_facts=400,
             max_steps=8,
-        )
+        ),
+        callbacks=[KeepLogs()],
     )
     assert cpt["final_loss"] < cpt["first_loss"]
+    *steps, summary = history
+    # the first log has no rate yet: its clock starts there
+    assert len(steps) > 1 and all(log["tokens_per_s"] > 0 for log in steps[1:])
+    assert "train_runtime" in summary and "tokens_per_s" not in summary  # not a rate of 0
     sft = run_sft(
         quick(SFTStageConfig, data, "sft", model=str(data / "cpt"), data=paths, max_steps=120)
     )

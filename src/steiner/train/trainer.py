@@ -157,7 +157,9 @@ class SteinerTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, seen = time.perf_counter(), self.state.num_input_tokens_seen
-        if self._t0 is not None and now > self._t0:
+        # the end-of-training summary follows the last step's log with no tokens between: a
+        # rate of 0 there would read as a stall (the summary has train_tokens_per_second)
+        if self._t0 is not None and now > self._t0 and seen > self._tokens0:
             logs["tokens_per_s"] = round((seen - self._tokens0) / (now - self._t0), 1)
         logs["tokens_seen"] = seen
         self._t0, self._tokens0 = now, seen
