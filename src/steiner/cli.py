@@ -868,7 +868,7 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]
 @app.command("demo")
 def demo(
     profile: Annotated[
-        str, typer.Option(help="quick (graph; 28-32 min measured on 2 CPU cores) | full (hours).")
+        str, typer.Option(help="quick (graph; 27-32 min measured on 2 CPU cores) | full (hours).")
     ] = "quick",
     domain: Annotated[
         str | None, typer.Option(help="graph | countdown (default: graph; full runs both).")
