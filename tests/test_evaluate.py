@@ -161,6 +161,24 @@ def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
     assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report
 
 
+def test_budget_labels_merge_points_that_would_print_on_each_other():
+    from steiner.evaluate.scale import budget_labels
+
+    # the demo's cap curve: budgets 3 and 4 give the same traces, budget 8 as well, 16 not
+    points = [(1, 22.0, 31.5), (2, 39.8, 65.5), (3, 48.7, 98.0), (4, 49.0, 98.5), (8, 49.0, 98.5)]
+    points.append((16, 80.0, 98.5))
+    assert budget_labels(points, x_span=78.0, y_span=67.0) == [
+        ("1", 22.0, 31.5),
+        ("2", 39.8, 65.5),
+        ("3-8", 48.7, 98.0),
+        ("16", 80.0, 98.5),
+    ]
+    assert budget_labels([(1, 5.0, 50.0), (2, 5.0, 60.0)], 1.0, 10.0) == [
+        ("1", 5.0, 50.0),
+        ("2", 5.0, 60.0),
+    ]
+
+
 def test_report_on_a_directory_with_nothing_to_report_is_one_error_line(tmp_path):
     (tmp_path / "notes.txt").write_text("a mistyped run directory")
     proc = steiner("report", str(tmp_path))

@@ -67,14 +67,39 @@ def run_scale(
         return result
 
 
+def budget_labels(
+    points: list[tuple[int, float, float]], x_span: float, y_span: float
+) -> list[tuple[str, float, float]]:
+    """Labels for one mode's (budget, tokens, accuracy) points: consecutive budgets whose
+    points fall within 2 % of the axes of each other share one label ("3-4"), so labels
+    that would print on top of each other (a model that stops needing more steps) read."""
+    groups: list[list[tuple[int, float, float]]] = []
+    for point in points:
+        last = groups[-1][-1] if groups else None
+        if (
+            last is not None
+            and abs(point[1] - last[1]) <= 0.02 * x_span
+            and abs(point[2] - last[2]) <= 0.02 * y_span
+        ):
+            groups[-1].append(point)
+        else:
+            groups.append([point])
+    return [
+        (str(g[0][0]) if len(g) == 1 else f"{g[0][0]}-{g[-1][0]}", g[0][1], g[0][2]) for g in groups
+    ]
+
+
 def plot_scale(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    xs = [r["mean_reasoning_tokens"] for r in rows]
+    ys = [100 * r["accuracy"] for r in rows]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
         pts = [r for r in rows if r["mode"] == mode]
         ax.plot(
             [r["mean_reasoning_tokens"] for r in pts],
@@ -82,10 +107,12 @@ def plot_scale(rows: list[dict[str, Any]], path: Path) -> None:
             marker="o",
             label=mode,
         )
-        for r in pts:
-            ax.annotate(
-                str(r["budget"]), (r["mean_reasoning_tokens"], 100 * r["accuracy"]), fontsize=8
-            )
+        points = [(r["budget"], r["mean_reasoning_tokens"], 100 * r["accuracy"]) for r in pts]
+        # cap's labels below its points, extend's above: the two curves meet where cap's
+        # largest budget and extend's smallest give the same traces
+        offset = (4, -11) if i % 2 == 0 else (4, 5)
+        for text, x, y in budget_labels(points, x_span, y_span):
+            ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", fontsize=8)
     ax.set_xlabel("mean reasoning tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs reasoning tokens (labels: step budget)")
