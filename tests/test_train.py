@@ -459,6 +459,10 @@ def test_yaml_config_with_command_line_override(tmp_path):
     for stage, config in (("sft", SFTStageConfig), ("cpt", CPTStageConfig), ("rl", RLStageConfig)):
         cfg = parse_stage_config(config, ["--out", "runs/x"], f"steiner train {stage}")
         assert cfg.output_dir == "runs/x", stage
+    # and --max_steps, as TRL and the other stages spell it, RL's step count
+    for flag in ("--max_steps", "--max-steps", "--steps"):
+        cfg = parse_stage_config(RLStageConfig, [flag, "7"], "steiner train rl")
+        assert cfg.steps == 7, flag
 
 
 class KeptWarnings(logging.Handler):

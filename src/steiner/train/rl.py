@@ -56,7 +56,8 @@ class RLStageConfig:
     problems: str = ""  # the training problems (shortcut or problem records)
     dags: str = ""  # dags.jsonl from `steiner synth` for those problems
     output_dir: str = field(default="runs/rl", metadata={"aliases": ["--out"]})
-    steps: int = 100
+    # --max_steps as TRL's trainers and `train sft/cpt` spell it
+    steps: int = field(default=100, metadata={"aliases": ["--max_steps", "--max-steps"]})
     prompts_per_step: int = 4
     group_size: int = 4
     max_new_tokens: int = 256
