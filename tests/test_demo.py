@@ -97,6 +97,35 @@ def test_heldout_split_is_full_distinct_and_unseen_in_a_small_problem_space(tmp_
     assert len({(tuple(sorted(r["nums"])), r["target"]) for r in rows}) == 150
 
 
+def test_a_problems_file_of_graphs_is_asked_in_the_style_the_demos_models_read(tmp_path):
+    """--problems takes any graph records (bare edges/start/goal, or `graph generate`'s
+    default verbose style); the demo's models read the compact style of its training split
+    only, so the file's graphs must reach eval asked that way."""
+    from steiner.demo import make_problems
+    from steiner.domains import graph
+
+    verbose = list(graph.generate_problems(3, seed=7))
+    source = tmp_path / "mine.jsonl"
+    source.write_text(
+        json.dumps({k: verbose[0][k] for k in ("id", "edges", "start", "goal")})
+        + "\n"
+        + "".join(json.dumps(p) + "\n" for p in verbose[1:])
+    )
+    s = DemoSettings(train_problems=20, heldout_problems=5, cpt_documents=10)
+    make_problems(s, tmp_path / "run", str(source))
+    train = json.loads((tmp_path / "run" / "data" / "train.jsonl").read_text().splitlines()[0])
+    rows = (tmp_path / "run" / "data" / "heldout.jsonl").read_text().splitlines()
+    heldout = [json.loads(x) for x in rows]
+    assert [h["id"] for h in heldout] == [p["id"] for p in verbose]
+    for h, p in zip(heldout, verbose, strict=True):
+        assert (h["edges"], h["start"], h["goal"]) == (p["edges"], p["start"], p["goal"])
+        assert h["meta"]["style"] == train["meta"]["style"] == "compact"
+        assert h["meta"]["step"] == train["meta"]["step"]
+        assert (
+            ">" not in h["question"] and f"{p['edges'][0][0]} {p['edges'][0][1]}" in h["question"]
+        )
+
+
 def test_cpt_walk_sizes_reach_the_cpt_text(tmp_path):
     from steiner.demo import make_problems
 

@@ -251,6 +251,20 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
         from steiner.domains import load_problems
 
         heldout = load_problems(heldout_file, s.domain)
+        if s.domain == "graph":
+            # the demo's models read one question style: a file's own question (the verbose
+            # style of `graph generate`, or none in a bare record) would score ~0 %, so its
+            # graphs are asked again as the training problems are
+            heldout = [
+                graph.make_problem(
+                    p["id"],
+                    p["edges"],
+                    p["start"],
+                    p["goal"],
+                    {**p.get("meta", {}), "step": "arm", "style": "compact"},
+                )
+                for p in heldout
+            ]
     else:
         # a large pool: countdown-3 is a small space that the training split mostly covers
         # (2x the wanted count once left 79 of 300 unseen); a longer pool keeps the same prefix
