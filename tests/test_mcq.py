@@ -46,11 +46,19 @@ def test_gpqa_options_shuffle_deterministically(tmp_path):
         assert "step by step" not in p["question"].lower()  # zero-shot, no CoT instruction
 
 
-def test_a_missing_or_non_utf8_gpqa_csv_is_one_error_line(tmp_path):
+def test_a_missing_or_non_utf8_gpqa_csv_is_one_error_line(tmp_path, monkeypatch):
+    import datasets
+
     from steiner.io import InputError
 
-    with pytest.raises(InputError, match="cannot open: No such file"):
-        load_mcq(tmp_path / "missing.csv")
+    def hub(*args, **kwargs):
+        raise AssertionError("a missing file was looked up as a dataset name")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    # an MMLU-Pro file too: offline, the Hub lookup of its name took 28 s of retry lines
+    for name in ("missing.csv", "missing.jsonl", "missing.parquet"):
+        with pytest.raises(InputError, match="cannot open: No such file"):
+            load_mcq(tmp_path / name)
     path = tmp_path / "latin1.csv"
     write_gpqa(path)
     path.write_bytes(path.read_bytes().replace(b"What", b"Wh\xe4t"))

@@ -69,6 +69,16 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
+RECORD_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def is_record_file(source: str | os.PathLike) -> bool:
+    """Whether a problem source is read as a file rather than asked of ``datasets``: a missing
+    path with a record-file suffix is "cannot open", not a dataset name looked up on the Hub
+    (offline that was half a minute of huggingface_hub's retry lines above the error)."""
+    return Path(source).is_file() or Path(source).suffix in RECORD_FILE_SUFFIXES
+
+
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (row number, record) from a JSON Lines or Parquet file (rows count from 1)."""
     path = Path(path)

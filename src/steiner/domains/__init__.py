@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from steiner.domains.base import Domain
-from steiner.io import InputError, iter_records, validate
+from steiner.io import InputError, is_record_file, iter_records, validate
 
 
 def get_domain(name: str) -> Domain:
@@ -142,9 +141,7 @@ def load_shortcuts(
     source: str | os.PathLike, domain: str | None = None, separator: str = "\n"
 ) -> list[dict[str, Any]]:
     """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory."""
-    if Path(source).is_file() or Path(source).suffix in (".jsonl", ".json", ".parquet"):
-        # a missing file is "cannot open", not a dataset name asked of the Hub (offline that
-        # was a minute of huggingface_hub's retry lines above the error)
+    if is_record_file(source):
         rows = iter_records(source)
     else:
         try:
