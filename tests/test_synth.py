@@ -158,6 +158,33 @@ def test_text_domain_records_split_cot(tmp_path):
     )
 
 
+def test_a_text_problem_without_steps_is_evaluated_but_not_synthesized(tmp_path, tiny_model_dir):
+    """A test set of questions and answers (no solutions) is what eval takes; synthesis
+    needs the steps to truncate."""
+    from steiner.domains import load_problems
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"id": "q1", "question": "2+3*4?", "answer": 14}) + "\n")
+    [problem] = load_problems(path)
+    assert problem["domain"] == "text" and problem["answer"] == "14" and "steps" not in problem
+    with pytest.raises(InputError, match="expected 'steps', 'cot' or 'solution'"):
+        load_shortcuts(path)
+    out = tmp_path / "eval"
+    proc = steiner(
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--problems",
+        str(path),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "8",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["n"] == 1
+
+
 def test_bad_shortcut_file_is_one_line_exit_2(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": "a", "nums": [1, 1], "target": 97}\n')

@@ -32,14 +32,15 @@ def get_domain(name: str) -> Domain:
 
 
 def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[dict[str, Any]]:
-    """Problems to evaluate: any record file of a domain (bare fields are enough). An empty
-    file is an error, not an accuracy of 0/0."""
+    """Problems to evaluate: any record file of a domain (bare fields are enough; a text
+    problem needs no steps, only a question and its answer). An empty file is an error, not
+    an accuracy of 0/0."""
     if domain == "mcq":
         from steiner.domains.mcq import load_mcq
 
         problems = load_mcq(source)
     else:
-        problems = load_shortcuts(source, domain)
+        problems = load_shortcuts(source, domain, steps_required=False)
     if not problems:
         raise InputError(source, None, "no records; expected one problem per line")
     return problems
@@ -81,9 +82,15 @@ def guess_domain(rec: dict[str, Any]) -> str:
 
 
 def shortcut_from_record(
-    rec: dict[str, Any], domain: str, path: str | os.PathLike, line: int, separator: str = "\n"
+    rec: dict[str, Any],
+    domain: str,
+    path: str | os.PathLike,
+    line: int,
+    separator: str = "\n",
+    steps_required: bool = True,
 ) -> dict[str, Any]:
-    """A shortcut record (DESIGN.md schema) from a full or bare record of the domain."""
+    """A shortcut record (DESIGN.md schema) from a full or bare record of the domain; with
+    ``steps_required=False``, a text record without steps is a problem record (for eval)."""
     if domain == "countdown":
         from steiner.domains import countdown
 
@@ -121,7 +128,7 @@ def shortcut_from_record(
 
         r = validate(_TextRecord, rec, path, line)
         steps = r.steps or split_steps(r.cot or r.solution or "", separator)
-        if not steps:
+        if not steps and steps_required:
             raise InputError(
                 path, line, "expected 'steps', 'cot' or 'solution' with at least one step"
             )
@@ -132,13 +139,15 @@ def shortcut_from_record(
             "question": r.question,
             "answer": str(r.answer),
             "meta": rec.get("meta") or {},
-            "steps": steps,
-        }
+        } | ({"steps": steps} if steps else {})
     raise InputError(path, line, f"unknown domain {domain!r}")
 
 
 def load_shortcuts(
-    source: str | os.PathLike, domain: str | None = None, separator: str = "\n"
+    source: str | os.PathLike,
+    domain: str | None = None,
+    separator: str = "\n",
+    steps_required: bool = True,
 ) -> list[dict[str, Any]]:
     """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory."""
     if is_record_file(source):
@@ -155,7 +164,9 @@ def load_shortcuts(
         rows = enumerate(ds, start=1)
     out, ids = [], set()
     for line, rec in rows:
-        rec = shortcut_from_record(rec, domain or guess_domain(rec), source, line, separator)
+        rec = shortcut_from_record(
+            rec, domain or guess_domain(rec), source, line, separator, steps_required
+        )
         if rec["id"] in ids:
             raise InputError(source, line, f"duplicate id {rec['id']!r}")
         ids.add(rec["id"])
