@@ -218,6 +218,10 @@ def stage_seconds(record: dict[str, Any]) -> float:
     return record.get("seconds_all_attempts", record["seconds"])
 
 
+# how the demo's graph problems are written, for the training split and for a --problems file
+GRAPH_STEP, GRAPH_STYLE = "arm", "compact"
+
+
 def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict[str, Any]:
     """A train split (shortcut records) and a held-out split that shares no problem with it."""
     if s.domain == "graph":
@@ -225,7 +229,7 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
 
         def generate(count: int, seed: int):
             return graph.generate_problems(
-                count, s.degree, s.arm_length, s.nodes, "star", seed, "arm", "compact"
+                count, s.degree, s.arm_length, s.nodes, "star", seed, GRAPH_STEP, GRAPH_STYLE
             )
 
         shortcut = graph.shortcut_record
@@ -261,7 +265,7 @@ def make_problems(s: DemoSettings, root: Path, heldout_file: str | None) -> dict
                     p["edges"],
                     p["start"],
                     p["goal"],
-                    {**p.get("meta", {}), "step": "arm", "style": "compact"},
+                    {**(p.get("meta") or {}), "step": GRAPH_STEP, "style": GRAPH_STYLE},
                 )
                 for p in heldout
             ]

@@ -297,18 +297,15 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     if example:
         lines += example
         found += 1
+    read = "stats.json, training_summary.json, metrics.json, scale.json or latency.json"
     if not found and not skipped:
         # A page saying "nothing" for a mistyped directory would look like success.
         raise InputError(
-            root,
-            None,
-            "nothing to report; expected a run directory with a stats.json, "
-            "training_summary.json, metrics.json, scale.json or latency.json under it",
+            root, None, f"nothing to report; expected a run directory with a {read} under it"
         )
     if not found:
         lines += [
-            "Nothing to report yet: no stats.json, training_summary.json, metrics.json, "
-            "scale.json or latency.json under this directory.",
+            f"Nothing to report yet: no {read} under this directory.",
             "",
         ]
     if skipped:
