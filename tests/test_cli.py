@@ -56,6 +56,10 @@ def test_solve_prints_solutions():
     assert "18 distinct solution(s)" in proc.stdout
     assert "7-3=4, 25+4=29, 50+29=79" in proc.stdout
     assert steiner("countdown", "solve", "3", "7", "25", "50", "--target", "81").returncode == 1
+    # more numbers than the exact solver takes: one line at once, not minutes and gigabytes
+    proc = steiner("countdown", "solve", *map(str, range(1, 10)), "--target", "9999")
+    assert proc.returncode == 2 and "expected 1 to 7 non-negative numbers" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def write_paths(path, contents: list[str]) -> None:

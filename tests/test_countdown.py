@@ -1,5 +1,6 @@
 import json
 import random
+import re
 from fractions import Fraction
 from itertools import combinations
 
@@ -137,6 +138,26 @@ def test_ranges_that_reach_no_target_are_an_error_not_a_hang(tmp_path):
     )
     assert proc.returncode == 2 and "widen the ranges" in proc.stderr
     assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "nums, message",
+    [
+        ([], "field 'nums': List should have at least 1 item"),
+        ([-3, 5], "field 'nums.0': Input should be greater than or equal to 0"),
+        (list(range(1, 10)), "field 'nums': List should have at most 7 items"),
+    ],
+)
+def test_records_the_solver_cannot_take_are_one_error_line(tmp_path, nums, message):
+    from steiner.domains import load_problems
+    from steiner.io import InputError
+
+    # a negative number crashed synthesis deep in the solver; nine numbers ran for minutes
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"id": 0, "nums": [3, 4], "target": 7}) + "\n")
+    path.write_text(path.read_text() + json.dumps({"id": 1, "nums": nums, "target": 9}) + "\n")
+    with pytest.raises(InputError, match=rf"p\.jsonl:2: {re.escape(message)}"):
+        load_problems(path, "countdown")
 
 
 def test_shortcut_record_steps_are_a_straight_solution():

@@ -120,6 +120,12 @@ def countdown_solve(
     limit: Annotated[int, typer.Option(help="Print at most this many solutions (0: all).")] = 20,
 ) -> None:
     """Print the distinct solutions of one countdown problem."""
+    if len(numbers) > countdown.MAX_NUMBERS or min(numbers) < 0:
+        raise typer.BadParameter(
+            f"expected 1 to {countdown.MAX_NUMBERS} non-negative numbers "
+            "(the exact solver's cost grows factorially)",
+            param_hint="'NUMBERS...'",
+        )
     solutions = countdown.all_solutions(numbers, target)
     if not solutions:
         out.print(f"{' '.join(map(str, numbers))} -> {target}: no solution")
@@ -233,7 +239,7 @@ def synth(
         str, typer.Option(help="oracle (offline, needs a solver) or openai.")
     ] = "oracle",
     domain: Annotated[
-        str | None, typer.Option(help="countdown | text (default: from records).")
+        str | None, typer.Option(help="countdown | graph | text (default: from records).")
     ] = None,
     truncations: Annotated[int, typer.Option(min=1, help="M truncation points per problem.")] = 3,
     attempts: Annotated[int, typer.Option(min=1, help="K recompletions per truncation point.")] = 4,

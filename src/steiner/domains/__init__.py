@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from steiner.domains.base import Domain
+from steiner.domains.countdown import MAX_NUMBERS
 from steiner.io import InputError, is_record_file, iter_records, validate
 
 
@@ -49,7 +50,9 @@ def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[
 class _CountdownRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | int
-    nums: list[int]
+    # the rules combine non-negative numbers (larger first), and the solver's cost bounds
+    # how many: a negative number crashed synthesis, nine numbers ran for minutes
+    nums: list[NonNegativeInt] = Field(min_length=1, max_length=MAX_NUMBERS)
     target: int
     steps: list[str] | None = None
 
