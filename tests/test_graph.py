@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,25 @@ def test_bare_records_work_everywhere(tmp_path):
     unreachable.write_text(json.dumps({"id": 1, "edges": [[1, 2]], "start": 2, "goal": 1}) + "\n")
     r = steiner("synth", "--shortcut", str(unreachable), "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "edges, message",
+    [
+        ([[1, 2], [2, 1], [2, 3]], r"field 'edges': a cycle (1>2>1|2>1>2); expected a directed"),
+        ([[1, 1], [1, 3]], r"field 'edges': a cycle 1>1;"),
+        ([[-1, 2], [2, 3]], r"field 'edges\.0\.0': Input should be greater than or equal to 0"),
+    ],
+)
+def test_graphs_synthesis_cannot_walk_are_one_error_line(tmp_path, edges, message):
+    # a cycle crashed synthesis writing a step back to its own node; a negative id crashed it
+    # reading the shortcut path (answers are read as runs of digits)
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"id": 1, "edges": edges, "start": edges[0][0], "goal": 3}) + "\n")
+    r = steiner("synth", "--shortcut", str(path), "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert re.search(rf"g\.jsonl:1: {message}", r.stderr), r.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_steps_by_arm_or_edge_and_compact_traces():

@@ -60,9 +60,10 @@ class _CountdownRecord(BaseModel):
 class _GraphRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | int
-    edges: list[tuple[int, int]]
-    start: int
-    goal: int
+    # answers are read as runs of digits (12>45>7), so a negative id could never be answered
+    edges: list[tuple[NonNegativeInt, NonNegativeInt]]
+    start: NonNegativeInt
+    goal: NonNegativeInt
     steps: list[str] | None = None
 
 
@@ -112,6 +113,14 @@ def shortcut_from_record(
         from steiner.domains import graph
 
         r = validate(_GraphRecord, rec, path, line)
+        cycle = graph.find_cycle(r.edges)
+        if cycle:
+            raise InputError(
+                path,
+                line,
+                f"field 'edges': a cycle {graph.path_text(cycle)}; expected a directed "
+                "acyclic graph (a path-star or a DAG)",
+            )
         try:
             problem = graph.make_problem(str(r.id), r.edges, r.start, r.goal, rec.get("meta"))
         except ValueError:
