@@ -87,6 +87,41 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(server):
     assert parts.choices[0].message.reasoning_content == plain.choices[0].message.reasoning_content
 
 
+def test_stop_sequences_end_the_answer_and_not_the_reasoning(server):
+    """lm-evaluation-harness sends stop sequences with every request; they cut the answer
+    (greedy, so the plain reply is the same text uncut)."""
+    client = openai.OpenAI(base_url=server, api_key="none")
+
+    def ask(stop=None, stream=False):
+        return client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Reach 79."}],
+            max_tokens=80,
+            extra_body=BUDGET,
+            stop=stop,
+            stream=stream,
+        )
+
+    plain = ask()
+    content = plain.choices[0].message.content
+    assert len(content) >= 8, content  # the tiny model's answer runs on to max_tokens
+    stop = content[4:6]
+    cut = ask(stop=["never in it", stop])
+    assert cut.choices[0].message.content == content[: content.index(stop)]
+    assert cut.choices[0].message.reasoning_content == plain.choices[0].message.reasoning_content
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < plain.usage.completion_tokens
+    assert cut.usage.total_tokens == cut.usage.prompt_tokens + cut.usage.completion_tokens
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in ask(stop=stop, stream=True) if c.choices
+    )
+    assert streamed == content[: content.index(stop)]
+    # a stop that only the reasoning holds leaves the reply whole
+    whole = ask(stop=REASONING_START)
+    assert whole.choices[0].message.content == content
+    assert whole.choices[0].finish_reason == plain.choices[0].finish_reason
+
+
 def test_streaming(server):
     client = openai.OpenAI(base_url=server, api_key="none")
     reasoning, content, usage = "", "", None
@@ -186,6 +221,23 @@ def test_200_concurrent_requests_no_5xx(server):
             b'{"model": "other", "messages": [{"role": "user", "content": "x"}]}',
             404,
             "does not exist",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"stop": ["a", "b", "c", "d", "e"]}',
+            400,
+            "at most 4 items",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ""}',
+            400,
+            "a stop sequence must not be empty",
+        ),
+        (
+            # a client reading choice.logprobs would otherwise get None, not an error
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+            400,
+            "logprobs are not supported",
         ),
         (
             b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '

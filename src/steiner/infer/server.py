@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,12 +70,26 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM
+    # OpenAI's stop sequences (a string or up to 4), applied to the answer: see cut_at_stop
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    logprobs: bool = False
+    top_logprobs: int | None = None
     # Steiner extras (also accepted inside "extra_body" by the openai client, which merges them)
     min_steps: int | None = Field(default=None, ge=0)
     max_steps: int | None = Field(default=None, ge=1)
     max_reasoning_tokens: int | None = Field(default=None, ge=1)
     max_step_tokens: int | None = Field(default=None, ge=1)
     extend_with: Literal[EXTEND_WITH] | None = None  # type: ignore[valid-type]
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def stop_as_list(cls, stop: Any) -> Any:
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else stop
+        if isinstance(stops, list) and "" in stops:
+            raise ValueError("a stop sequence must not be empty")
+        return stops
 
 
 @dataclass
@@ -176,6 +190,27 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "length",
         )
 
+    def cut_at_stop(out: Completion, stops: list[str]) -> Completion:
+        """OpenAI's stop sequences, applied to the answer only: the reasoning is delimited by
+        the format's own tokens, and a client's stops (lm-evaluation-harness sends
+        "Question:", "\\n\\n" or the EOS text) are meant for the answer it reads. The answer
+        ends before the first stop found, finish_reason is "stop", and completion_tokens
+        counts the message up to there. The whole completion was generated already (a batch
+        runs as a whole), so this cuts text and does not save time."""
+        cuts = [i for i in (out.answer.find(s) for s in stops) if i >= 0]
+        if not cuts:
+            return out
+        answer = out.answer[: min(cuts)]
+        kept = out.text[: out.text.rindex(out.answer) + len(answer)]
+        tokens = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
+        return replace(
+            out,
+            text=kept,
+            answer=answer,
+            completion_tokens=min(tokens, out.completion_tokens),
+            finish_reason="stop",
+        )
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
@@ -243,13 +278,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 param="messages",
                 code="context_length_exceeded",
             )
+        if body.logprobs or body.top_logprobs:
+            # refused, not left out: a client reading choice.logprobs would get None
+            return error(400, "logprobs are not supported by this server", param="logprobs")
         try:
             budget = Budget.from_extra(body.model_dump())
         except ValueError as exc:
             return error(400, str(exc), param="min_steps")
         job = _Job(body, budget, max_tokens)
         await queue.put(job)
-        out: Completion = await job.future
+        out: Completion = cut_at_stop(await job.future, body.stop)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = {
             "prompt_tokens": out.prompt_tokens,
