@@ -49,6 +49,9 @@ console = Console(stderr=True)
 Seed = Annotated[
     int, typer.Option(min=0, max=MAX_SEED, help="Random seed; the same seed gives the same files.")
 ]
+EvalDomain = Annotated[
+    str | None, typer.Option(help="countdown | graph | text | mcq (default: from records).")
+]
 out = Console()
 
 
@@ -704,9 +707,7 @@ def eval_cmd(
         str, typer.Option(help="Problem file (countdown/graph/text JSONL, GPQA CSV, MMLU-Pro).")
     ],
     out: Annotated[Path, typer.Option(help="Output directory (outputs.jsonl, metrics.json).")],
-    domain: Annotated[
-        str | None, typer.Option(help="countdown | text | mcq (default: from records).")
-    ] = None,
+    domain: EvalDomain = None,
     samples: Annotated[int, typer.Option(min=1, help="k samples for maj@k and pass@k.")] = 1,
     min_steps: Annotated[int, typer.Option(min=0)] = 0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
@@ -762,7 +763,7 @@ def scale_cmd(
     out: Annotated[Path, typer.Option(help="Output directory.")],
     budgets: Annotated[str, typer.Option(help="Comma-separated step budgets.")] = "1,2,4,8,16",
     mode: Annotated[str, typer.Option(help="cap | extend | both")] = "both",
-    domain: Annotated[str | None, typer.Option()] = None,
+    domain: EvalDomain = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
