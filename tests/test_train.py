@@ -381,6 +381,22 @@ def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
     with pytest.raises(InputError, match="invalid YAML") as err:
         parse_stage_config(SFTStageConfig, ["--config", str(broken)], "steiner train sft")
     assert (err.value.path, err.value.line) == (str(broken), 3)
+    # unknown fields: which ones, in which file, and where the list is (TRL's own words
+    # named its parser and advised setting `fail_with_unknown_args=False`)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("max_steps: 10\nlearning_rat: 1e-3\n")
+    for config_args in (["--config", str(extra)], [f"--config={extra}"]):
+        with pytest.raises(InputError) as err:
+            parse_stage_config(SFTStageConfig, config_args, "steiner train sft")
+        assert (err.value.path, err.value.message) == (
+            str(extra),
+            "unknown config field(s) learning_rat; `steiner train sft --help` lists them",
+        )
+    with pytest.raises(InputError) as err:
+        parse_stage_config(SFTStageConfig, ["--bogus", "1", "--other"], "steiner train sft")
+    assert err.value.message == (
+        "unknown option(s) --bogus, --other; `steiner train sft --help` lists them"
+    )
 
 
 def test_a_missing_start_model_is_one_error_line_before_anything_is_written(tmp_path):

@@ -472,10 +472,12 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
             raise InputError(prog, None, message)
 
     classes = config_cls if isinstance(config_cls, tuple) else (config_cls,)
+    # TRL finds the config file only as "--config FILE"; argparse users also write the "=" form
+    args = [p for a in args for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
     try:
         parsed = OneLineParser(classes, prog=prog).parse_args_and_config(args=args)
     except ValueError as exc:  # unknown flags, bad YAML keys
-        raise InputError(prog, None, str(exc)) from None
+        raise unknown_fields_error(str(exc), args, prog) from None
     except OSError as exc:  # the --config file
         raise InputError(exc.filename, None, f"cannot open: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -486,6 +488,28 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
             *where, f"invalid YAML: {problem}; expected a mapping of config fields"
         ) from None
     return parsed if isinstance(config_cls, tuple) else parsed[0]
+
+
+def unknown_fields_error(message: str, args: list[str], prog: str) -> InputError:
+    """TRL's words for unknown fields name its parser and its own API (``Please ... set
+    `fail_with_unknown_args=False``); say instead which fields, where, and where the list
+    is."""
+    import ast
+    import re
+
+    found = re.match(
+        r"(Unknown arguments from config file|Some specified arguments)[^\[]*(\[.*\])", message
+    )
+    if not found:
+        return InputError(prog, None, message)
+    words = [str(a) for a in ast.literal_eval(found.group(2))]  # a list literal of TRL's
+    names = [a for a in words if a.startswith("--")] or words  # flags, not their values
+    hint = f"`{prog} --help` lists them"
+    if found.group(1).startswith("Unknown"):
+        config = args[args.index("--config") + 1] if "--config" in args[:-1] else prog
+        fields = ", ".join(n.lstrip("-") for n in names)
+        return InputError(config, None, f"unknown config field(s) {fields}; {hint}")
+    return InputError(prog, None, f"unknown option(s) {', '.join(names)}; {hint}")
 
 
 def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
