@@ -399,6 +399,41 @@ def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"messages": [{"content": "x"}]}, "field 'messages.0.role': Field required"),
+        ({"messages": ["hi"]}, "field 'messages.0': Input should be a valid dictionary"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}]},
+            "field 'messages.1.content': Input should be a valid string",
+        ),
+        ({"messages": []}, "expected a non-empty 'messages' list"),
+        ({"id": 1, "nums": [3, 4], "target": 7}, "shortcut records train with --shortcut"),
+    ],
+)
+def test_bad_chat_records_are_one_error_line(tmp_path, record, message):
+    # before: a KeyError, a TypeError or pyarrow's ArrowInvalid, each with a traceback
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "paths.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(InputError) as err:
+        sft_dataset(str(path))
+    assert err.value.line == 2 and message in err.value.message, err.value
+
+
+def test_init_reads_any_strings_and_refuses_a_non_utf8_text_file(tmp_path):
+    from steiner.train.model import corpus_texts
+
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"messages": ["hi", {"role": "user", "content": "there"}, 5]}) + "\n")
+    assert list(corpus_texts([odd])) == ["hi", "there"]
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"ok\n\xff\xfe")
+    with pytest.raises(InputError, match=r"bin\.txt: invalid UTF-8 at byte 3"):
+        list(corpus_texts([binary]))
+
+
 def test_a_missing_start_model_is_one_error_line_before_anything_is_written(tmp_path):
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(InputError, match="expected a model directory") as err:

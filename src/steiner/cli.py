@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -19,6 +18,7 @@ from steiner import format as fmt
 from steiner.domains import countdown
 from steiner.io import (
     MAX_SEED,
+    ChatRecord,
     InputError,
     end_with_parent,
     iter_records,
@@ -188,15 +188,6 @@ def graph_generate(
     )
 
 
-class _Message(BaseModel):
-    role: str
-    content: str
-
-
-class _ChatRecord(BaseModel):
-    messages: list[_Message]
-
-
 @format_app.command("check")
 def format_check(
     path: Annotated[
@@ -209,7 +200,7 @@ def format_check(
     errors: list[str] = []
     for line, rec in iter_records(path):
         records += 1
-        chat = validate(_ChatRecord, rec, path, line)
+        chat = validate(ChatRecord, rec, path, line)
         for msg in chat.messages:
             if msg.role != "assistant":
                 continue

@@ -95,6 +95,17 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
     yield from iter_jsonl(path)
 
 
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRecord(BaseModel):
+    """A chat record (DESIGN.md's path record, or any ``{"messages": [...]}`` line)."""
+
+    messages: list[ChatMessage]
+
+
 def validate(model: type[M], record: dict[str, Any], path: str | os.PathLike, line: int) -> M:
     """Validate a record against a pydantic model; the first problem becomes one InputError."""
     try:

@@ -11,17 +11,21 @@ from datasets import Dataset
 
 from steiner.domains import get_domain, load_shortcuts, shortcut_trace, trace_separator
 from steiner.format import render
-from steiner.io import InputError, iter_records
+from steiner.io import ChatRecord, InputError, iter_records, validate
 
 
 def chat_rows(path: str) -> list[dict[str, Any]]:
     """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet)."""
     rows = []
     for line, rec in iter_records(path):
-        msgs = rec.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise InputError(path, line, "expected a 'messages' list of {role, content}")
-        rows.append({"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]})
+        if "messages" not in rec and ("steps" in rec or "nums" in rec or "edges" in rec):
+            raise InputError(
+                path, line, "expected a 'messages' list; shortcut records train with --shortcut"
+            )
+        chat = validate(ChatRecord, rec, path, line)
+        if not chat.messages:
+            raise InputError(path, line, "expected a non-empty 'messages' list")
+        rows.append(chat.model_dump(include={"messages"}))
     if not rows:
         raise InputError(path, None, "no records")
     return rows

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
-from steiner.io import check_model_dir, iter_records, write_json
+from steiner.io import InputError, check_model_dir, iter_records, write_json
 
 # hidden, layers, heads, kv heads, MLP width, default vocab: about 0.6M, 1M, 10M and 50M
 # parameters
@@ -78,14 +78,22 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
         path = Path(path)
         if path.suffix in (".jsonl", ".json", ".parquet"):
             for _, rec in iter_records(path):
-                for msg in rec.get("messages") or []:
-                    yield str(msg.get("content", ""))
+                messages = rec.get("messages")
+                for msg in messages if isinstance(messages, list) else []:
+                    # any strings will do for a tokenizer; the training stages check the shape
+                    content = msg.get("content") if isinstance(msg, dict) else msg
+                    if isinstance(content, str):
+                        yield content
                 for key in ("text", "question", "answer"):
                     if isinstance(rec.get(key), str):
                         yield rec[key]
                 yield from (s for s in rec.get("steps") or [] if isinstance(s, str))
         else:
-            yield from path.read_text(encoding="utf-8").splitlines()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, None, f"invalid UTF-8 at byte {exc.start}") from None
+            yield from text.splitlines()
 
 
 def train_tokenizer(
