@@ -303,6 +303,12 @@ def test_rl_samples_some_groups_under_a_forced_minimum(tmp_path, tiny_model_dir,
     for bad, message in (
         ({"forced_min_share": 0.5, "use_vllm": True}, "with --use_vllm"),
         ({"forced_min_steps": 1}, ">= 2"),
+        # each was a traceback (an IndexError, transformers' ValueError) or a silent no-op
+        ({"prompts_per_step": 0}, "--prompts_per_step: expected >= 1, got 0"),
+        ({"max_new_tokens": 0}, "--max_new_tokens: expected >= 1, got 0"),
+        ({"group_size": 1}, r"--group_size: expected >= 2 \(GRPO compares"),
+        ({"steps": 0}, "--steps: expected >= 1, got 0"),
+        ({"save_steps": -1}, "--save_steps: expected >= 0"),
     ):
         with pytest.raises(InputError, match=message):
             run_rl(small_rl_config(tiny_model_dir, small_countdown, tmp_path, **bad))

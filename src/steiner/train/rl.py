@@ -292,6 +292,18 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
     if cfg.loss_type not in ("grpo", "dapo"):
         raise InputError("--loss_type", None, f"expected grpo or dapo, got {cfg.loss_type!r}")
+    for name, least, why in (
+        ("steps", 1, ""),
+        ("prompts_per_step", 1, ""),
+        # one completion per prompt has no group to compare with: every advantage is 0
+        ("group_size", 2, " (GRPO compares the completions of one prompt)"),
+        ("max_new_tokens", 1, ""),
+        ("save_steps", 0, " (0: no checkpoints)"),
+    ):
+        if getattr(cfg, name) < least:
+            raise InputError(
+                f"--{name}", None, f"expected >= {least}{why}, got {getattr(cfg, name)}"
+            )
     if cfg.temperature <= 0:
         raise InputError("--temperature", None, f"expected > 0 (RL samples), got {cfg.temperature}")
     if cfg.forced_min_share and cfg.use_vllm:
