@@ -450,9 +450,9 @@ def test_bad_training_data_is_one_error_line_and_leaves_no_output_dir(data, tmp_
     odd = tmp_path / "odd.jsonl"
     odd.write_text('{"a": 1}\n')
     init, out = str(data / "init"), tmp_path / "runs"
-    with pytest.raises(InputError, match="expected a 'messages' list"):
+    with pytest.raises(InputError, match="odd.jsonl:1: field 'messages': Field required"):
         run_sft(quick(SFTStageConfig, out, "sft", model=init, data=str(odd)))
-    with pytest.raises(InputError, match="expected a 'messages' list"):
+    with pytest.raises(InputError, match="odd.jsonl:1: field 'messages': Field required"):
         run_cpt(quick(CPTStageConfig, out, "cpt", model=init, paths=[str(odd)]))
     problems, dags = str(data / "shortcut.jsonl"), str(data / "synth" / "dags.jsonl")
     rl = RLStageConfig(model=init, problems=problems, dags=str(odd), output_dir=str(out / "rl"))
