@@ -256,6 +256,9 @@ def test_an_impossible_budget_is_one_error_line_before_anything_is_written(
     out = tmp_path / "ev"
     with pytest.raises(InputError, match="budget: min_steps cannot exceed max_steps"):
         evaluate(_eval_config(tiny_model_dir, problems, out, min_steps=3, max_steps=1))
+    # k greedy samples would be k copies of pass@1, reported as maj@k and pass@k
+    with pytest.raises(InputError, match="--temperature: expected > 0 with --samples 3, got 0"):
+        evaluate(_eval_config(tiny_model_dir, problems, out, samples=3, temperature=0.0))
     assert not out.exists()
 
 

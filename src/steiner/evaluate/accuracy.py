@@ -143,6 +143,9 @@ def evaluate_records(
         )
     except ValueError as exc:
         raise InputError("budget", None, str(exc)) from None
+    if cfg.samples > 1 and cfg.temperature == 0:
+        # k greedy samples are k copies of pass@1: maj@k and pass@k would only repeat it
+        raise InputError("--temperature", None, f"expected > 0 with --samples {cfg.samples}, got 0")
     problems = load_problems(cfg.problems, cfg.domain)[: cfg.limit]
     domain_name = cfg.domain or (problems[0]["domain"] if problems else "countdown")
     if model_and_tokenizer is None:  # before the output directory, which load() comes after
