@@ -145,6 +145,19 @@ def test_a_missing_model_directory_is_one_line_exit_2(tmp_path):
     )
 
 
+def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(tiny_model_dir):
+    import socket
+
+    # before: the model loaded, then uvicorn logged "ERROR: [Errno 98] ..." and exited 3
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        proc = steiner("serve", "--model", str(tiny_model_dir), "--port", port, "--max-batch", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"steiner: error: 127.0.0.1:{port}: Address already in use"]
+
+
 def test_help_everywhere():
     for args in ([], ["countdown"], ["graph", "generate"], ["format", "check"], ["demo"]):
         proc = steiner(*args, "--help")

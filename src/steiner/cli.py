@@ -705,8 +705,9 @@ def serve_cmd(
     max_tokens_limit: Annotated[int, typer.Option(min=1)] = 4096,
 ) -> None:
     """OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream too)."""
-    from steiner.infer.server import ServerSettings, serve
+    from steiner.infer.server import ServerSettings, check_address, serve
 
+    check_address(host, port)
     console.print(f"serving {model} on http://{host}:{port}/v1")
     serve(
         ServerSettings(str(model), model_name, max_batch, max_tokens_limit=max_tokens_limit),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -337,6 +338,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def check_address(host: str, port: int) -> None:
+    """Bind once before the model loads, so a port in use or an unknown host is one error
+    line at once (an OSError naming ``host:port``), not uvicorn's log line after the load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as exc:  # socket.gaierror too
+        raise OSError(exc.errno, exc.strerror, f"{host}:{port}") from None
 
 
 def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
