@@ -158,6 +158,19 @@ def test_serve_on_a_port_in_use_is_one_line_before_the_model_loads(tiny_model_di
     assert proc.stderr.splitlines() == [f"steiner: error: 127.0.0.1:{port}: Address already in use"]
 
 
+def test_an_output_directory_that_is_a_file_is_one_line(tmp_path):
+    # before: "steiner: error: FILE: File exists" (the demo's after its banner)
+    problems, a_file = tmp_path / "g.jsonl", tmp_path / "a_file"
+    assert steiner("graph", "generate", "--count", "2", "--shortcut", "--out", str(problems))
+    a_file.write_text("keep me\n")
+    expected = f"{a_file}: a file, not a directory; expected a directory (--out)"
+    for out in (a_file, a_file / "under" / "it"):
+        proc = steiner("synth", "--shortcut", str(problems), "--out", str(out))
+        assert_one_line_error(proc, expected)
+    assert_one_line_error(steiner("demo", "--out", str(a_file)), expected)
+    assert a_file.read_text() == "keep me\n"
+
+
 def test_help_everywhere():
     for args in ([], ["countdown"], ["graph", "generate"], ["format", "check"], ["demo"]):
         proc = steiner(*args, "--help")

@@ -20,6 +20,7 @@ from steiner.io import (
     MAX_SEED,
     ChatRecord,
     InputError,
+    check_output_dir,
     end_with_parent,
     iter_records,
     validate,
@@ -919,6 +920,7 @@ def demo(
     if problems and len(domains) > 1:
         raise typer.BadParameter("--problems needs --domain (the file is of one domain)")
     check_demo_inputs(profile, domains, problems)
+    check_output_dir(out_dir, "--out")
     for name in domains:
         run_dir = out_dir / name if len(domains) > 1 else out_dir
         console.rule(f"steiner demo: {profile} profile, {name} domain -> {run_dir}")

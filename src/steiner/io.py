@@ -213,6 +213,15 @@ LOCK_FILE = ".steiner.lock"
 _held: set[Path] = set()  # locks this process holds: a job may run another inside its directory
 
 
+def check_output_dir(directory: str | os.PathLike, flag: str) -> None:
+    """An output directory that is a file, or lies under one, is one InputError (mkdir would
+    say only "File exists" or "Not a directory")."""
+    directory = Path(directory).resolve()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(existing, None, f"a file, not a directory; expected a directory ({flag})")
+
+
 @contextmanager
 def sole_writer(
     directory: str | os.PathLike, flag: str, name: str = LOCK_FILE, main_process: bool = True
@@ -230,6 +239,7 @@ def sole_writer(
     if not main_process or path in _held:
         yield
         return
+    check_output_dir(directory, flag)
     made = path.parent  # the directories made here, removed again if the job writes nothing
     while not made.parent.exists():
         made = made.parent
