@@ -327,3 +327,27 @@ def test_eval_resumes_after_a_crash_cut_its_last_line(tiny_model_dir, problems, 
     with pytest.raises(InputError, match="expected one output record per line") as err:
         evaluate(_eval_config(tiny_model_dir, problems, out, batch_size=1))
     assert err.value.line == 2
+
+
+@pytest.mark.parametrize(
+    "answer, gold, same",
+    [
+        ("4.0", "4", True),
+        ("$4", "4", True),
+        (r"so \boxed{4}", "4", True),
+        ("The answer is 1,000.", "1000", True),
+        ("0.5", "1/2", True),
+        ("\u22124", "-4", True),
+        ("Paris", "paris", True),
+        ("4", "5", False),
+        ("4.01", "4", False),
+        ("1e3", "1000", False),  # no exponents: a short plain number or fraction only
+    ],
+)
+def test_text_answers_compare_as_numbers_where_they_are_numbers(answer, gold, same):
+    from steiner.domains.text import TextDomain
+    from steiner.evaluate.accuracy import answer_key
+
+    # before: "4.0", "$4" and "\boxed{4}" were wrong answers to 4 (string comparison)
+    assert TextDomain().check_answer({"answer": gold}, answer) is same
+    assert (answer_key("text", {}, answer) == answer_key("text", {}, gold)) is same

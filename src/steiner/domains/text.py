@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import re
+from fractions import Fraction
 from typing import Any
 
 DOMAIN = "text"
@@ -21,6 +22,30 @@ def normalise_answer(text: str) -> str:
     text = text.strip().lower().removeprefix("the answer is").strip().rstrip(".")
     text = re.sub(r"^####\s*", "", text)
     return re.sub(r"\s+", " ", text.replace(",", ""))
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+# a plain number or fraction, short: Fraction of "1e999999" would build a million-digit int
+_NUMBER = re.compile(r"-?(\d{1,40}(\.\d{0,40})?|\.\d{1,40})(/\d{1,40})?")
+
+
+def canonical_answer(text: str) -> str:
+    """The form two answers are compared in: ``normalise_answer``, then the last
+    ``\\boxed{...}``'s content, no ``$``, and a number as its exact value ("4", "4.0", "$4"
+    and "8/2" are all "4"; "0.5" and "1/2" are "1/2").
+
+    Hand-written, not math-verify: that library turns extracted expressions into sympy with
+    ``parse_expr``, which runs ``eval`` on model output. ``Fraction`` reads a matched
+    number's digits only."""
+    text = normalise_answer(text)
+    boxed = _BOXED.findall(text)
+    text = (boxed[-1] if boxed else text).replace("\u2212", "-").strip().strip("$").strip()
+    if not _NUMBER.fullmatch(text):
+        return text
+    try:
+        return str(Fraction(text))
+    except ZeroDivisionError:
+        return text
 
 
 class TextDomain:
@@ -54,4 +79,4 @@ class TextDomain:
         return str(problem["answer"])
 
     def check_answer(self, problem: dict, answer: str) -> bool:
-        return normalise_answer(answer) == normalise_answer(str(problem["answer"]))
+        return canonical_answer(answer) == canonical_answer(str(problem["answer"]))

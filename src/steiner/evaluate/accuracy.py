@@ -99,11 +99,16 @@ def drop_cut_line(path: Path) -> None:
 
 
 def answer_key(domain_name: str, problem: dict[str, Any], answer: str) -> str | None:
-    """What a majority vote compares: the option letter for MCQ, the stripped text otherwise."""
+    """What a majority vote compares: the option letter for MCQ, a text answer's canonical
+    form, the stripped text otherwise."""
     if domain_name == "mcq":
         from steiner.domains.mcq import extract_letter
 
         return extract_letter(answer, len(problem.get("options") or []) or 10)
+    if domain_name == "text":  # "4" and "4.0" are one vote, as the checker counts them one
+        from steiner.domains.text import canonical_answer
+
+        return canonical_answer(answer) or None
     return answer.strip() or None
 
 
