@@ -224,9 +224,14 @@ def test_dag_show_prints_the_tree_and_writes_dot(tmp_path):
     text = dot.read_text()
     assert text.startswith("digraph dag {") and text.rstrip().endswith("}")
     assert text.count(" -> ") == len(dag["edges"]) and "color=green" in text
+    # a wrong or missing --id names some of the ids there are
+    ids = "the file has 2 DAG(s), e.g. 'graph-0-0', 'graph-0-1'"
     assert_one_line_error(
         steiner("dag", "show", "--id", "nope", str(synth / "dags.jsonl")),
-        "no DAG for problem id 'nope'",
+        f"no DAG for id 'nope'; {ids}",
+    )
+    assert_one_line_error(
+        steiner("dag", "show", str(synth / "dags.jsonl")), f"expected --id; {ids}"
     )
     blocker = tmp_path / "file"
     blocker.write_text("")

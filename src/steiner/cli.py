@@ -395,7 +395,9 @@ app.add_typer(dag_app, name="dag")
 @dag_app.command("show")
 def dag_show(
     path: Annotated[Path, typer.Argument(help="dags.jsonl")],
-    problem_id: Annotated[str, typer.Option("--id", help="Problem id.")],
+    problem_id: Annotated[
+        str | None, typer.Option("--id", help="Problem id (without it: the ids there are).")
+    ] = None,
     dot: Annotated[Path | None, typer.Option(help="Also write Graphviz DOT here.")] = None,
 ) -> None:
     """Print one DAG as a tree (answers and dead ends marked); --dot writes Graphviz."""
@@ -403,9 +405,13 @@ def dag_show(
 
     from steiner.dag import find_dag, read_dags
 
-    dag = find_dag(read_dags(path), problem_id)
+    dag = find_dag(read_dags(path), problem_id) if problem_id is not None else None
     if dag is None:
-        raise InputError(path, None, f"no DAG for problem id {problem_id!r}")
+        # say which ids there are: a user who has just run synth has not seen any
+        ids = [d.problem_id for d in read_dags(path)]
+        some = f"{len(ids)} DAG(s), e.g. {', '.join(map(repr, ids[:3]))}" if ids else "no DAGs"
+        wanted = "expected --id" if problem_id is None else f"no DAG for id {problem_id!r}"
+        raise InputError(path, None, f"{wanted}; the file has {some}")
     kids = dag.children()
 
     def label(node_id: int) -> str:
