@@ -46,6 +46,17 @@ def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO[A
         raise InputError(path, None, f"cannot open: {exc.strerror}") from None
 
 
+def read_text_input(path: str | os.PathLike) -> str:
+    """The whole of a UTF-8 text input file; one that is missing, unreadable or not UTF-8 is
+    one InputError (the same words as a JSON Lines file's)."""
+    with open_input(path) as fh:
+        data = fh.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, None, f"invalid UTF-8 at byte {exc.start}") from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; InputError on the first bad one."""
     path = Path(path)

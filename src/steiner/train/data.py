@@ -11,7 +11,14 @@ from datasets import Dataset
 
 from steiner.domains import get_domain, load_shortcuts, shortcut_trace, trace_separator
 from steiner.format import render
-from steiner.io import ChatRecord, InputError, iter_records, validate
+from steiner.io import (
+    RECORD_FILE_SUFFIXES,
+    ChatRecord,
+    InputError,
+    iter_records,
+    read_text_input,
+    validate,
+)
 
 
 def chat_rows(path: str) -> list[dict[str, Any]]:
@@ -72,18 +79,14 @@ def countdown_facts(n: int, seed: int = 0, max_number: int = 100) -> list[str]:
 def plain_texts(path: str) -> list[str]:
     """Documents of a plain-text file (blank-line separated) or "text" fields of JSONL."""
     p = Path(path)
-    if p.suffix in (".jsonl", ".json", ".parquet"):
+    if p.suffix in RECORD_FILE_SUFFIXES:
         out = []
         for line, rec in iter_records(p):
             if not isinstance(rec.get("text"), str):
                 raise InputError(p, line, "expected a string field 'text'")
             out.append(rec["text"])
         return out
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(p, None, f"cannot read text: {exc}") from None
-    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+    return [doc.strip() for doc in read_text_input(p).split("\n\n") if doc.strip()]
 
 
 def cpt_dataset(

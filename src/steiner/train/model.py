@@ -30,7 +30,13 @@ from transformers import (
 )
 
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
-from steiner.io import InputError, check_model_dir, iter_records, write_json
+from steiner.io import (
+    RECORD_FILE_SUFFIXES,
+    check_model_dir,
+    iter_records,
+    read_text_input,
+    write_json,
+)
 
 # hidden, layers, heads, kv heads, MLP width, default vocab: about 0.6M, 1M, 10M and 50M
 # parameters
@@ -76,7 +82,7 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     "text" fields of JSONL/Parquet records, or the lines of a plain-text file."""
     for path in paths:
         path = Path(path)
-        if path.suffix in (".jsonl", ".json", ".parquet"):
+        if path.suffix in RECORD_FILE_SUFFIXES:
             for _, rec in iter_records(path):
                 messages = rec.get("messages")
                 for msg in messages if isinstance(messages, list) else []:
@@ -89,11 +95,7 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
                         yield rec[key]
                 yield from (s for s in rec.get("steps") or [] if isinstance(s, str))
         else:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(path, None, f"invalid UTF-8 at byte {exc.start}") from None
-            yield from text.splitlines()
+            yield from read_text_input(path).splitlines()
 
 
 def train_tokenizer(
