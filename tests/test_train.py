@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -614,3 +615,73 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
             os.kill(baseline, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.parametrize(
+    "config, flags, message",
+    [
+        (SFTStageConfig, ["--max_length", "0"], "--max_length: expected >= 1 tokens, got 0"),
+        (SFTStageConfig, ["--per_device_train_batch_size", "0"], "expected >= 1, got 0"),
+        (SFTStageConfig, ["--gradient_accumulation_steps", "0"], "expected >= 1, got 0"),
+        (SFTStageConfig, ["--learning_rate", "-1"], "--learning_rate: expected >= 0"),
+        (SFTStageConfig, ["--max_steps", "0"], "or -1 to train --num_train_epochs, got 0"),
+        (SFTStageConfig, ["--num_train_epochs", "0"], "--num_train_epochs: expected > 0"),
+        (CPTStageConfig, ["--max_train_tokens", "0"], "--max_train_tokens: expected >= 1"),
+        (CPTStageConfig, ["--lora_r", "0"], "--lora_r: expected >= 1, got 0"),
+        (CPTStageConfig, ["--lora_dropout", "1.5"], "expected a share from 0 to 1, got 1.5"),
+    ],
+)
+def test_training_settings_out_of_range_are_one_error_line(config, flags, message):
+    # before: torch's, peft's or datasets' traceback mid-stage, or (max_steps 0) an untrained
+    # model saved with exit 0
+    from steiner.cli import parse_stage_config
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        parse_stage_config(config, ["--output_dir", "unused", *flags], "steiner train")
+
+
+def test_init_and_rl_settings_out_of_range_are_one_error_line(data, tmp_path):
+    from steiner.cli import parse_stage_config
+    from steiner.train.config import InitConfig
+
+    for flags, message in (
+        (["--max_positions", "0"], "--max_positions: expected >= 1, got 0"),
+        # 0 was read as unset: the preset's vocabulary
+        (["--vocab_size", "0"], "--vocab_size: expected >= 1, got 0"),
+    ):
+        with pytest.raises(InputError, match=re.escape(message)):
+            parse_stage_config(InitConfig, ["--out", str(tmp_path), *flags], "steiner train init")
+    for field, value, message in (
+        ("learning_rate", -1.0, "--learning_rate: expected >= 0, got -1.0"),
+        ("beta", -0.1, "--beta: expected >= 0 (0: no KL term), got -0.1"),
+        ("forced_min_share", 1.5, "--forced_min_share: expected a share from 0 to 1"),
+    ):
+        rl = RLStageConfig(
+            model=str(data / "init"), output_dir=str(tmp_path / "rl"), **{field: value}
+        )
+        with pytest.raises(InputError, match=re.escape(message)):
+            run_rl(rl)
+    assert not (tmp_path / "rl").exists()
+
+
+def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(data, tmp_path):
+    def chat(question: str) -> dict:
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "the answer is 4"},
+            ]
+        }
+
+    paths = tmp_path / "paths.jsonl"
+    paths.write_text(json.dumps(chat("2 + 2?")) + "\n" + json.dumps(chat("2 + 2? " * 80)) + "\n")
+    init, out = str(data / "init"), tmp_path / "runs"
+    summary = run_sft(
+        quick(SFTStageConfig, out, "sft", model=init, data=str(paths), max_steps=1, max_length=64)
+    )
+    assert (summary["examples"], summary["examples_dropped"]) == (1, 1)
+    # every prompt fills it: one line naming the data, before anything is written (was the
+    # sampler's IndexError on an empty dataset)
+    with pytest.raises(InputError, match="no example has a trained token within --max_length 4"):
+        run_sft(quick(SFTStageConfig, out, "sft2", model=init, data=str(paths), max_length=4))
+    assert not (out / "sft2").exists()

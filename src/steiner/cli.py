@@ -514,8 +514,11 @@ def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
     table = Table(title=f"steiner train {summary['stage']}: {output_dir}")
     table.add_column("what")
     table.add_column("value", justify="right")
+    # examples whose prompt fills --max_length, which TRL leaves out
+    dropped = ["examples_dropped"] if summary.get("examples_dropped") else []
     for key in (
         "examples",
+        *dropped,
         "steps",
         "tokens_seen",
         "tokens_per_s",

@@ -388,6 +388,16 @@ def check_seed(seed: int) -> None:
         raise InputError("--seed", None, f"expected 0 to {MAX_SEED}, got {seed}")
 
 
+def check_at_least(config: Any, rules: Iterable[tuple[str, float, str]]) -> None:
+    """Each ``(field, least, why)``: a setting below its least value (None: unset, allowed) is
+    one error line before a stage starts, not a library's traceback mid-stage or, worse, a
+    run that trains nothing and exits 0."""
+    for name, least, why in rules:
+        value = getattr(config, name)
+        if value is not None and value < least:
+            raise InputError(f"--{name}", None, f"expected >= {least}{why}, got {value}")
+
+
 def derived_seed(*parts: Any) -> int:
     """A seed from a job's seed and a record's identity (``seed, problem id, ...``), so each
     record draws the same numbers whatever else is processed with it."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from steiner.io import InputError, check_seed
+from steiner.io import InputError, check_at_least, check_seed
 
 _NO_GPU = not torch.cuda.is_available()
 
@@ -54,6 +54,8 @@ class InitConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
+        # vocab_size 0 read as unset once, and positions <= 0 made a model nothing can run
+        check_at_least(self, (("vocab_size", 1, ""), ("max_positions", 1, "")))
 
 
 @dataclass
@@ -88,6 +90,34 @@ class _StageMixin:
         if self.fused_lm_head is False and self.loss_type != "nll":
             raise InputError("--fused_lm_head", None, "false needs --loss_type nll")
         check_seed(self.seed)
+        # each of these crashed in torch, peft or datasets mid-stage, or trained nothing
+        check_at_least(
+            self,
+            (
+                ("per_device_train_batch_size", 1, ""),
+                ("gradient_accumulation_steps", 1, ""),
+                ("max_length", 1, " tokens"),
+                ("max_train_tokens", 1, ""),
+                ("learning_rate", 0, ""),
+                ("lora_r", 1, ""),
+                ("lora_dropout", 0, ""),
+            ),
+        )
+        if self.lora_dropout > 1:
+            raise InputError(
+                "--lora_dropout", None, f"expected a share from 0 to 1, got {self.lora_dropout}"
+            )
+        # transformers trains -1 (unset) by epochs, and max_steps 0 not at all
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise InputError(
+                "--max_steps",
+                None,
+                f"expected >= 1, or -1 to train --num_train_epochs, got {self.max_steps}",
+            )
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise InputError(
+                "--num_train_epochs", None, f"expected > 0, got {self.num_train_epochs}"
+            )
         super().__post_init__()
 
 

@@ -38,6 +38,7 @@ from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.vllm_budget import VLLM_PROCESSOR
 from steiner.io import (
     InputError,
+    check_at_least,
     check_checkpoint_inputs,
     check_model_dir,
     check_seed,
@@ -292,18 +293,24 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     rng = random.Random(cfg.seed)
     if cfg.loss_type not in ("grpo", "dapo"):
         raise InputError("--loss_type", None, f"expected grpo or dapo, got {cfg.loss_type!r}")
-    for name, least, why in (
-        ("steps", 1, ""),
-        ("prompts_per_step", 1, ""),
-        # one completion per prompt has no group to compare with: every advantage is 0
-        ("group_size", 2, " (GRPO compares the completions of one prompt)"),
-        ("max_new_tokens", 1, ""),
-        ("save_steps", 0, " (0: no checkpoints)"),
-    ):
-        if getattr(cfg, name) < least:
-            raise InputError(
-                f"--{name}", None, f"expected >= {least}{why}, got {getattr(cfg, name)}"
-            )
+    check_at_least(
+        cfg,
+        (
+            ("steps", 1, ""),
+            ("prompts_per_step", 1, ""),
+            # one completion per prompt has no group to compare with: every advantage is 0
+            ("group_size", 2, " (GRPO compares the completions of one prompt)"),
+            ("max_new_tokens", 1, ""),
+            ("save_steps", 0, " (0: no checkpoints)"),
+            ("learning_rate", 0, ""),
+            ("beta", 0, " (0: no KL term)"),
+            ("forced_min_share", 0, ""),
+        ),
+    )
+    if cfg.forced_min_share > 1:
+        raise InputError(
+            "--forced_min_share", None, f"expected a share from 0 to 1, got {cfg.forced_min_share}"
+        )
     if cfg.temperature <= 0:
         raise InputError("--temperature", None, f"expected > 0 (RL samples), got {cfg.temperature}")
     if cfg.forced_min_share and cfg.use_vllm:

@@ -23,6 +23,7 @@ from trl import SFTTrainer
 
 from steiner.format import SPECIAL_TOKENS
 from steiner.io import (
+    InputError,
     check_checkpoint_inputs,
     check_model_dir,
     file_digest,
@@ -219,23 +220,29 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return str(last) if last else None
 
 
+def check_trained_examples(cfg: SFTStageConfig | CPTStageConfig, before: int, after: int) -> None:
+    """TRL drops an example that truncation to ``max_length`` leaves without a trained token
+    (its prompt fills it); if that is every example, one error line, not the sampler's
+    IndexError on an empty dataset."""
+    if after == 0 and before > 0:
+        data = cfg.data if isinstance(cfg, SFTStageConfig) else "--paths"
+        raise InputError(
+            data,
+            None,
+            f"no example has a trained token within --max_length {cfg.max_length} "
+            f"(each prompt fills it); expected a larger --max_length",
+        )
+
+
 def run_stage(
     cfg: SFTStageConfig | CPTStageConfig,
     dataset: Dataset,
     stage: str,
-    last: str | None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
-    """Train ``dataset`` on from ``last`` (``check_resume``'s checkpoint; None: from the start)."""
+    """Train ``dataset``, from the start or on from ``check_resume``'s checkpoint."""
     model, tokenizer = _load(cfg)
     cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
-    resumed = (
-        TrainerState.load_from_json(os.path.join(last, "trainer_state.json")) if last else None
-    )
-    clock = TrainTime.resumed_from(resumed)
-    callbacks = [*(callbacks or []), clock]
-    if cfg.max_train_tokens:
-        callbacks.append(TokenBudget(cfg.max_train_tokens))
     trainer = SteinerTrainer(
         model=model,
         args=cfg,
@@ -243,6 +250,19 @@ def run_stage(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # packed rows are not examples (CPT's documents wrap across them), and none is dropped
+    trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
+    check_trained_examples(cfg, len(dataset), trained)
+    # after the trainer has prepared the data, so that data it cannot train stop the run
+    # before anything is written
+    last = check_resume(cfg, stage)
+    resumed = (
+        TrainerState.load_from_json(os.path.join(last, "trainer_state.json")) if last else None
+    )
+    clock = TrainTime.resumed_from(resumed)
+    trainer.add_callback(clock)
+    if cfg.max_train_tokens:
+        trainer.add_callback(TokenBudget(cfg.max_train_tokens))
     vocab = model.get_output_embeddings().weight.shape[0]
     fused = cfg.fused_lm_head
     if fused is None:  # other loss types than nll need TRL's head (the config checks a False)
@@ -275,7 +295,8 @@ def run_stage(
     summary = {
         "stage": stage,
         "model": cfg.model,
-        "examples": len(dataset),
+        "examples": trained,
+        "examples_dropped": len(dataset) - trained,
         "steps": trainer.state.global_step,
         "resumed_from": last,
         "fused_lm_head": trainer.fused_lm_head,
@@ -343,8 +364,7 @@ def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None)
     with holding_output_dir(cfg):
         check_model_dir(cfg.model, "--model", "steiner train init")
         dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
-        last = check_resume(cfg, stage)
-        return run_stage(cfg, dataset, stage, last, callbacks)
+        return run_stage(cfg, dataset, stage, callbacks)
 
 
 def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -354,5 +374,4 @@ def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None)
         dataset = cpt_dataset(
             tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
         )
-        last = check_resume(cfg, "cpt")
-        return run_stage(cfg, dataset, "cpt", last, callbacks)
+        return run_stage(cfg, dataset, "cpt", callbacks)
