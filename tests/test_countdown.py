@@ -1,6 +1,8 @@
 import json
 import random
 import re
+import subprocess
+import sys
 from fractions import Fraction
 from itertools import combinations
 
@@ -181,3 +183,35 @@ def test_a_parquet_problem_file_reads_as_its_json_lines(tmp_path):
     # a missing one is the same one line as a missing JSON Lines file, not pyarrow's words
     with pytest.raises(InputError, match=r"missing\.parquet: cannot open: No such file"):
         load_shortcuts(tmp_path / "missing.parquet")
+    # a process that has read one exits with its own code: read from a Python file object,
+    # pyarrow's thread pool aborted the interpreter at exit in about half of such runs here
+    # (exit -6, "terminate called without an active exception"), a bad file's exit 2 too
+    script = (
+        "import sys\nfrom steiner.io import iter_records\n"
+        "sys.exit(len(list(iter_records(sys.argv[1]))))"
+    )
+    for _ in range(10):
+        proc = subprocess.run([sys.executable, "-c", script, str(parquet)], capture_output=True)
+        assert proc.returncode == 5, proc.stderr
+
+
+def test_a_save_to_disk_directory_reads_as_its_json_lines(tmp_path):
+    # `datasets.load_dataset` refuses one ("use load_from_disk"), which was the error line
+    import datasets
+
+    from steiner.domains import load_problems, load_shortcuts
+    from steiner.io import InputError
+
+    jsonl = tmp_path / "p.jsonl"
+    problems = cd.generate_problems(5, 3, 1, 50, 10, 100, seed=2)
+    jsonl.write_text("".join(json.dumps(cd.shortcut_record(p)) + "\n" for p in problems))
+    ds = datasets.Dataset.from_json(str(jsonl))
+    ds.save_to_disk(str(tmp_path / "plain"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "splits"))
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "other"))
+    expected = load_shortcuts(jsonl)
+    assert load_shortcuts(tmp_path / "plain") == expected
+    assert load_shortcuts(tmp_path / "splits") == expected
+    assert load_problems(tmp_path / "splits") == load_problems(jsonl)
+    with pytest.raises(InputError, match="expected a 'train' split; the dataset has validation"):
+        load_shortcuts(tmp_path / "other")

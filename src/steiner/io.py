@@ -97,13 +97,39 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
         try:
             import pyarrow.parquet as pq
 
-            with open_input(path) as fh:  # a missing file: "cannot open", as for JSON Lines
-                table = pq.read_table(fh)
+            open_input(path).close()  # a missing file: "cannot open", as for JSON Lines
+            # by its path, not a Python file object: after reading from one, pyarrow's thread
+            # pool aborted the interpreter at exit now and then (exit 134, "terminate called
+            # without an active exception"; apache/arrow#33975, #50482)
+            table = pq.read_table(path)
         except (OSError, ValueError) as exc:
             raise InputError(path, None, f"cannot read Parquet: {exc}") from None
         yield from enumerate(table.to_pylist(), start=1)
         return
     yield from iter_jsonl(path)
+
+
+def dataset_rows(source: str | os.PathLike, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, record) of a ``datasets`` source: a Hub name or a directory of data files
+    (``load_dataset``), or a ``save_to_disk`` directory (``load_from_disk``: load_dataset
+    refuses one and says to use it). Not loadable: one InputError."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(str(source), split=split)
+    except Exception as exc:  # datasets raises many kinds; the user needs one line
+        raise InputError(source, None, f"not a file and not a loadable dataset ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise InputError(
+                source, None, f"expected a {split!r} split; the dataset has {', '.join(ds)}"
+            )
+        ds = ds[split]
+    return enumerate(ds, start=1)
 
 
 class ChatMessage(BaseModel):

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from steiner.domains.base import Domain
 from steiner.domains.countdown import MAX_NUMBERS
-from steiner.io import InputError, is_record_file, iter_records, validate
+from steiner.io import InputError, dataset_rows, is_record_file, iter_records, validate
 
 
 def get_domain(name: str) -> Domain:
@@ -162,18 +162,7 @@ def load_shortcuts(
     steps_required: bool = True,
 ) -> list[dict[str, Any]]:
     """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory."""
-    if is_record_file(source):
-        rows = iter_records(source)
-    else:
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(str(source), split="train")
-        except Exception as exc:  # datasets raises many kinds; the user needs one line
-            raise InputError(
-                source, None, f"not a file and not a loadable dataset ({exc})"
-            ) from None
-        rows = enumerate(ds, start=1)
+    rows = iter_records(source) if is_record_file(source) else dataset_rows(source, "train")
     out, ids = [], set()
     for line, rec in rows:
         rec = shortcut_from_record(

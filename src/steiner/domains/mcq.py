@@ -60,7 +60,7 @@ def mmlu_pro_record(rec: dict[str, Any], index: int) -> dict[str, Any]:
 
 def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
     """GPQA-Diamond CSV, or MMLU-Pro JSONL/Parquet (or a `datasets` name)."""
-    from steiner.io import InputError, is_record_file, iter_records, open_input
+    from steiner.io import InputError, dataset_rows, is_record_file, iter_records, open_input
 
     path = Path(path)
     out = []
@@ -76,7 +76,7 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
                 # the reader decodes ahead in blocks, so the row is not known
                 raise InputError(path, None, "invalid UTF-8; expected a UTF-8 CSV") from None
         return out
-    rows = iter_records(path) if is_record_file(path) else _dataset_rows(str(path))
+    rows = iter_records(path) if is_record_file(path) else dataset_rows(path, "test")
     for line, rec in rows:
         try:
             out.append(mmlu_pro_record(rec, line))
@@ -85,12 +85,6 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
                 path, line, f"expected MMLU-Pro fields question/options/answer ({exc})"
             ) from None
     return out
-
-
-def _dataset_rows(name: str):
-    import datasets
-
-    return enumerate(datasets.load_dataset(name, split="test"), start=1)
 
 
 _WHOLE = re.compile(r"^\W*\(?([A-P])\)?\W*$", re.IGNORECASE)  # "C", "(C)", "**C**", "C."
