@@ -629,6 +629,8 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
         (CPTStageConfig, ["--max_train_tokens", "0"], "--max_train_tokens: expected >= 1"),
         (CPTStageConfig, ["--lora_r", "0"], "--lora_r: expected >= 1, got 0"),
         (CPTStageConfig, ["--lora_dropout", "1.5"], "expected a share from 0 to 1, got 1.5"),
+        (CPTStageConfig, ["--reasoning_ratio", "1.5"], "expected a share from 0 to 1, got 1.5"),
+        (CPTStageConfig, ["--countdown_facts", "-1"], "--countdown_facts: expected >= 0"),
     ],
 )
 def test_training_settings_out_of_range_are_one_error_line(config, flags, message):
@@ -685,3 +687,24 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(data, tm
     with pytest.raises(InputError, match="no example has a trained token within --max_length 4"):
         run_sft(quick(SFTStageConfig, out, "sft2", model=init, data=str(paths), max_length=4))
     assert not (out / "sft2").exists()
+
+
+def test_cpt_reasoning_ratio_keeps_that_share_of_path_documents(data, tmp_path):
+    from steiner.train.data import cpt_dataset
+
+    tok = AutoTokenizer.from_pretrained(data / "init")
+    paths = [str(data / "synth" / "paths.jsonl")]
+    n_paths = len(Path(paths[0]).read_text().splitlines())
+    texts = tmp_path / "plain.txt"
+    texts.write_text("\n\n".join(f"plain document {i}" for i in range(4 * n_paths)) + "\n")
+
+    def path_share(ratio: float) -> tuple[int, int]:
+        docs = cpt_dataset(tok, paths, [str(texts)], ratio)["text"]
+        return sum(REASONING_START in d for d in docs), len(docs)
+
+    assert path_share(0.5) == (n_paths, 2 * n_paths)
+    # the ends keep one side only (both sides were used whole there, 1:4 at either end)
+    assert path_share(1.0) == (n_paths, n_paths)
+    assert path_share(0.0) == (0, 4 * n_paths)
+    with pytest.raises(InputError, match="1 keeps --paths only; none given"):
+        cpt_dataset(tok, [], [str(texts)], 1.0)

@@ -179,6 +179,17 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
     )
     countdown_facts: int = field(default=0, metadata={"help": "Add N countdown arithmetic facts."})
     dataset_text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reasoning_ratio <= 1:
+            raise InputError(
+                "--reasoning_ratio",
+                None,
+                f"expected a share from 0 to 1, got {self.reasoning_ratio}",
+            )
+        check_at_least(self, (("countdown_facts", 0, ""),))
+        super().__post_init__()
+
     completion_only_loss: bool | None = False
     packing: bool = True
     packing_strategy: str = "wrapped"

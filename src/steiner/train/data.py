@@ -107,7 +107,12 @@ def cpt_dataset(
     plain = [doc for path in texts for doc in plain_texts(path)]
     plain += countdown_facts(countdown_fact_lines, seed) if countdown_fact_lines else []
     rng = random.Random(seed)
-    if reasoning and plain and 0 < reasoning_ratio < 1:
+    # the ends are all of one side: both sides were used whole there, as if unmixed
+    if reasoning_ratio == 1:
+        plain = []
+    elif reasoning_ratio == 0:
+        reasoning = []
+    elif reasoning and plain:
         want_plain = round(len(reasoning) * (1 - reasoning_ratio) / reasoning_ratio)
         if want_plain <= len(plain):
             plain = rng.sample(plain, want_plain)
@@ -116,6 +121,10 @@ def cpt_dataset(
             reasoning = rng.sample(reasoning, min(want_reasoning, len(reasoning)))
     docs = reasoning + plain
     if not docs:
+        if reasoning_ratio == 1 and (texts or countdown_fact_lines):
+            raise InputError("--reasoning_ratio", None, "1 keeps --paths only; none given")
+        if reasoning_ratio == 0 and paths:
+            raise InputError("--reasoning_ratio", None, "0 keeps --texts only; none given")
         raise InputError("steiner train cpt", None, "no data: give --paths and/or --texts")
     rng.shuffle(docs)
     return Dataset.from_dict({"text": docs})
