@@ -97,6 +97,18 @@ def shared_tied_keys(model: Any) -> set[str]:
     return shared
 
 
+class _RateClock(TrainerCallback):
+    """Starts the tokens-per-second clock when training begins (after a resumed run has
+    loaded its token count), so the first log has a rate too."""
+
+    def __init__(self, trainer: SteinerTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._t0 = time.perf_counter()
+        self.trainer._tokens0 = state.num_input_tokens_seen
+
+
 class SteinerTrainer(SFTTrainer):
     """SFTTrainer that also logs tokens seen and tokens per second, and that can take the
     model's own cross-entropy instead of TRL's chunked LM head (``fused_lm_head=False``)."""
@@ -104,6 +116,10 @@ class SteinerTrainer(SFTTrainer):
     _t0: float | None = None
     _tokens0 = 0
     fused_lm_head = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.add_callback(_RateClock(self))
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # transformers 5 writes a tied LM head once, under the input embeddings, and then warns
