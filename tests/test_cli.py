@@ -274,25 +274,32 @@ def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):
     assert stat.S_IMODE(kept.stat().st_mode) == 0o640 and kept.read_text()
 
 
-def test_sigterm_unwinds_an_atomic_write_instead_of_leaving_its_temp_file(tmp_path):
+@pytest.mark.parametrize(
+    "stop, line",
+    # Ctrl-C exited 130 without a word: typer turns KeyboardInterrupt into a silent code
+    [(signal.SIGTERM, "steiner: terminated"), (signal.SIGINT, "steiner: interrupted")],
+)
+def test_a_stop_unwinds_an_atomic_write_instead_of_leaving_its_temp_file(tmp_path, stop, line):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "steiner.cli", "graph", "generate", "--count", "50000000"]
         + ["--out", str(out / "g.jsonl")],
         stderr=subprocess.PIPE,
         text=True,
+        # a test run started in the background inherits an ignored SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 60
         while not list(out.glob(".g.jsonl.*.tmp")):  # the write has begun
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
-        proc.terminate()
+        proc.send_signal(stop)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert stderr.strip().splitlines()[-1] == "steiner: terminated"
+    assert proc.returncode == 128 + stop, stderr
+    assert stderr.strip().splitlines()[-1] == line
     assert list(out.iterdir()) == []  # neither half a file nor its temp file
 
 

@@ -989,6 +989,10 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"{cmd}: error: {message}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
+    if rc == 130:
+        # typer turns Ctrl-C's KeyboardInterrupt into a silent exit code of 130 (no command
+        # returns one itself); one line, as SIGTERM's "terminated"
+        print("steiner: interrupted", file=sys.stderr)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
