@@ -168,6 +168,9 @@ def test_an_output_directory_that_is_a_file_is_one_line(tmp_path):
         proc = steiner("synth", "--shortcut", str(problems), "--out", str(out))
         assert_one_line_error(proc, expected)
     assert_one_line_error(steiner("demo", "--out", str(a_file)), expected)
+    # before the requests (here to nothing: the error was theirs), not after the probe
+    no_server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--n", "3"]
+    assert_one_line_error(steiner("probe-latency", *no_server, "--out", str(a_file)), expected)
     assert a_file.read_text() == "keep me\n"
 
 

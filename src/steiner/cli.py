@@ -862,6 +862,7 @@ def probe_latency_cmd(
 
     from steiner.evaluate.latency import probe, save_probe
 
+    check_output_dir(out, "--out")  # before the requests, which may take minutes
     try:
         with progress_bar() as bar:
             task = bar.add_task("probe", total=n)
