@@ -4,6 +4,8 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -22,23 +24,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
+@contextmanager
+def running(settings: ServerSettings) -> Iterator[str]:
+    """A server on a free loopback port, in a thread; yields its base URL."""
     port = free_port()
-    app = create_app(
-        ServerSettings(
-            str(tiny_model_dir), model_name="tiny", max_tokens_limit=256, max_request_bytes=20_000
-        )
-    )
+    app = create_app(settings)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    settings = ServerSettings(
+        str(tiny_model_dir), model_name="tiny", max_tokens_limit=256, max_request_bytes=20_000
+    )
+    with running(settings) as url:
+        yield url
 
 
 def test_models_and_chat_fields(server):
@@ -312,3 +322,40 @@ def test_probe_latency_against_serve(server, tmp_path):
     fit = json.loads((tmp_path / "latency.json").read_text())
     assert {"intercept_s", "seconds_per_token", "r2"} <= set(fit) and fit["n"] == 8
     assert (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch):
+    # before: the batch ran the request on to its max_tokens (minutes here), and every
+    # request after it waited for that
+    import steiner.infer.server as server_module
+
+    finished = []
+
+    def recording(*args, **kwargs):
+        outs = real(*args, **kwargs)
+        finished.extend(outs)
+        return outs
+
+    real = server_module.generate
+    monkeypatch.setattr(server_module, "generate", recording)
+    settings = ServerSettings(str(tiny_model_dir), model_name="tiny", max_tokens_limit=20_000)
+    with running(settings) as url:
+        # 5,000 steps cannot end before the 20,000 tokens run out
+        long = {"min_steps": 5000, "max_step_tokens": 4}
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Reach 79."}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{url}/chat/completions",
+                json={**body, "max_tokens": 20_000, **long},
+                timeout=1.0,
+            )
+        deadline = time.time() + 60
+        while not finished and time.time() < deadline:
+            time.sleep(0.1)
+        assert [c.finish_reason for c in finished] == ["cancelled"]
+        assert 0 < finished[0].completion_tokens < 20_000
+        # the next request is answered (and the server still runs)
+        reply = httpx.post(
+            f"{url}/chat/completions", json={**body, "max_tokens": 8}, timeout=60
+        ).json()
+        assert reply["usage"]["completion_tokens"] <= 8

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 
 from steiner.format import Trace, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
@@ -28,7 +28,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int
-    finish_reason: str  # stop | length
+    finish_reason: str  # stop | length | cancelled (see ``generate``)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,6 +56,23 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+class StopCancelledRows(StoppingCriteria):
+    """Ends the rows whose request was given up (a server's client that left), so that a batch
+    of them ends at once instead of running on to its max_new_tokens. Remembers each row's
+    length when it ended (the tokens after are padding)."""
+
+    def __init__(self, cancelled: Sequence[Callable[[], bool]]):
+        self.cancelled = cancelled
+        self.ended_at: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        for i, gone in enumerate(self.cancelled):
+            if i not in self.ended_at and gone():
+                self.ended_at[i] = input_ids.shape[1]
+        done = [i in self.ended_at for i in range(input_ids.shape[0])]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -66,11 +83,14 @@ def generate(
     temperature: float | Sequence[float] = 0.0,
     top_p: float | Sequence[float] = 1.0,
     seed: int | None | Sequence[int | None] = None,
+    cancelled: Sequence[Callable[[], bool]] | None = None,
 ) -> list[Completion]:
     """One completion per conversation, in one batched ``generate`` call. A row whose budget
     is None still gets the format's structure (``Budget()`` has no step limits). Temperature,
     top-p and seed are one for all rows or one per row; a sampled row draws from its own seeded
-    generator, so its completion does not depend on the other rows of the batch."""
+    generator, so its completion does not depend on the other rows of the batch. ``cancelled``
+    (one per row, asked at every token): a row whose call says True ends there, its
+    completion cut where it ended, with finish_reason "cancelled"."""
     if not conversations:
         return []
     prompts = [chat_prompt(tokenizer, c) for c in conversations]
@@ -78,6 +98,7 @@ def generate(
     rows = [b or Budget() for b in (budgets or [None] * len(prompts))]
     processor = StepBudgetLogitsProcessor(tokenizer, rows)
     end_ids = processor.ids.eos
+    stop_cancelled = StopCancelledRows(cancelled) if cancelled else None
     sampler = PerRowSampler(
         _per_row(temperature, len(prompts)),
         _per_row(top_p, len(prompts)),
@@ -93,11 +114,15 @@ def generate(
         logits_processor=[processor, sampler],
         eos_token_id=list(end_ids),
         pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=[stop_cancelled] if cancelled else None,
     )
-    new = out[:, batch["input_ids"].shape[1] :]
+    start = batch["input_ids"].shape[1]
+    new = out[:, start:]
     reasoning_end = processor.ids.reasoning_end
     completions = []
     for i, row in enumerate(new.tolist()):
+        ended = stop_cancelled.ended_at.get(i) if stop_cancelled else None
+        row = row if ended is None else row[: ended - start]
         stop = next((j for j, t in enumerate(row) if t in end_ids), None)
         tokens = row if stop is None else row[:stop]
         text = tokenizer.decode(tokens, skip_special_tokens=False)
@@ -114,7 +139,11 @@ def generate(
                 prompt_tokens=int(batch["attention_mask"][i].sum()),
                 completion_tokens=len(tokens) + (stop is not None),
                 reasoning_tokens=n_reasoning,
-                finish_reason="stop" if stop is not None else "length",
+                finish_reason="stop"
+                if stop is not None
+                else "cancelled"
+                if ended is not None
+                else "length",
             )
         )
     return completions

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -103,6 +103,7 @@ class ServerSettings:
     default_max_tokens: int = 1024
     max_request_bytes: int = 1 << 20
     max_prompt_tokens: int = 8192
+    disconnect_poll_s: float = 0.25
 
 
 @dataclass
@@ -113,6 +114,7 @@ class _Job:
     future: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    cancelled: bool = False  # its client left: not started, or ended where it is
 
 
 def error(
@@ -147,6 +149,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             jobs = [first]
             while not queue.empty() and len(jobs) < settings.max_batch:
                 jobs.append(queue.get_nowait())
+            jobs = [j for j in jobs if not j.cancelled]
+            if not jobs:
+                continue
             try:
                 outs = await loop.run_in_executor(None, run_batch, jobs)
                 for job, out in zip(jobs, outs, strict=True):
@@ -166,6 +171,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             temperature=[j.request.temperature for j in jobs],
             top_p=[j.request.top_p for j in jobs],
             seed=[j.request.seed for j in jobs],
+            cancelled=[lambda job=j: job.cancelled for j in jobs],
         )
         return [truncate(out, job.max_tokens) for out, job in zip(outs, jobs, strict=True)]
 
@@ -211,6 +217,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
             completion_tokens=min(tokens, out.completion_tokens),
             finish_reason="stop",
         )
+
+    async def finished_or_left(job: _Job, request: Request) -> Completion | None:
+        """The job's completion, or None once its client has disconnected (asked every
+        ``disconnect_poll_s``: uvicorn does not cancel a handler whose client left)."""
+        while True:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.shield(job.future), timeout=settings.disconnect_poll_s
+                )
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    return None
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -288,7 +307,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return error(400, str(exc), param="min_steps")
         job = _Job(body, budget, max_tokens)
         await queue.put(job)
-        out: Completion = cut_at_stop(await job.future, body.stop)
+        done = await finished_or_left(job, request)
+        if done is None:
+            # a client that left is not answered; its batch ended its row (or never started
+            # it), so a batch of such requests does not hold the next ones up to max_tokens
+            return Response(status_code=499)
+        out: Completion = cut_at_stop(done, body.stop)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = {
             "prompt_tokens": out.prompt_tokens,
