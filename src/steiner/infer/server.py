@@ -158,7 +158,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                     job.future.set_result(out)
             except Exception as exc:  # a failed batch fails its requests, not the server
                 for job in jobs:
-                    if not job.future.done():
+                    # a request whose client left is not waited on: an exception set there
+                    # would be logged as never retrieved
+                    if not job.future.done() and not job.cancelled:
                         job.future.set_exception(exc)
 
     def run_batch(jobs: list[_Job]) -> list[Completion]:

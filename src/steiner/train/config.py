@@ -179,6 +179,10 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
     )
     countdown_facts: int = field(default=0, metadata={"help": "Add N countdown arithmetic facts."})
     dataset_text_field: str = "text"
+    completion_only_loss: bool | None = False
+    packing: bool = True
+    packing_strategy: str = "wrapped"
+    max_length: int | None = 512
 
     def __post_init__(self) -> None:
         if not 0 <= self.reasoning_ratio <= 1:
@@ -189,8 +193,3 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
             )
         check_at_least(self, (("countdown_facts", 0, ""),))
         super().__post_init__()
-
-    completion_only_loss: bool | None = False
-    packing: bool = True
-    packing_strategy: str = "wrapped"
-    max_length: int | None = 512
