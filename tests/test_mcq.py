@@ -90,3 +90,28 @@ def test_extracts_the_letter(text):
 )
 def test_rejects_ambiguous_or_missing(text):
     assert extract_letter(text, 4) is None
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    # Excel and Windows editors start a UTF-8 file with one; before, the GPQA loader read a
+    # column '\ufeffRecord ID', and JSON Lines said "Unexpected UTF-8 BOM"
+    from steiner.domains import load_shortcuts
+    from steiner.io import InputError
+    from steiner.train.data import plain_texts
+
+    plain, marked = tmp_path / "gpqa.csv", tmp_path / "gpqa-bom.csv"
+    write_gpqa(plain)
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_mcq(marked) == load_mcq(plain)
+    record = {"id": "a", "nums": [3, 4], "target": 7}
+    jsonl, marked_jsonl = tmp_path / "p.jsonl", tmp_path / "p-bom.jsonl"
+    jsonl.write_text(json.dumps(record) + "\n")
+    marked_jsonl.write_bytes(b"\xef\xbb\xbf" + jsonl.read_bytes())
+    assert load_shortcuts(marked_jsonl) == load_shortcuts(jsonl)
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"\xef\xbb\xbfhello\n\nworld\n")
+    assert plain_texts(text) == ["hello", "world"]
+    # a bad byte after one is named by its place in the file, the mark counted
+    text.write_bytes(b"\xef\xbb\xbfok\n\xff")
+    with pytest.raises(InputError, match="invalid UTF-8 at byte 6"):
+        plain_texts(text)

@@ -8,6 +8,7 @@ Bottom layer like ``format``: imports nothing else from steiner.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -50,11 +51,19 @@ def read_text_input(path: str | os.PathLike) -> str:
     """The whole of a UTF-8 text input file; one that is missing, unreadable or not UTF-8 is
     one InputError (the same words as a JSON Lines file's)."""
     with open_input(path) as fh:
-        data = fh.read()
+        return decode_input(fh.read(), path, None, first=True)
+
+
+def decode_input(raw: bytes, path: str | os.PathLike, line: int | None, first: bool) -> str:
+    """UTF-8 text of an input file (or of one of its lines); a byte-order mark at the start
+    of the file (``first``; Windows editors and Excel write one) is not data: json.loads
+    refused it, and a CSV's first column name began with it. Not UTF-8: one InputError naming
+    the byte, counted in the file's (or line's) own bytes."""
+    skip = len(codecs.BOM_UTF8) if first and raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return raw[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(path, None, f"invalid UTF-8 at byte {exc.start}") from None
+        raise InputError(path, line, f"invalid UTF-8 at byte {exc.start + skip}") from None
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -62,10 +71,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     with open_input(path) as fh:
         for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(path, lineno, f"invalid UTF-8 at byte {exc.start}") from None
+            line = decode_input(raw, path, lineno, first=lineno == 1)
             if not line.strip():
                 continue
             try:

@@ -65,7 +65,8 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
     path = Path(path)
     out = []
     if path.suffix == ".csv":
-        with open_input(path, "r", newline="", encoding="utf-8") as fh:
+        # utf-8-sig: Excel's byte-order mark would be part of the first column's name
+        with open_input(path, "r", newline="", encoding="utf-8-sig") as fh:
             try:
                 for i, row in enumerate(csv.DictReader(fh), start=2):
                     try:
