@@ -158,6 +158,21 @@ def test_text_domain_records_split_cot(tmp_path):
     )
 
 
+def test_a_teacher_that_cannot_synthesize_is_one_line_before_anything_is_written(tmp_path):
+    # text records under the oracle gave each DAG the shortcut alone (it proposes no step
+    # without a solver), and an unknown teacher left empty output files behind
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(
+        json.dumps({"question": "2+3*4?", "cot": "3*4=12\n2+12=14", "answer": "14"}) + "\n"
+    )
+    out = tmp_path / "synth"
+    with pytest.raises(InputError, match="text records have none; expected --teacher openai"):
+        run_synth(SynthConfig(shortcut=str(path), out=str(out)))
+    with pytest.raises(InputError, match="expected oracle or openai, got 'llm'"):
+        run_synth(SynthConfig(shortcut=str(path), out=str(out), teacher="llm"))
+    assert not out.exists()
+
+
 def test_a_text_problem_without_steps_is_evaluated_but_not_synthesized(tmp_path, tiny_model_dir):
     """A test set of questions and answers (no solutions) is what eval takes; synthesis
     needs the steps to truncate."""

@@ -268,7 +268,8 @@ def synth(
         str | None, typer.Option(help="HF tokenizer dir for token counts.")
     ] = None,
     cluster_threshold: Annotated[
-        float, typer.Option(help="Cosine distance (text domains).")
+        # cosine distance runs from 0 (same direction) to 2 (opposite)
+        float, typer.Option(min=0.0, max=2.0, help="Cosine distance (text domains).")
     ] = 0.25,
     step_separator: Annotated[str, typer.Option(help="Splits a text chain of thought.")] = "\n",
     seed: Seed = 0,

@@ -256,6 +256,16 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
     problems = load_shortcuts(cfg.shortcut, cfg.domain, cfg.step_separator)
     if not problems:
         raise InputError(cfg.shortcut, None, "no records")
+    # before anything is written: a later check left empty output files behind
+    if cfg.teacher not in ("oracle", "openai"):
+        raise InputError("--teacher", None, f"expected oracle or openai, got {cfg.teacher!r}")
+    if cfg.teacher == "oracle" and (cfg.domain or problems[0]["domain"]) == "text":
+        # the oracle proposes no step without a solver: every DAG was the shortcut alone
+        raise InputError(
+            "--teacher",
+            None,
+            "the oracle needs a solver and text records have none; expected --teacher openai",
+        )
     i, n = parse_shard(cfg.shard)
     problems = problems[: cfg.limit][i::n]
     if cfg.tokenizer:
@@ -331,8 +341,6 @@ def synthesize(
         teacher = OpenAITeacher(
             domain, cfg.openai, Path(cfg.out) / "teacher-cache", cfg.max_forward
         )
-    elif cfg.teacher != "oracle":
-        raise InputError("--teacher", None, f"expected oracle or openai, got {cfg.teacher!r}")
 
     def results() -> Iterator[dict[str, Any]]:
         if teacher is None and cfg.workers > 1:
