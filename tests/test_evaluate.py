@@ -342,6 +342,13 @@ def test_eval_resumes_after_a_crash_cut_its_last_line(tiny_model_dir, problems, 
         ("4", "5", False),
         ("4.01", "4", False),
         ("1e3", "1000", False),  # no exponents: a short plain number or fraction only
+        ("+4", "4", True),
+        ("**4**", "4", True),  # Markdown bold, as chat models answer
+        (r"\frac{1}{2}", "0.5", True),
+        (r"\boxed{\dfrac{2}{4}}", "1/2", True),  # braces inside the box
+        (r"-\frac{3}{4}", "-0.75", True),
+        ("1.5/2", "3/4", True),  # raised ValueError mid-eval: Fraction reads no "1.5/2"
+        ("3/0", "0", False),
     ],
 )
 def test_text_answers_compare_as_numbers_where_they_are_numbers(answer, gold, same):

@@ -24,28 +24,37 @@ def normalise_answer(text: str) -> str:
     return re.sub(r"\s+", " ", text.replace(",", ""))
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+# one level of braces inside, as in \boxed{\frac{1}{2}}
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 # a plain number or fraction, short: Fraction of "1e999999" would build a million-digit int
-_NUMBER = re.compile(r"-?(\d{1,40}(\.\d{0,40})?|\.\d{1,40})(/\d{1,40})?")
+_DECIMAL = r"[-+]?(?:\d{1,40}(?:\.\d{0,40})?|\.\d{1,40})"
+_NUMBER = re.compile(rf"({_DECIMAL})(?:/({_DECIMAL}))?")
+_LATEX_FRACTION = re.compile(rf"([-+]?)\\[dt]?frac\{{({_DECIMAL})\}}\{{({_DECIMAL})\}}")
 
 
 def canonical_answer(text: str) -> str:
     """The form two answers are compared in: ``normalise_answer``, then the last
-    ``\\boxed{...}``'s content, no ``$``, and a number as its exact value ("4", "4.0", "$4"
-    and "8/2" are all "4"; "0.5" and "1/2" are "1/2").
+    ``\\boxed{...}``'s content, no ``$`` or Markdown ``**``, and a number as its exact value
+    ("4", "4.0", "+4", "$4", "**4**" and "8/2" are all "4"; "0.5", "1/2", "1.5/3" and
+    "\\frac{1}{2}" are "1/2").
 
     Hand-written, not math-verify: that library turns extracted expressions into sympy with
     ``parse_expr``, which runs ``eval`` on model output. ``Fraction`` reads a matched
     number's digits only."""
     text = normalise_answer(text)
     boxed = _BOXED.findall(text)
-    text = (boxed[-1] if boxed else text).replace("\u2212", "-").strip().strip("$").strip()
-    if not _NUMBER.fullmatch(text):
+    text = (boxed[-1] if boxed else text).replace("\u2212", "-").strip().strip("$*").strip()
+    latex = _LATEX_FRACTION.fullmatch(text)
+    number = _NUMBER.fullmatch(f"{latex[1]}{latex[2]}/{latex[3]}" if latex else text)
+    if not number:
         return text
-    try:
-        return str(Fraction(text))
-    except ZeroDivisionError:
-        return text
+    # each side on its own: Fraction reads "3/4" but not "1.5/2", which raised mid-eval
+    value = Fraction(number[1])
+    if number[2] is not None:
+        if Fraction(number[2]) == 0:
+            return text
+        value /= Fraction(number[2])
+    return str(value)
 
 
 class TextDomain:
