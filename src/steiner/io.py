@@ -430,6 +430,14 @@ def check_at_least(config: Any, rules: Iterable[tuple[str, float, str]]) -> None
             raise InputError(f"--{name}", None, f"expected >= {least}{why}, got {value}")
 
 
+def check_share(config: Any, names: Iterable[str]) -> None:
+    """Each named setting is a share from 0 to 1 (None: unset, allowed), or one error line."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not 0 <= value <= 1:
+            raise InputError(f"--{name}", None, f"expected a share from 0 to 1, got {value}")
+
+
 def derived_seed(*parts: Any) -> int:
     """A seed from a job's seed and a record's identity (``seed, problem id, ...``), so each
     record draws the same numbers whatever else is processed with it."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from steiner.io import InputError, check_at_least, check_seed
+from steiner.io import InputError, check_at_least, check_seed, check_share
 
 _NO_GPU = not torch.cuda.is_available()
 
@@ -100,13 +100,9 @@ class _StageMixin:
                 ("max_train_tokens", 1, ""),
                 ("learning_rate", 0, ""),
                 ("lora_r", 1, ""),
-                ("lora_dropout", 0, ""),
             ),
         )
-        if self.lora_dropout > 1:
-            raise InputError(
-                "--lora_dropout", None, f"expected a share from 0 to 1, got {self.lora_dropout}"
-            )
+        check_share(self, ("lora_dropout",))
         # transformers trains -1 (unset) by epochs, and max_steps 0 not at all
         if self.max_steps == 0 or self.max_steps < -1:
             raise InputError(
@@ -185,11 +181,6 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
     max_length: int | None = 512
 
     def __post_init__(self) -> None:
-        if not 0 <= self.reasoning_ratio <= 1:
-            raise InputError(
-                "--reasoning_ratio",
-                None,
-                f"expected a share from 0 to 1, got {self.reasoning_ratio}",
-            )
+        check_share(self, ("reasoning_ratio",))
         check_at_least(self, (("countdown_facts", 0, ""),))
         super().__post_init__()

@@ -42,6 +42,7 @@ from steiner.io import (
     check_checkpoint_inputs,
     check_model_dir,
     check_seed,
+    check_share,
     file_digest,
     last_checkpoint,
     local_path,
@@ -304,13 +305,9 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             ("save_steps", 0, " (0: no checkpoints)"),
             ("learning_rate", 0, ""),
             ("beta", 0, " (0: no KL term)"),
-            ("forced_min_share", 0, ""),
         ),
     )
-    if cfg.forced_min_share > 1:
-        raise InputError(
-            "--forced_min_share", None, f"expected a share from 0 to 1, got {cfg.forced_min_share}"
-        )
+    check_share(cfg, ("forced_min_share",))
     if cfg.temperature <= 0:
         raise InputError("--temperature", None, f"expected > 0 (RL samples), got {cfg.temperature}")
     if cfg.forced_min_share and cfg.use_vllm:
