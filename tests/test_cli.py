@@ -239,25 +239,31 @@ def test_dag_show_prints_the_tree_and_writes_dot(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     for where, why in (
-        (blocker / "x.dot", f"{blocker}: File exists"),
-        (tmp_path, f"{tmp_path}: Is a directory"),
+        (blocker / "x.dot", f"{blocker}: a file, not a directory; expected a directory (--dot)"),
+        (tmp_path, f"{tmp_path}: a directory, not a file; expected a file path (--dot)"),
     ):
-        # the file system's errors: exit 1, as for every command's output, naming the user's
-        # path, not the temp file of the atomic write
+        # before: the file system's "File exists" / "Is a directory", exit 1, after the tree
         proc = steiner(
             "dag", "show", "--id", dag["problem_id"], str(synth / "dags.jsonl"), "--dot", str(where)
         )
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.splitlines() == [f"steiner: error: {why}"]
+        assert_one_line_error(proc, why)
+        assert proc.returncode == 2 and proc.stdout == ""
 
 
-def test_an_unwritable_output_path_is_one_line_exit_1(tmp_path):
+def test_an_unwritable_output_file_is_one_line_before_the_work(tmp_path):
+    # before: the rename's "File exists" / "Is a directory", exit 1, after generating them all
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    proc = steiner("graph", "generate", "--count", "2", "--out", str(blocker / "g.jsonl"))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.splitlines()  # one line: no blank line from a progress bar either
-    assert len(lines) == 1 and lines[0].startswith(f"steiner: error: {blocker}: ")
+    for where, why in (
+        (blocker / "g.jsonl", f"{blocker}: a file, not a directory; expected a directory"),
+        (tmp_path, f"{tmp_path}: a directory, not a file; expected a file path"),
+    ):
+        for domain in ("graph", "countdown"):
+            proc = steiner(domain, "generate", "--count", "2", "--out", str(where))
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            # one line: no blank line from a progress bar either
+            assert proc.stderr.splitlines() == [f"steiner: error: {why} (--out)"]
+    assert blocker.read_text() == "" and sorted(tmp_path.iterdir()) == [blocker]
 
 
 def test_atomic_writes_get_the_mode_a_plain_open_would(tmp_path):

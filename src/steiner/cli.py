@@ -21,6 +21,7 @@ from steiner.io import (
     ChatRecord,
     InputError,
     check_output_dir,
+    check_output_file,
     end_with_parent,
     iter_records,
     validate,
@@ -75,6 +76,7 @@ def write_generated(
 ) -> int:
     """Write generated problems (as shortcut records with ``shortcut``) under a progress bar;
     returns how many were written."""
+    check_output_file(out_path, "--out")
     with progress_bar() as bar:
         task = bar.add_task("generating", total=count)
 
@@ -406,6 +408,8 @@ def dag_show(
 
     from steiner.dag import find_dag, read_dags
 
+    if dot is not None:
+        check_output_file(dot, "--dot")
     dag = find_dag(read_dags(path), problem_id) if problem_id is not None else None
     if dag is None:
         # say which ids there are: a user who has just run synth has not seen any

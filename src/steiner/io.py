@@ -265,6 +265,15 @@ def check_output_dir(directory: str | os.PathLike, flag: str) -> None:
         raise InputError(existing, None, f"a file, not a directory; expected a directory ({flag})")
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """An output file that is a directory, or lies under a file, is one InputError before the
+    work (the rename at the end would say only "Is a directory" or "File exists", and only
+    after the minutes of work that came before it)."""
+    if Path(path).is_dir():
+        raise InputError(path, None, f"a directory, not a file; expected a file path ({flag})")
+    check_output_dir(Path(path).parent, flag)
+
+
 @contextmanager
 def sole_writer(
     directory: str | os.PathLike, flag: str, name: str = LOCK_FILE, main_process: bool = True

@@ -4,14 +4,13 @@ suggests plain linear decoding rather than a parallel tree search)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from steiner.io import write_json
+from steiner.io import write_json, write_jsonl
 
 PROMPTS = [
     "Using the numbers {a}, {b}, {c}, reach {t}.",
@@ -91,7 +90,7 @@ def save_probe(records: list[dict[str, Any]], out: str | Path) -> dict[str, Any]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fit = fit_line([r["completion_tokens"] for r in records], [r["seconds"] for r in records])
-    (out / "latency.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(out / "latency.jsonl", records)
     summary = {"n": len(records), **fit}
     write_json(out / "latency.json", summary)
     import matplotlib

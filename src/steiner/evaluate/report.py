@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from steiner.io import InputError
+from steiner.io import InputError, write_lines
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -313,14 +313,17 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         lines += _table(["file", "why"], [[_rel(p, root), why] for p, why in skipped])
     md_path, html_path = root / "report.md", root / "report.html"
     text = "\n".join(lines)
-    md_path.write_text(text)
+    write_lines(md_path, [text])
     import markdown
 
     body = markdown.markdown(text, extensions=["tables"])
-    html_path.write_text(
-        f"<!doctype html><meta charset='utf-8'><title>{root.name}</title>"
-        "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-        f"{body}"
+    write_lines(
+        html_path,
+        [
+            f"<!doctype html><meta charset='utf-8'><title>{root.name}</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
+            f"{body}"
+        ],
     )
     return {"markdown": md_path, "html": html_path, "skipped": [p for p, _ in skipped]}

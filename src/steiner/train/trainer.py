@@ -3,7 +3,6 @@ resume, optional LoRA, and a final ``save_pretrained`` model."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from steiner.io import (
     last_checkpoint,
     local_path,
     sole_writer,
+    write_json,
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
@@ -326,9 +326,7 @@ def run_stage(
         "log_history": trainer.state.log_history,
     }
     if trainer.accelerator.is_main_process:
-        Path(cfg.output_dir, "training_summary.json").write_text(
-            json.dumps(summary, indent=2) + "\n"
-        )
+        write_json(Path(cfg.output_dir, "training_summary.json"), summary)
     return summary
 
 
