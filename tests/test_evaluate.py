@@ -349,6 +349,11 @@ def test_eval_resumes_after_a_crash_cut_its_last_line(tiny_model_dir, problems, 
         (r"-\frac{3}{4}", "-0.75", True),
         ("1.5/2", "3/4", True),  # raised ValueError mid-eval: Fraction reads no "1.5/2"
         ("3/0", "0", False),
+        ("12,345,678", "12345678", True),
+        ("1,4", "14", False),  # was True: every comma was dropped
+        ("1,2345", "12345", False),  # not thousands groups
+        ("1,4", "1, 4", True),
+        ("Paris, France", "paris france", True),
     ],
 )
 def test_text_answers_compare_as_numbers_where_they_are_numbers(answer, gold, same):

@@ -18,10 +18,19 @@ def split_steps(cot: str, separator: str = "\n") -> list[str]:
     return [s.strip() for s in cot.split(separator) if s.strip()]
 
 
+# a number written with thousands separators: "1,000" and "12,345,678", not "1,4" or "1,2345"
+_GROUPED = re.compile(r"(?<![\d,])\d{1,3}(?:,\d{3})+(?![\d,])")
+
+
 def normalise_answer(text: str) -> str:
+    """Lower case, no "the answer is", GSM8K's "####" or a final full stop; a number's
+    thousands separators dropped ("1,000" is "1000") and any other comma read as a space,
+    so "1,4" stays two numbers (dropping every comma read it as 14) and "Paris, France" is
+    "Paris France"."""
     text = text.strip().lower().removeprefix("the answer is").strip().rstrip(".")
     text = re.sub(r"^####\s*", "", text)
-    return re.sub(r"\s+", " ", text.replace(",", ""))
+    text = _GROUPED.sub(lambda m: m[0].replace(",", ""), text)
+    return re.sub(r"\s+", " ", text.replace(",", " ")).strip()
 
 
 # one level of braces inside, as in \boxed{\frac{1}{2}}
