@@ -331,6 +331,16 @@ def test_a_directory_without_a_model_is_one_line_for_every_command(tmp_path):
     assert not out.exists()
 
 
+def test_an_impossible_step_budget_names_the_flags(tiny_model_dir):
+    # before: "Invalid value: min_steps cannot exceed max_steps", the server request's fields
+    model = ["generate", "--model", str(tiny_model_dir), "hi"]
+    for flags, expected in (
+        (["--min-steps", "3", "--max-steps", "1"], "--min-steps: expected at most --max-steps 1"),
+        (["--extend-with", "more"], "--extend-with: expected model, proceed or backtrack"),
+    ):
+        assert_one_line_error(steiner(*model, *flags), expected)
+
+
 def test_an_error_inside_a_progress_bar_is_still_one_line(tmp_path, tiny_model_dir):
     # eval's bar is open when the problem file is read; off a terminal it draws nothing
     missing = tmp_path / "missing.jsonl"

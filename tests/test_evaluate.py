@@ -254,8 +254,11 @@ def test_an_impossible_budget_is_one_error_line_before_anything_is_written(
     from steiner.io import InputError
 
     out = tmp_path / "ev"
-    with pytest.raises(InputError, match="budget: min_steps cannot exceed max_steps"):
+    # before: "budget: min_steps cannot exceed max_steps", the server request's field names
+    with pytest.raises(InputError, match="--min-steps: expected at most --max-steps 1, got 3"):
         evaluate(_eval_config(tiny_model_dir, problems, out, min_steps=3, max_steps=1))
+    with pytest.raises(InputError, match="--extend-with: expected model, proceed or backtrack"):
+        evaluate(_eval_config(tiny_model_dir, problems, out, extend_with="more"))
     # k greedy samples would be k copies of pass@1, reported as maj@k and pass@k
     with pytest.raises(InputError, match="--temperature: expected > 0 with --samples 3, got 0"):
         evaluate(_eval_config(tiny_model_dir, problems, out, samples=3, temperature=0.0))

@@ -662,10 +662,7 @@ def generate_cmd(
     from steiner.infer.budget import Budget
     from steiner.infer.generate import generate, load
 
-    try:
-        budget = Budget(min_steps, max_steps, max_reasoning_tokens, None, extend_with)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    budget = Budget.from_flags(min_steps, max_steps, max_reasoning_tokens, extend_with)
     m, tok = load(model)
     [done] = generate(
         m,

@@ -142,12 +142,10 @@ def evaluate_records(
     model_and_tokenizer: tuple[Any, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``evaluate``, with the output records of this run's problems, in their order."""
-    try:  # before any file is written or the model loaded
-        budget = Budget(
-            cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, None, cfg.extend_with
-        )
-    except ValueError as exc:
-        raise InputError("budget", None, str(exc)) from None
+    # before any file is written or the model loaded
+    budget = Budget.from_flags(
+        cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, cfg.extend_with
+    )
     if cfg.samples > 1 and cfg.temperature == 0:
         # k greedy samples are k copies of pass@1: maj@k and pass@k would only repeat it
         raise InputError("--temperature", None, f"expected > 0 with --samples {cfg.samples}, got 0")

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from steiner import format as fmt
+from steiner.io import InputError
 
 EXTEND_WITH = ("model", "proceed", "backtrack")
 
@@ -69,6 +70,25 @@ class Budget:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
             raise ValueError(f"step budget counts must be integers, got {counts}")
         return cls(**given)
+
+    @classmethod
+    def from_flags(
+        cls,
+        min_steps: int,
+        max_steps: int | None,
+        max_reasoning_tokens: int | None,
+        extend_with: str = "model",
+    ) -> Budget:
+        """From a command's flags: a bad combination is one InputError naming the flags, where
+        ``Budget``'s own ValueError names the fields of a server request."""
+        if extend_with not in EXTEND_WITH:
+            expected = f"{', '.join(EXTEND_WITH[:-1])} or {EXTEND_WITH[-1]}"
+            raise InputError("--extend-with", None, f"expected {expected}, got {extend_with!r}")
+        if max_steps is not None and min_steps > max_steps:
+            raise InputError(
+                "--min-steps", None, f"expected at most --max-steps {max_steps}, got {min_steps}"
+            )
+        return cls(min_steps, max_steps, max_reasoning_tokens, None, extend_with)
 
 
 @dataclass(frozen=True)
