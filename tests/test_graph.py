@@ -100,11 +100,13 @@ def test_bare_records_work_everywhere(tmp_path):
         ([[1, 2], [2, 1], [2, 3]], r"field 'edges': a cycle (1>2>1|2>1>2); expected a directed"),
         ([[1, 1], [1, 3]], r"field 'edges': a cycle 1>1;"),
         ([[-1, 2], [2, 3]], r"field 'edges\.0\.0': Input should be greater than or equal to 0"),
+        # was a one-node DAG, its root counted as a dead end, and no path
+        ([[3, 4]], r"field 'goal': 3 is the start; expected another node"),
     ],
 )
 def test_graphs_synthesis_cannot_walk_are_one_error_line(tmp_path, edges, message):
     # a cycle crashed synthesis writing a step back to its own node; a negative id crashed it
-    # reading the shortcut path (answers are read as runs of digits)
+    # reading the shortcut path (answers are read as runs of digits); start == goal has no step
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps({"id": 1, "edges": edges, "start": edges[0][0], "goal": 3}) + "\n")
     r = steiner("synth", "--shortcut", str(path), "--out", str(tmp_path / "s"))

@@ -113,6 +113,11 @@ def shortcut_from_record(
         from steiner.domains import graph
 
         r = validate(_GraphRecord, rec, path, line)
+        if r.start == r.goal:
+            # no step to take: synthesis made a one-node DAG, no path, and a "dead end"
+            raise InputError(
+                path, line, f"field 'goal': {r.goal} is the start; expected another node"
+            )
         cycle = graph.find_cycle(r.edges)
         if cycle:
             raise InputError(
