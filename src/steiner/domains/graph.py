@@ -69,12 +69,13 @@ def find_cycle(edges: Any) -> list[int] | None:
 
     Synthesis needs acyclic graphs: its oracle judges a node dead only at a leaf, and a walk
     round a cycle reaches none (it crashed writing a step that returned to its own node)."""
-    # graphlib, not networkx: on 60,000 training graphs networkx took 9.7 s, graphlib 3.5 s
+    # graphlib, not networkx: on 60,000 training graphs networkx took 9.7 s, graphlib's full
+    # order 3.6 s, and its prepare() alone, which is what finds a cycle, 2.1 s
     before: dict[int, list[int]] = {}
     for u, v in edges:
         before.setdefault(int(v), []).append(int(u))
     try:
-        deque(graphlib.TopologicalSorter(before).static_order(), maxlen=0)
+        graphlib.TopologicalSorter(before).prepare()
     except graphlib.CycleError as exc:
         return list(exc.args[1])
     return None
