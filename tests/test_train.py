@@ -30,6 +30,7 @@ from steiner.io import InputError, settings_differences
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import sft_dataset
 from steiner.train.model import descriptive_words, init_model
+from steiner.train.rewards import RewardWeights
 from steiner.train.rl import RLStageConfig, run_rl
 from steiner.train.trainer import run_cpt, run_sft, shared_tied_keys
 
@@ -661,6 +662,16 @@ def test_init_and_rl_settings_out_of_range_are_one_error_line(data, tmp_path):
         rl = RLStageConfig(
             model=str(data / "init"), output_dir=str(tmp_path / "rl"), **{field: value}
         )
+        with pytest.raises(InputError, match=re.escape(message)):
+            run_rl(rl)
+    # reward weights: were accepted, a negative one rewarding what it is there to punish
+    for field, value, message in (
+        ("correct", -2.0, "--correct: expected >= 0, got -2.0"),
+        ("max_backtracks", -1, "--max_backtracks: expected >= 0, got -1"),
+        ("similarity", 5.0, "--similarity: expected a share from 0 to 1, got 5.0"),
+    ):
+        rl = RLStageConfig(model=str(data / "init"), output_dir=str(tmp_path / "rl"))
+        rl.weights = RewardWeights(**{field: value})
         with pytest.raises(InputError, match=re.escape(message)):
             run_rl(rl)
     assert not (tmp_path / "rl").exists()

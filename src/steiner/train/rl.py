@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -308,6 +308,11 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         ),
     )
     check_share(cfg, ("forced_min_share",))
+    # each weight is a size: the formula gives its sign, so a negative one would reward what it
+    # is there to punish (a wrong answer, a dead end) without a word
+    weights = [(f.name, 0, "") for f in fields(cfg.weights) if f.name != "similarity"]
+    check_at_least(cfg.weights, weights)
+    check_share(cfg.weights, ("similarity",))  # over 1 no step ever matches a DAG node
     if cfg.temperature <= 0:
         raise InputError("--temperature", None, f"expected > 0 (RL samples), got {cfg.temperature}")
     if cfg.forced_min_share and cfg.use_vllm:
