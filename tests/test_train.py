@@ -424,7 +424,7 @@ def test_bad_chat_records_are_one_error_line(tmp_path, record, message):
     assert err.value.line == 2 and message in err.value.message, err.value
 
 
-def test_init_reads_any_strings_and_refuses_a_non_utf8_text_file(tmp_path):
+def test_init_reads_any_strings_and_refuses_files_without_utf8_or_text(tmp_path):
     from steiner.train.model import corpus_texts
 
     odd = tmp_path / "odd.jsonl"
@@ -434,6 +434,17 @@ def test_init_reads_any_strings_and_refuses_a_non_utf8_text_file(tmp_path):
     binary.write_bytes(b"ok\n\xff\xfe")
     with pytest.raises(InputError, match=r"bin\.txt: invalid UTF-8 at byte 3"):
         list(corpus_texts([binary]))
+    # a file with nothing to learn from: was a tokenizer of bytes alone, and exit 0
+    bare, blank = tmp_path / "bare.jsonl", tmp_path / "blank.txt"
+    bare.write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n")
+    blank.write_text("\n \n")
+    for empty in (bare, blank):
+        with pytest.raises(InputError, match="no text for the tokenizer; expected chat records"):
+            init_model(tmp_path / "init", "micro", [str(odd), str(empty)])
+    # an --out that is a file: before the tokenizer's training, not "File exists" at the save
+    with pytest.raises(InputError, match="a file, not a directory; expected a directory"):
+        init_model(odd, "micro", [str(odd)])
+    assert not (tmp_path / "init").exists()
 
 
 def test_a_missing_start_model_is_one_error_line_before_anything_is_written(tmp_path):

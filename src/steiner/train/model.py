@@ -32,7 +32,9 @@ from transformers import (
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
 from steiner.io import (
     RECORD_FILE_SUFFIXES,
+    InputError,
     check_model_dir,
+    check_output_dir,
     iter_records,
     read_text_input,
     write_json,
@@ -81,21 +83,33 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Every string a tokenizer should learn from: message contents, questions, steps and
     "text" fields of JSONL/Parquet records, or the lines of a plain-text file."""
     for path in paths:
-        path = Path(path)
-        if path.suffix in RECORD_FILE_SUFFIXES:
-            for _, rec in iter_records(path):
-                messages = rec.get("messages")
-                for msg in messages if isinstance(messages, list) else []:
-                    # any strings will do for a tokenizer; the training stages check the shape
-                    content = msg.get("content") if isinstance(msg, dict) else msg
-                    if isinstance(content, str):
-                        yield content
-                for key in ("text", "question", "answer"):
-                    if isinstance(rec.get(key), str):
-                        yield rec[key]
-                yield from (s for s in rec.get("steps") or [] if isinstance(s, str))
-        else:
-            yield from read_text_input(path).splitlines()
+        texts = [t for t in _file_texts(Path(path)) if t.strip()]
+        if not texts:
+            # else a tokenizer of bytes alone, trained on nothing, with no word of it
+            raise InputError(
+                path,
+                None,
+                "no text for the tokenizer; expected chat records ('messages'), records with "
+                "'text', 'question', 'answer' or 'steps', or lines of plain text",
+            )
+        yield from texts
+
+
+def _file_texts(path: Path) -> Iterator[str]:
+    if path.suffix in RECORD_FILE_SUFFIXES:
+        for _, rec in iter_records(path):
+            messages = rec.get("messages")
+            for msg in messages if isinstance(messages, list) else []:
+                # any strings will do for a tokenizer; the training stages check the shape
+                content = msg.get("content") if isinstance(msg, dict) else msg
+                if isinstance(content, str):
+                    yield content
+            for key in ("text", "question", "answer"):
+                if isinstance(rec.get(key), str):
+                    yield rec[key]
+            yield from (s for s in rec.get("steps") or [] if isinstance(s, str))
+    else:
+        yield from read_text_input(path).splitlines()
 
 
 def train_tokenizer(
@@ -202,6 +216,7 @@ def init_model(
 ) -> dict[str, Any]:
     """Create and save a model + tokenizer (``save_pretrained``); returns a summary."""
     out = Path(out)
+    check_output_dir(out, "--out")  # before the tokenizer's training, not at the save
     if from_pretrained:
         check_model_dir(from_pretrained, "--from_pretrained", "save_pretrained, or a Hub snapshot")
         tokenizer = AutoTokenizer.from_pretrained(from_pretrained)
