@@ -412,6 +412,8 @@ def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
         ),
         ({"messages": []}, "expected a non-empty 'messages' list"),
         ({"id": 1, "nums": [3, 4], "target": 7}, "shortcut records train with --shortcut"),
+        # was TRL's RuntimeError, with a traceback, blaming the chat template
+        ({"messages": [{"role": "user", "content": "q"}]}, "expected an 'assistant' message"),
     ],
 )
 def test_bad_chat_records_are_one_error_line(tmp_path, record, message):
@@ -686,6 +688,34 @@ def test_init_and_rl_settings_out_of_range_are_one_error_line(data, tmp_path):
         with pytest.raises(InputError, match=re.escape(message)):
             run_rl(rl)
     assert not (tmp_path / "rl").exists()
+
+
+def test_sft_logs_the_loss_of_eval_data_and_an_eval_strategy_needs_it(data, tmp_path):
+    paths = (data / "synth" / "paths.jsonl").read_text().splitlines()
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(paths[:6]) + "\n")
+    cfg = quick(
+        SFTStageConfig,
+        tmp_path,
+        "sft",
+        model=str(data / "init"),
+        data=str(data / "synth" / "paths.jsonl"),
+        eval_data=str(held_out),
+        max_steps=4,
+        eval_steps=2,
+    )
+    assert cfg.eval_strategy == "steps"  # set by --eval_data, as the held-out loss is its use
+    summary = run_sft(cfg)
+    evals = [h for h in summary["log_history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert summary["final_eval_loss"] == evals[-1]["eval_loss"] > 0
+    # before: transformers' ValueError with a traceback, once the model and data had loaded
+    for cls, message in (
+        (SFTStageConfig, "expected no, or a held-out set with --eval_data FILE, got 'steps'"),
+        (CPTStageConfig, "expected no: this stage takes no held-out set, got 'steps'"),
+    ):
+        with pytest.raises(InputError, match=re.escape(f"--eval_strategy: {message}")):
+            quick(cls, tmp_path, "x", eval_strategy="steps")
 
 
 def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(data, tmp_path):

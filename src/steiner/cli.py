@@ -521,6 +521,7 @@ def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
     table.add_column("value", justify="right")
     # examples whose prompt fills --max_length, which TRL leaves out
     dropped = ["examples_dropped"] if summary.get("examples_dropped") else []
+    held_out = ["final_eval_loss"] if summary.get("final_eval_loss") is not None else []
     for key in (
         "examples",
         *dropped,
@@ -529,6 +530,7 @@ def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
         "tokens_per_s",
         "first_loss",
         "final_loss",
+        *held_out,
         "train_seconds",
         "resumed_from",
     ):

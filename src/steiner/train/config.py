@@ -23,6 +23,18 @@ from steiner.io import InputError, check_at_least, check_seed, check_share
 _NO_GPU = not torch.cuda.is_available()
 
 
+def check_eval_set(config: SFTConfig, flag: str | None) -> None:
+    """An --eval_strategy needs a held-out set (transformers' words for its absence come with a
+    traceback, after the model and data have loaded); ``flag`` names the stage's, if any."""
+    if config.eval_strategy == "no" or getattr(config, "eval_data", None):
+        return
+    if flag is None:
+        why = "expected no: this stage takes no held-out set"
+    else:
+        why = f"expected no, or a held-out set with {flag} FILE"
+    raise InputError("--eval_strategy", None, f"{why}, got {config.eval_strategy!r}")
+
+
 @dataclass
 class InitConfig:
     output_dir: str = field(
@@ -159,9 +171,22 @@ class SFTStageConfig(_StageMixin, _CPUDefaults):
     limit_problems: int | None = field(
         default=None, metadata={"help": "Use only the first N records."}
     )
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out records in --data's form: their loss is logged as eval_loss "
+            "(by --eval_strategy steps|epoch, steps by default)."
+        },
+    )
     assistant_only_loss: bool = True
     train_sampling_strategy: str = "group_by_length"
     max_length: int | None = 8192
+
+    def __post_init__(self) -> None:
+        if self.eval_data and self.eval_strategy == "no":
+            self.eval_strategy = "steps"  # the held-out loss is what --eval_data is given for
+        check_eval_set(self, "--eval_data")
+        super().__post_init__()
 
 
 @dataclass
@@ -181,6 +206,7 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
     max_length: int | None = 512
 
     def __post_init__(self) -> None:
+        check_eval_set(self, None)
         check_share(self, ("reasoning_ratio",))
         check_at_least(self, (("countdown_facts", 0, ""),))
         super().__post_init__()

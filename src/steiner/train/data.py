@@ -21,8 +21,9 @@ from steiner.io import (
 )
 
 
-def chat_rows(path: str) -> list[dict[str, Any]]:
-    """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet)."""
+def chat_rows(path: str, assistant_required: bool = False) -> list[dict[str, Any]]:
+    """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet); with
+    ``assistant_required`` each needs an assistant message (the loss is on those only)."""
     rows = []
     for line, rec in iter_records(path):
         if "messages" not in rec and ("steps" in rec or "nums" in rec or "edges" in rec):
@@ -32,6 +33,14 @@ def chat_rows(path: str) -> list[dict[str, Any]]:
         chat = validate(ChatRecord, rec, path, line)
         if not chat.messages:
             raise InputError(path, line, "expected a non-empty 'messages' list")
+        if assistant_required and all(m.role != "assistant" for m in chat.messages):
+            # TRL's words for it come with a traceback and blame the chat template
+            raise InputError(
+                path,
+                line,
+                "expected an 'assistant' message: the loss is on assistant tokens only "
+                "(--assistant_only_loss false trains on whole chats)",
+            )
         rows.append(chat.model_dump(include={"messages"}))
     if not rows:
         raise InputError(path, None, "no records")
@@ -54,8 +63,13 @@ def shortcut_rows(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def sft_dataset(path: str, shortcut: bool = False, limit_problems: int | None = None) -> Dataset:
-    rows = shortcut_rows(path) if shortcut else chat_rows(path)
+def sft_dataset(
+    path: str,
+    shortcut: bool = False,
+    limit_problems: int | None = None,
+    assistant_required: bool = True,
+) -> Dataset:
+    rows = shortcut_rows(path) if shortcut else chat_rows(path, assistant_required)
     return Dataset.from_list(rows[:limit_problems] if limit_problems else rows)
 
 

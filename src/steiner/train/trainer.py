@@ -255,14 +255,17 @@ def run_stage(
     dataset: Dataset,
     stage: str,
     callbacks: list[TrainerCallback] | None = None,
+    eval_dataset: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Train ``dataset``, from the start or on from ``check_resume``'s checkpoint."""
+    """Train ``dataset``, from the start or on from ``check_resume``'s checkpoint; the loss of
+    ``eval_dataset`` is logged by ``cfg.eval_strategy``."""
     model, tokenizer = _load(cfg)
     cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
     trainer = SteinerTrainer(
         model=model,
         args=cfg,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -308,6 +311,7 @@ def run_stage(
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(cfg.output_dir)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
         "stage": stage,
         "model": cfg.model,
@@ -323,6 +327,7 @@ def run_stage(
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "mean_train_loss": mean_loss,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
         "log_history": trainer.state.log_history,
     }
     if trainer.accelerator.is_main_process:
@@ -377,8 +382,15 @@ def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None)
     stage = "sft-shortcut" if cfg.shortcut else "sft"
     with holding_output_dir(cfg):
         check_model_dir(cfg.model, "--model", "steiner train init")
-        dataset = sft_dataset(cfg.data, shortcut=cfg.shortcut, limit_problems=cfg.limit_problems)
-        return run_stage(cfg, dataset, stage, callbacks)
+        dataset = sft_dataset(
+            cfg.data, cfg.shortcut, cfg.limit_problems, assistant_required=cfg.assistant_only_loss
+        )
+        held_out = (
+            sft_dataset(cfg.eval_data, cfg.shortcut, assistant_required=cfg.assistant_only_loss)
+            if cfg.eval_data
+            else None
+        )
+        return run_stage(cfg, dataset, stage, callbacks, held_out)
 
 
 def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
