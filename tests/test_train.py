@@ -760,3 +760,13 @@ def test_cpt_reasoning_ratio_keeps_that_share_of_path_documents(data, tmp_path):
     assert path_share(0.0) == (0, 4 * n_paths)
     with pytest.raises(InputError, match="1 keeps --paths only; none given"):
         cpt_dataset(tok, [], [str(texts)], 1.0)
+    # a --texts file without a document: was left out, the paths trained alone, exit 0
+    blank, no_text = tmp_path / "blank.txt", tmp_path / "no_text.jsonl"
+    blank.write_text("\n\n  \n")
+    no_text.write_text(json.dumps({"text": " "}) + "\n")
+    for empty, expected in (
+        (blank, "documents separated by blank lines"),
+        (no_text, "records with a non-empty 'text'"),
+    ):
+        with pytest.raises(InputError, match=f"{empty.name}: no text; expected {expected}"):
+            cpt_dataset(tok, paths, [str(texts), str(empty)], 0.5)

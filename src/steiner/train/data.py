@@ -94,13 +94,22 @@ def plain_texts(path: str) -> list[str]:
     """Documents of a plain-text file (blank-line separated) or "text" fields of JSONL."""
     p = Path(path)
     if p.suffix in RECORD_FILE_SUFFIXES:
-        out = []
+        docs = []
         for line, rec in iter_records(p):
             if not isinstance(rec.get("text"), str):
                 raise InputError(p, line, "expected a string field 'text'")
-            out.append(rec["text"])
-        return out
-    return [doc.strip() for doc in read_text_input(p).split("\n\n") if doc.strip()]
+            docs.append(rec["text"])
+    else:
+        docs = [doc.strip() for doc in read_text_input(p).split("\n\n")]
+    docs = [doc for doc in docs if doc.strip()]
+    if not docs:  # else the stage trained on its other data alone, with no word of it
+        expected = (
+            "records with a non-empty 'text'"
+            if p.suffix in RECORD_FILE_SUFFIXES
+            else "documents separated by blank lines"
+        )
+        raise InputError(p, None, f"no text; expected {expected}")
+    return docs
 
 
 def cpt_dataset(
