@@ -200,3 +200,42 @@ def test_an_unreachable_teacher_stops_the_run_and_a_fixed_url_starts_it_over(ser
     assert fixed.returncode == 0, fixed.stderr
     stats = json.loads((out / "stats.json").read_text())
     assert stats["dags"] == 2 and stats["teacher_faults"] == {} and stats["failed_attempts"] == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--base-url", "127.0.0.1:8000/v1"], "--base-url: expected an http(s) URL"),
+        (["--timeout", "-1"], "--timeout: expected > 0 seconds, got -1.0"),
+        (["--temperature", "3"], "--temperature: expected 0 to 2, got 3.0"),
+        (["--step-separator", ""], "--step-separator: expected a non-empty string"),
+        (["--step-separator", "\\"], "--step-separator: \\ at end of string"),
+    ],
+)
+def test_teacher_settings_no_request_could_succeed_with_are_one_line(tmp_path, flags, message):
+    # before: a fault per call (a timeout cached), blamed on --base-url; the separators raised
+    shortcut = tmp_path / "text.jsonl"
+    shortcut.write_text(json.dumps({"id": 1, "question": "q", "cot": "a\nb", "answer": "4"}) + "\n")
+    args = ["synth", "--shortcut", str(shortcut), "--out", str(tmp_path / "run"), "--teacher"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "steiner.cli", *args, "openai", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_step_separator_past_latin1_splits_as_typed(tmp_path):
+    from steiner.cli import unescape_separator
+    from steiner.domains import load_shortcuts
+
+    # before: its UTF-8 bytes read as Latin-1, three other characters that never split
+    assert unescape_separator("。") == "。" and unescape_separator("\\n§") == "\n§"
+    shortcut = tmp_path / "zh.jsonl"
+    cot = "一加一等于二。二加二等于四。"
+    shortcut.write_text(json.dumps({"id": 1, "question": "q", "cot": cot, "answer": "4"}) + "\n")
+    [record] = load_shortcuts(shortcut, None, unescape_separator("。"))
+    assert record["steps"] == ["一加一等于二", "二加二等于四"]

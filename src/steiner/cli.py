@@ -228,6 +228,21 @@ def format_check(
         raise typer.Exit(1)
 
 
+def unescape_separator(text: str) -> str:
+    """``--step-separator`` as typed, with backslash escapes read (``\\n`` is a newline).
+    Characters past Latin-1 are escaped first: ``unicode_escape`` reads bytes as Latin-1, so
+    UTF-8 bytes of "。" came back as three other characters."""
+    try:
+        separator = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as exc:  # a lone backslash at the end, \x without hex digits
+        raise typer.BadParameter(
+            f"{exc.reason} in '{text}'", param_hint="--step-separator"
+        ) from None
+    if not separator:
+        raise typer.BadParameter("expected a non-empty string", param_hint="--step-separator")
+    return separator
+
+
 @app.command("synth")
 def synth(
     shortcut: Annotated[str, typer.Option(help="Shortcut records: JSONL/Parquet or a dataset.")],
@@ -319,7 +334,7 @@ def synth(
         attempts=attempts,
         max_forward=max_forward,
         cluster_threshold=cluster_threshold,
-        step_separator=step_separator.encode().decode("unicode_escape"),
+        step_separator=unescape_separator(step_separator),
         tokenizer=tokenizer,
         seed=seed,
         shard=shard,

@@ -266,6 +266,8 @@ def run_synth(cfg: SynthConfig, progress: Any = None) -> dict[str, Any]:
             None,
             "the oracle needs a solver and text records have none; expected --teacher openai",
         )
+    if cfg.teacher == "openai":
+        cfg.openai.check()
     i, n = parse_shard(cfg.shard)
     problems = problems[: cfg.limit][i::n]
     if cfg.tokenizer:

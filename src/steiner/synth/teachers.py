@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlparse
 
 from steiner.domains.base import ALIVE, ANSWER, DEAD, Domain
 from steiner.io import InputError, write_lines
@@ -203,6 +204,18 @@ class OpenAISettings:
     temperature: float = 0.7
     cache_dir: str | None = None
     retry_failed: bool = False
+
+    def check(self) -> None:
+        """Settings no request could succeed with are one error line before any request (they
+        came back as a fault per call, a timeout fault cached, blaming --base-url)."""
+        url = urlparse(self.base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            expected = "expected an http(s) URL such as http://127.0.0.1:8000/v1"
+            raise InputError("--base-url", None, f"{expected}, got {self.base_url!r}")
+        if not self.timeout > 0:
+            raise InputError("--timeout", None, f"expected > 0 seconds, got {self.timeout}")
+        if not 0 <= self.temperature <= 2:  # the OpenAI API's range
+            raise InputError("--temperature", None, f"expected 0 to 2, got {self.temperature}")
 
 
 # faults that say the request never reached a model (no server, a wrong key, model or path):
