@@ -171,6 +171,9 @@ def test_an_output_directory_that_is_a_file_is_one_line(tmp_path):
     # before the requests (here to nothing: the error was theirs), not after the probe
     no_server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--n", "3"]
     assert_one_line_error(steiner("probe-latency", *no_server, "--out", str(a_file)), expected)
+    # an endpoint that is no URL: was "nothttp: request failed: Connection error."
+    no_url = ["--base-url", "nothttp", *no_server[2:], "--out", str(tmp_path / "lat")]
+    assert_one_line_error(steiner("probe-latency", *no_url), "--base-url: expected an http(s) URL")
     assert a_file.read_text() == "keep me\n"
 
 

@@ -20,6 +20,7 @@ from steiner.io import (
     MAX_SEED,
     ChatRecord,
     InputError,
+    check_http_url,
     check_output_dir,
     check_output_file,
     end_with_parent,
@@ -881,6 +882,7 @@ def probe_latency_cmd(
 
     from steiner.evaluate.latency import probe, save_probe
 
+    check_http_url(base_url, "--base-url")
     check_output_dir(out, "--out")  # before the requests, which may take minutes
     try:
         with progress_bar() as bar:

@@ -447,6 +447,17 @@ def check_share(config: Any, names: Iterable[str]) -> None:
             raise InputError(f"--{name}", None, f"expected a share from 0 to 1, got {value}")
 
 
+def check_http_url(url: str, flag: str) -> None:
+    """An endpoint that is no http(s) URL is one error line before any request (each request
+    failed with a bare "Connection error")."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        expected = "expected an http(s) URL such as http://127.0.0.1:8000/v1"
+        raise InputError(flag, None, f"{expected}, got {url!r}")
+
+
 def derived_seed(*parts: Any) -> int:
     """A seed from a job's seed and a record's identity (``seed, problem id, ...``), so each
     record draws the same numbers whatever else is processed with it."""

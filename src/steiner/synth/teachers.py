@@ -13,10 +13,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 from steiner.domains.base import ALIVE, ANSWER, DEAD, Domain
-from steiner.io import InputError, write_lines
+from steiner.io import InputError, check_http_url, write_lines
 
 STATUSES = (ALIVE, DEAD, ANSWER)
 
@@ -208,10 +207,7 @@ class OpenAISettings:
     def check(self) -> None:
         """Settings no request could succeed with are one error line before any request (they
         came back as a fault per call, a timeout fault cached, blaming --base-url)."""
-        url = urlparse(self.base_url)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            expected = "expected an http(s) URL such as http://127.0.0.1:8000/v1"
-            raise InputError("--base-url", None, f"{expected}, got {self.base_url!r}")
+        check_http_url(self.base_url, "--base-url")
         if not self.timeout > 0:
             raise InputError("--timeout", None, f"expected > 0 seconds, got {self.timeout}")
         if not 0 <= self.temperature <= 2:  # the OpenAI API's range
