@@ -46,6 +46,15 @@ def test_gpqa_options_shuffle_deterministically(tmp_path):
         assert "step by step" not in p["question"].lower()  # zero-shot, no CoT instruction
 
 
+def test_a_gpqa_csv_needs_no_domain_flag(tmp_path):
+    from steiner.domains import load_problems
+
+    # before: without --domain mcq a CSV was read as JSON Lines, "invalid JSON" on line 1
+    for name in ("gpqa.csv", "GPQA.CSV"):
+        write_gpqa(tmp_path / name)
+        assert load_problems(tmp_path / name) == load_mcq(tmp_path / "gpqa.csv")
+
+
 def test_a_missing_or_non_utf8_gpqa_csv_is_one_error_line(tmp_path, monkeypatch):
     import datasets
 

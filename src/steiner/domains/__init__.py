@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
@@ -35,7 +36,10 @@ def get_domain(name: str) -> Domain:
 def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[dict[str, Any]]:
     """Problems to evaluate: any record file of a domain (bare fields are enough; a text
     problem needs no steps, only a question and its answer). An empty file is an error, not
-    an accuracy of 0/0."""
+    an accuracy of 0/0. A CSV is GPQA's (the other domains' records are JSON Lines or
+    Parquet), so it needs no ``--domain mcq``: it was read as JSON Lines, "invalid JSON"."""
+    if domain is None and Path(source).suffix.lower() == ".csv":
+        domain = "mcq"
     if domain == "mcq":
         from steiner.domains.mcq import load_mcq
 

@@ -64,7 +64,7 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
 
     path = Path(path)
     out = []
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         # utf-8-sig: Excel's byte-order mark would be part of the first column's name
         with open_input(path, "r", newline="", encoding="utf-8-sig") as fh:
             try:
