@@ -95,6 +95,20 @@ def test_format_check_lists_errors_with_line_numbers(tmp_path):
     assert f"{path}:2: offset" in proc.stdout
     assert f"{path}:3: empty final answer" in proc.stdout
     assert f"{path}:1:" not in proc.stdout
+    # --max-errors -1 listed all but the last error, then "... and 3 more"
+    proc = steiner("format", "check", str(path), "--max-errors", "0")
+    assert proc.returncode == 1 and proc.stdout.splitlines()[0] == "... and 2 more"
+    assert_one_line_error(steiner("format", "check", str(path), "--max-errors", "-1"))
+
+
+def test_format_check_of_nothing_is_no_pass(tmp_path):
+    # before: a table of zeros, exit 0
+    empty, no_answer = tmp_path / "empty.jsonl", tmp_path / "user-only.jsonl"
+    empty.write_text("")
+    no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    for path, found in ((empty, "no records"), (no_answer, "1 record(s) without one")):
+        proc = steiner("format", "check", str(path))
+        assert_one_line_error(proc, f"{path}: no assistant message to check ({found})")
 
 
 @pytest.mark.parametrize(

@@ -197,7 +197,7 @@ def format_check(
     path: Annotated[
         Path, typer.Argument(help="JSONL/Parquet file of chat records ({'messages': [...]}).")
     ],
-    max_errors: Annotated[int, typer.Option(help="List at most this many errors.")] = 50,
+    max_errors: Annotated[int, typer.Option(min=0, help="List at most this many errors.")] = 50,
 ) -> None:
     """Validate the reasoning format of every assistant message; exit 1 on any error."""
     traces = steps = backtracks = records = 0
@@ -216,6 +216,9 @@ def format_check(
             if trace.finished and not trace.answer:
                 msgs.append("empty final answer")
             errors += [f"{path}:{line}: {m}" for m in msgs]
+    if not traces:  # a check of nothing is not a pass
+        found = f"{records} record(s) without one" if records else "no records"
+        raise InputError(path, None, f"no assistant message to check ({found})")
     for e in errors[:max_errors]:
         print(e)  # plain lines, never wrapped: they are meant for grep and editors
     if len(errors) > max_errors:
