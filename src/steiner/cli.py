@@ -124,7 +124,9 @@ def countdown_generate(
 def countdown_solve(
     numbers: Annotated[list[int], typer.Argument(help="The numbers, e.g. 3 7 25 50.")],
     target: Annotated[int, typer.Option(help="The number to reach.")],
-    limit: Annotated[int, typer.Option(help="Print at most this many solutions (0: all).")] = 20,
+    limit: Annotated[
+        int, typer.Option(min=0, help="Print at most this many solutions (0: all).")
+    ] = 20,
 ) -> None:
     """Print the distinct solutions of one countdown problem."""
     if len(numbers) > countdown.MAX_NUMBERS or min(numbers) < 0:
