@@ -1,4 +1,8 @@
+import json
+import re
+
 import networkx as nx
+import pytest
 
 from steiner.dag import Dag, Observation, build_dag
 
@@ -46,3 +50,27 @@ def test_merging_that_closes_a_cycle_is_split():
     assert nx.is_directed_acyclic_graph(dag.graph())
     assert len(dag.nodes) == 1 + 4 + 1  # x and y split by position, one answer
     assert dag.nodes[dag.root].d_e == 3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["edges"].append([0, 99]), "edge names node 99, which is not there"),
+        (lambda r: r.update(root=-1), "root names node -1, which is not there"),
+        (lambda r: r["answers"].append(42), "answer names node 42, which is not there"),
+        (lambda r: r["nodes"].pop(1), "node ids must be 0, 1, 2, ... in order"),
+    ],
+)
+def test_a_dag_record_naming_missing_nodes_is_one_error_line(tmp_path, change, message):
+    from steiner.dag import read_dags
+    from steiner.io import InputError
+
+    good = build_dag("p1", "q", [[obs("a"), obs("ans", "answer")], [obs("c", "dead")]]).to_record()
+    bad = json.loads(json.dumps(good))
+    change(bad)
+    path = tmp_path / "dags.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    # before: an IndexError traceback where a command looked a node up (dag show, synth paths)
+    with pytest.raises(InputError, match=re.escape(f"expected a dag record ({message})")) as err:
+        list(read_dags(path))
+    assert err.value.line == 2

@@ -83,13 +83,23 @@ class Dag:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Dag:
-        return cls(
+        dag = cls(
             problem_id=str(rec["problem_id"]),
             nodes=[Node(**n) for n in rec["nodes"]],
             edges=[(int(u), int(v)) for u, v in rec["edges"]],
             root=int(rec.get("root", ROOT)),
             answers=[int(a) for a in rec.get("answers", [])],
         )
+        # a node is found by its id as a list index: a gap or an id out of range (a hand-edited
+        # file) was an IndexError traceback deep inside a command
+        if [n.id for n in dag.nodes] != list(range(len(dag.nodes))):
+            raise ValueError("node ids must be 0, 1, 2, ... in order")
+        named = {"root": [dag.root], "edge": [x for e in dag.edges for x in e]}
+        for what, ids in {**named, "answer": dag.answers}.items():
+            missing = next((i for i in ids if not 0 <= i < len(dag.nodes)), None)
+            if missing is not None:
+                raise ValueError(f"{what} names node {missing}, which is not there")
+        return dag
 
 
 @dataclass
