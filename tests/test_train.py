@@ -426,6 +426,18 @@ def test_bad_chat_records_are_one_error_line(tmp_path, record, message):
     assert err.value.line == 2 and message in err.value.message, err.value
 
 
+def test_chat_records_where_problems_are_expected_are_one_error_line(data):
+    from steiner.domains import load_problems, load_shortcuts
+
+    # before: read as text problems, "field 'question': Field required"
+    paths = str(data / "synth" / "paths.jsonl")
+    for load in (load_shortcuts, load_problems):
+        with pytest.raises(InputError, match="a chat record \\('messages'\\); expected a problem"):
+            load(paths)
+    with pytest.raises(InputError, match="a chat record"):
+        sft_dataset(paths, shortcut=True)
+
+
 def test_init_reads_any_strings_and_refuses_files_without_utf8_or_text(tmp_path):
     from steiner.train.model import corpus_texts
 
@@ -645,6 +657,8 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
         (CPTStageConfig, ["--lora_dropout", "1.5"], "expected a share from 0 to 1, got 1.5"),
         (CPTStageConfig, ["--reasoning_ratio", "1.5"], "expected a share from 0 to 1, got 1.5"),
         (CPTStageConfig, ["--countdown_facts", "-1"], "--countdown_facts: expected >= 0"),
+        # 0 trained every record, -2 all but the last two
+        (SFTStageConfig, ["--limit_problems", "0"], "--limit_problems: expected >= 1, got 0"),
     ],
 )
 def test_training_settings_out_of_range_are_one_error_line(config, flags, message):

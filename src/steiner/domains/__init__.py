@@ -174,6 +174,11 @@ def load_shortcuts(
     rows = iter_records(source) if is_record_file(source) else dataset_rows(source, "train")
     out, ids = [], set()
     for line, rec in rows:
+        if "messages" in rec and not any(k in rec for k in ("question", "nums", "edges")):
+            # else the text domain's "field 'question': Field required"
+            raise InputError(
+                source, line, "a chat record ('messages'); expected a problem or shortcut record"
+            )
         rec = shortcut_from_record(
             rec, domain or guess_domain(rec), source, line, separator, steps_required
         )

@@ -186,6 +186,8 @@ class SFTStageConfig(_StageMixin, _CPUDefaults):
         if self.eval_data and self.eval_strategy == "no":
             self.eval_strategy = "steps"  # the held-out loss is what --eval_data is given for
         check_eval_set(self, "--eval_data")
+        # 0 read as unset (every record), and -2 as all but the last two
+        check_at_least(self, (("limit_problems", 1, ""),))
         super().__post_init__()
 
 
