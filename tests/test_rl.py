@@ -5,6 +5,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import os
+import re
 import subprocess
 import sys
 from itertools import pairwise
@@ -252,9 +253,15 @@ def test_rl_generates_through_trl_vllm_backend(
 
 
 def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
-    for bad, message in (({"loss_type": "mean"}, "grpo or dapo"), ({"temperature": 0}, "> 0")):
+    for bad, message in (
+        ({"loss_type": "mean"}, "grpo or dapo"),
+        ({"temperature": 0}, "> 0"),
+        # a negative norm turned the gradient round (clip_grad_norm_ scales by it)
+        ({"max_grad_norm": -1.0}, "--max_grad_norm: expected >= 0 (0: no clipping), got -1.0"),
+        ({"vllm_gpu_memory_utilization": 1.5}, "expected a share from 0 to 1, got 1.5"),
+    ):
         cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, **bad)
-        with pytest.raises(InputError, match=message):
+        with pytest.raises(InputError, match=re.escape(message)):
             run_rl(cfg, log=lambda r: None)
     cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, vllm_mode="remote")
     with pytest.raises(InputError, match="colocate or server"):
@@ -263,6 +270,28 @@ def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
         cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, use_vllm=True)
         with pytest.raises(InputError, match="vLLM is not installed"):
             run_rl(cfg, log=lambda r: None)
+
+
+@pytest.mark.slow
+def test_max_grad_norm_0_means_no_clipping(tmp_path, tiny_model_dir, small_countdown):
+    from safetensors.torch import load_file
+
+    # before: clip_grad_norm_ to 0 zeroed every gradient (only weight decay moved the model)
+    weights = {}
+    for norm in (0.0, 1e9):  # no clipping, and a bound no gradient reaches
+        out = tmp_path / f"rl-{norm}"
+        cfg = small_rl_config(
+            tiny_model_dir,
+            small_countdown,
+            out,
+            steps=2,
+            save_steps=0,
+            max_grad_norm=norm,
+            group_size=4,
+        )
+        run_rl(cfg, log=lambda r: None)
+        weights[norm] = load_file(out / "model.safetensors")
+    assert all(torch.equal(weights[0.0][k], weights[1e9][k]) for k in weights[0.0])
 
 
 def test_forced_decisions_are_the_tokens_after_the_first_step_ends():

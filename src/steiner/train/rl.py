@@ -305,9 +305,12 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             ("save_steps", 0, " (0: no checkpoints)"),
             ("learning_rate", 0, ""),
             ("beta", 0, " (0: no KL term)"),
+            # clipping to 0 zeroed every update, and a negative norm turned the gradient round
+            ("max_grad_norm", 0, " (0: no clipping)"),
+            ("vllm_tensor_parallel_size", 1, ""),
         ),
     )
-    check_share(cfg, ("forced_min_share",))
+    check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization"))
     # each weight is a size: the formula gives its sign, so a negative one would reward what it
     # is there to punish (a wrong answer, a dead end) without a word
     weights = [(f.name, 0, "") for f in fields(cfg.weights) if f.name != "similarity"]
@@ -450,7 +453,8 @@ def train_rl(
             loss = (loss_tokens * mask).sum() / mask.sum()
         opt.zero_grad()
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:  # 0: no clipping, as in transformers' Trainer
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         if vllm is not None:
             vllm.sync_weights()
