@@ -366,3 +366,24 @@ def test_text_answers_compare_as_numbers_where_they_are_numbers(answer, gold, sa
     # before: "4.0", "$4" and "\boxed{4}" were wrong answers to 4 (string comparison)
     assert TextDomain().check_answer({"answer": gold}, answer) is same
     assert (answer_key("text", {}, answer) == answer_key("text", {}, gold)) is same
+
+
+def test_gsm8k_records_read_as_solution_and_final_answer(tmp_path):
+    from steiner.domains import load_problems, load_shortcuts
+    from steiner.domains.text import TextDomain
+
+    solution = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72.\n"
+    path = tmp_path / "gsm8k.jsonl"
+    rows = [
+        {"question": "How many clips?", "answer": solution + "#### 72"},
+        {"question": "Kept as given", "answer": "#### 5", "cot": "a\nb"},  # a cot is the cot
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # before: no steps ("expected 'steps', 'cot' or 'solution'"), and eval's gold answer was
+    # the whole solution, which no model answer equals
+    gsm, kept = load_shortcuts(path)
+    assert gsm["answer"] == "72"
+    assert gsm["steps"] == ["Natalia sold 48/2 = 24 clips in May.", "In all 48+24 = 72."]
+    assert kept["answer"] == "#### 5" and kept["steps"] == ["a", "b"]
+    problem = load_problems(path)[0]
+    assert TextDomain().check_answer(problem, "The answer is 72.")

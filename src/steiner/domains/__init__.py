@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,19 @@ class _TextRecord(BaseModel):
     solution: str | None = None
 
 
+_GSM8K_FINAL = "\n####"
+_GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_answer(answer: str) -> tuple[str, str]:
+    """GSM8K's own ``answer`` field, the worked solution and then ``#### 72``, as the final
+    answer and the solution (its calculator notes ``<<48/2=24>>`` dropped: they are an artefact
+    of how the data was written, not reasoning a teacher should copy). Without this a GSM8K
+    file had no steps, and eval compared whole solutions with model answers."""
+    solution, _, final = answer.rpartition(_GSM8K_FINAL)
+    return final.strip(), _GSM8K_CALCULATOR.sub("", solution)
+
+
 def guess_domain(rec: dict[str, Any]) -> str:
     if rec.get("domain"):
         return str(rec["domain"])
@@ -148,7 +162,10 @@ def shortcut_from_record(
         from steiner.domains.text import split_steps
 
         r = validate(_TextRecord, rec, path, line)
-        steps = r.steps or split_steps(r.cot or r.solution or "", separator)
+        answer, cot = str(r.answer), r.cot or r.solution
+        if not r.steps and cot is None and _GSM8K_FINAL in answer:
+            answer, cot = gsm8k_answer(answer)
+        steps = r.steps or split_steps(cot or "", separator)
         if not steps and steps_required:
             raise InputError(
                 path, line, "expected 'steps', 'cot' or 'solution' with at least one step"
@@ -158,7 +175,7 @@ def shortcut_from_record(
             "id": str(r.id if r.id is not None else f"text-{line}"),
             "domain": "text",
             "question": r.question,
-            "answer": str(r.answer),
+            "answer": answer,
             "meta": rec.get("meta") or {},
         } | ({"steps": steps} if steps else {})
     raise InputError(path, line, f"unknown domain {domain!r}")
