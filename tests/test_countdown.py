@@ -215,3 +215,18 @@ def test_a_save_to_disk_directory_reads_as_its_json_lines(tmp_path):
     assert load_problems(tmp_path / "splits") == load_problems(jsonl)
     with pytest.raises(InputError, match="expected a 'train' split; the dataset has validation"):
         load_shortcuts(tmp_path / "other")
+    # eval reads the test split (it read "train", the problems a model was trained on), or
+    # the one split there is; training never falls back to another split
+    assert load_problems(tmp_path / "other") == load_problems(jsonl)
+    datasets.DatasetDict({"train": ds, "test": ds.select([0, 1])}).save_to_disk(
+        str(tmp_path / "both")
+    )
+    assert load_problems(tmp_path / "both") == load_problems(jsonl)[:2]
+    assert load_shortcuts(tmp_path / "both") == expected
+    data_files = tmp_path / "files"  # load_dataset of a directory: train.jsonl and test.jsonl
+    data_files.mkdir()
+    lines = jsonl.read_text().splitlines(keepends=True)
+    (data_files / "train.jsonl").write_text("".join(lines))
+    (data_files / "test.jsonl").write_text("".join(lines[3:]))
+    assert load_problems(data_files) == load_problems(jsonl)[3:]
+    assert load_shortcuts(data_files) == expected

@@ -115,10 +115,14 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
     yield from iter_jsonl(path)
 
 
-def dataset_rows(source: str | os.PathLike, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def dataset_rows(
+    source: str | os.PathLike, split: str, sole_split: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row number, record) of a ``datasets`` source: a Hub name or a directory of data files
     (``load_dataset``), or a ``save_to_disk`` directory (``load_from_disk``: load_dataset
-    refuses one and says to use it). Not loadable: one InputError."""
+    refuses one and says to use it). Not loadable: one InputError. With ``sole_split``, a
+    dataset without ``split`` that has one split only is read from that one (a directory of
+    data files is one "train" split)."""
     import datasets
 
     path = Path(source)
@@ -126,10 +130,17 @@ def dataset_rows(source: str | os.PathLike, split: str) -> Iterator[tuple[int, d
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             ds = datasets.load_from_disk(str(path))
         else:
-            ds = datasets.load_dataset(str(source), split=split)
+            try:  # the one split only: a Hub dataset's others may be gigabytes
+                ds = datasets.load_dataset(str(source), split=split)
+            except ValueError as exc:
+                if "Unknown split" not in str(exc):
+                    raise
+                ds = datasets.load_dataset(str(source))  # to read its sole split, or name them
     except Exception as exc:  # datasets raises many kinds; the user needs one line
         raise InputError(source, None, f"not a file and not a loadable dataset ({exc})") from None
     if isinstance(ds, datasets.DatasetDict):
+        if split not in ds and sole_split and len(ds) == 1:
+            split = next(iter(ds))
         if split not in ds:
             raise InputError(
                 source, None, f"expected a {split!r} split; the dataset has {', '.join(ds)}"

@@ -46,7 +46,7 @@ def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[
 
         problems = load_mcq(source)
     else:
-        problems = load_shortcuts(source, domain, steps_required=False)
+        problems = load_shortcuts(source, domain, steps_required=False, split="test")
     if not problems:
         raise InputError(source, None, "no records; expected one problem per line")
     return problems
@@ -186,9 +186,15 @@ def load_shortcuts(
     domain: str | None = None,
     separator: str = "\n",
     steps_required: bool = True,
+    split: str = "train",
 ) -> list[dict[str, Any]]:
-    """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory."""
-    rows = iter_records(source) if is_record_file(source) else dataset_rows(source, "train")
+    """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory (its
+    ``split``; for "test", what eval reads, a dataset of one split is read whole)."""
+    rows = (
+        iter_records(source)
+        if is_record_file(source)
+        else dataset_rows(source, split, sole_split=split == "test")
+    )
     out, ids = [], set()
     for line, rec in rows:
         if "messages" in rec and not any(k in rec for k in ("question", "nums", "edges")):

@@ -77,7 +77,9 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
                 # the reader decodes ahead in blocks, so the row is not known
                 raise InputError(path, None, "invalid UTF-8; expected a UTF-8 CSV") from None
         return out
-    rows = iter_records(path) if is_record_file(path) else dataset_rows(path, "test")
+    rows = (
+        iter_records(path) if is_record_file(path) else dataset_rows(path, "test", sole_split=True)
+    )
     for line, rec in rows:
         try:
             out.append(mmlu_pro_record(rec, line))
