@@ -363,6 +363,18 @@ def test_an_impossible_step_budget_names_the_flags(tiny_model_dir):
         assert_one_line_error(steiner(*model, *flags), expected)
 
 
+def test_train_rl_weights_are_flat_settings(tmp_path):
+    # before: --weights 3 and a YAML "weights:" mapping were parsed, then dropped unsaid
+    nested = tmp_path / "rl.yaml"
+    nested.write_text("weights:\n  correct: 3\n")
+    expected = "--weights: not a setting; give each reward weight as its own flag or YAML key"
+    for given in (["--weights", "3"], ["--config", str(nested)]):
+        assert_one_line_error(
+            steiner("train", "rl", "--out", str(tmp_path / "rl"), *given), expected
+        )
+    assert not (tmp_path / "rl").exists()
+
+
 def test_an_error_inside_a_progress_bar_is_still_one_line(tmp_path, tiny_model_dir):
     # eval's bar is open when the problem file is read; off a terminal it draws nothing
     missing = tmp_path / "missing.jsonl"

@@ -618,6 +618,14 @@ def train_rl(ctx: typer.Context) -> None:
     from steiner.train.rl import RLStageConfig, run_rl
 
     cfg, weights = parse_stage_config((RLStageConfig, RewardWeights), ctx.args, "steiner train rl")
+    if cfg.weights != RewardWeights():
+        # the config's field, set from the flat flags below: a --weights flag or a YAML
+        # "weights:" mapping was parsed into it and then dropped without a word
+        raise InputError(
+            "--weights",
+            None,
+            "not a setting; give each reward weight as its own flag or YAML key (--correct 2)",
+        )
     cfg.weights = weights
     with progress_bar() as bar:
         task = bar.add_task("rl", total=cfg.steps)
