@@ -723,6 +723,25 @@ def test_sft_logs_the_loss_of_eval_data_and_an_eval_strategy_needs_it(data, tmp_
     evals = [h for h in summary["log_history"] if "eval_loss" in h]
     assert [h["step"] for h in evals] == [2, 4]
     assert summary["final_eval_loss"] == evals[-1]["eval_loss"] > 0
+    # a held-out set TRL drops whole (each prompt fills --max_length): was an IndexError at
+    # the first evaluation, with the training under way
+    long = [json.loads(line) for line in paths[:3]]
+    for row in long:
+        row["messages"][0]["content"] = "x " * 400 + row["messages"][0]["content"]
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in long))
+    cfg = quick(
+        SFTStageConfig,
+        tmp_path,
+        "sft-long",
+        model=str(data / "init"),
+        data=str(data / "synth" / "paths.jsonl"),
+        eval_data=str(held_out),
+        max_steps=4,
+        max_length=256,
+    )
+    with pytest.raises(InputError, match="held_out.jsonl: no example has a trained token"):
+        run_sft(cfg)
+    assert not (tmp_path / "sft-long").exists()
     # before: transformers' ValueError with a traceback, once the model and data had loaded
     for cls, message in (
         (SFTStageConfig, "expected no, or a held-out set with --eval_data FILE, got 'steps'"),

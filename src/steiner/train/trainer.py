@@ -236,12 +236,14 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return str(last) if last else None
 
 
-def check_trained_examples(cfg: SFTStageConfig | CPTStageConfig, before: int, after: int) -> None:
+def check_trained_examples(
+    cfg: SFTStageConfig | CPTStageConfig, before: int, after: int, data: str | None = None
+) -> None:
     """TRL drops an example that truncation to ``max_length`` leaves without a trained token
     (its prompt fills it); if that is every example, one error line, not the sampler's
-    IndexError on an empty dataset."""
+    IndexError on an empty dataset (for a held-out set, at its first evaluation)."""
     if after == 0 and before > 0:
-        data = cfg.data if isinstance(cfg, SFTStageConfig) else "--paths"
+        data = data or (cfg.data if isinstance(cfg, SFTStageConfig) else "--paths")
         raise InputError(
             data,
             None,
@@ -272,6 +274,10 @@ def run_stage(
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
     check_trained_examples(cfg, len(dataset), trained)
+    if eval_dataset is not None:
+        check_trained_examples(
+            cfg, len(eval_dataset), len(trainer.eval_dataset), getattr(cfg, "eval_data", None)
+        )
     # after the trainer has prepared the data, so that data it cannot train stop the run
     # before anything is written
     last = check_resume(cfg, stage)
