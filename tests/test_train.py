@@ -723,6 +723,11 @@ def test_sft_logs_the_loss_of_eval_data_and_an_eval_strategy_needs_it(data, tmp_
     evals = [h for h in summary["log_history"] if "eval_loss" in h]
     assert [h["step"] for h in evals] == [2, 4]
     assert summary["final_eval_loss"] == evals[-1]["eval_loss"] > 0
+    from steiner.evaluate.report import build_report
+
+    report = build_report(tmp_path / "sft")["markdown"].read_text()
+    assert "| final loss | held-out loss | seconds |" in report
+    assert f"| {summary['final_eval_loss']:.3f} |" in report
     # a held-out set TRL drops whole (each prompt fills --max_length): was an IndexError at
     # the first evaluation, with the training under way
     long = [json.loads(line) for line in paths[:3]]

@@ -173,8 +173,11 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     if training:
         lines += ["## Training", ""]
         rows = []
+        # a column for the held-out loss only where a run had one (train sft --eval_data)
+        held_out = any(s.get("final_eval_loss") is not None for _, s in training)
         for p, s in training:
             first, last = s.get("first_loss"), s.get("final_loss")
+            evaluated = s.get("final_eval_loss")
             rows.append(
                 [
                     _rel(p.parent, root),
@@ -184,6 +187,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                     _tokens_per_s(s),
                     f"{first:.3f}" if first else "-",
                     f"{last:.3f}" if last else "-",
+                    *([f"{evaluated:.3f}" if evaluated is not None else "-"] if held_out else []),
                     _train_seconds(s),
                 ]
             )
@@ -196,6 +200,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                 "tokens/s",
                 "first loss",
                 "final loss",
+                *(["held-out loss"] if held_out else []),
                 "seconds",
             ],
             rows,
