@@ -708,16 +708,20 @@ def test_sft_logs_the_loss_of_eval_data_and_an_eval_strategy_needs_it(data, tmp_
     paths = (data / "synth" / "paths.jsonl").read_text().splitlines()
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("\n".join(paths[:6]) + "\n")
-    cfg = quick(
-        SFTStageConfig,
-        tmp_path,
-        "sft",
-        model=str(data / "init"),
-        data=str(data / "synth" / "paths.jsonl"),
-        eval_data=str(held_out),
-        max_steps=4,
-        eval_steps=2,
-    )
+
+    def with_held_out(name: str, **settings) -> SFTStageConfig:
+        return quick(
+            SFTStageConfig,
+            tmp_path,
+            name,
+            model=str(data / "init"),
+            data=str(data / "synth" / "paths.jsonl"),
+            eval_data=str(held_out),
+            max_steps=4,
+            **settings,
+        )
+
+    cfg = with_held_out("sft", eval_steps=2)
     assert cfg.eval_strategy == "steps"  # set by --eval_data, as the held-out loss is its use
     summary = run_sft(cfg)
     evals = [h for h in summary["log_history"] if "eval_loss" in h]
@@ -734,16 +738,7 @@ def test_sft_logs_the_loss_of_eval_data_and_an_eval_strategy_needs_it(data, tmp_
     for row in long:
         row["messages"][0]["content"] = "x " * 400 + row["messages"][0]["content"]
     held_out.write_text("".join(json.dumps(row) + "\n" for row in long))
-    cfg = quick(
-        SFTStageConfig,
-        tmp_path,
-        "sft-long",
-        model=str(data / "init"),
-        data=str(data / "synth" / "paths.jsonl"),
-        eval_data=str(held_out),
-        max_steps=4,
-        max_length=256,
-    )
+    cfg = with_held_out("sft-long", max_length=256)
     with pytest.raises(InputError, match="held_out.jsonl: no example has a trained token"):
         run_sft(cfg)
     assert not (tmp_path / "sft-long").exists()
