@@ -103,6 +103,24 @@ def test_a_sampled_row_does_not_depend_on_its_batch(model):
     assert same[0].text == same[1].text != same[2].text
 
 
+def test_a_row_ends_where_it_fills_the_models_positions(model, monkeypatch):
+    m, tok = model
+    convs = [[{"role": "user", "content": q}] for q in (QUESTIONS[2], QUESTIONS[3])]
+    lengths = [r.prompt_tokens for r in generate(m, tok, convs, max_new_tokens=1)]
+    limit = max(lengths) + 6
+    monkeypatch.setattr(m.config, "max_position_embeddings", limit)
+    # before: every row ran on to max_new_tokens, past the positions (IndexError for a learned
+    # position table; RoPE at angles never trained)
+    reasoning = [Budget(min_steps=30)] * 2  # no end of sequence while it reasons
+    together = generate(m, tok, convs, reasoning, 100, temperature=1.0, seed=[1, 2])
+    for i, done in enumerate(together):
+        assert done.prompt_tokens + done.completion_tokens == limit, i
+        assert done.finish_reason == "length"
+        # each row by its own prompt, not the batch's padded one
+        [alone] = generate(m, tok, convs[i : i + 1], reasoning[:1], 100, 1.0, seed=i + 1)
+        assert alone.text == done.text
+
+
 def test_per_row_sampler_draws_from_the_warped_distribution():
     from steiner.infer.sampling import PerRowSampler
 

@@ -73,6 +73,20 @@ class StopCancelledRows(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class StopAtPositionLimit(StoppingCriteria):
+    """Ends each row where it fills the model's positions, counting its own prompt, not the
+    batch's padding (positions come from the attention mask). Past them a learned position
+    table raises IndexError and RoPE runs on angles it was never trained at; vLLM refuses such
+    requests by its max_model_len. Here the row ends with finish_reason "length"."""
+
+    def __init__(self, prompt_lengths: torch.Tensor, start: int, limit: int):
+        self.prompt_lengths, self.start, self.limit = prompt_lengths, start, limit
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.start
+        return (self.prompt_lengths.to(input_ids.device) + generated) >= self.limit
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -99,6 +113,13 @@ def generate(
     processor = StepBudgetLogitsProcessor(tokenizer, rows)
     end_ids = processor.ids.eos
     stop_cancelled = StopCancelledRows(cancelled) if cancelled else None
+    criteria: list[StoppingCriteria] = [stop_cancelled] if stop_cancelled else []
+    start = batch["input_ids"].shape[1]
+    prompt_lengths = batch["attention_mask"].sum(1)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit:
+        max_new_tokens = max(1, min(max_new_tokens, limit - int(prompt_lengths.min())))
+        criteria.append(StopAtPositionLimit(prompt_lengths, start, limit))
     sampler = PerRowSampler(
         _per_row(temperature, len(prompts)),
         _per_row(top_p, len(prompts)),
@@ -114,15 +135,16 @@ def generate(
         logits_processor=[processor, sampler],
         eos_token_id=list(end_ids),
         pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=[stop_cancelled] if cancelled else None,
+        stopping_criteria=criteria or None,
     )
-    start = batch["input_ids"].shape[1]
     new = out[:, start:]
     reasoning_end = processor.ids.reasoning_end
     completions = []
     for i, row in enumerate(new.tolist()):
         ended = stop_cancelled.ended_at.get(i) if stop_cancelled else None
         row = row if ended is None else row[: ended - start]
+        if limit:  # the tokens after a row filled its positions are padding
+            row = row[: max(0, limit - int(prompt_lengths[i]))]
         stop = next((j for j, t in enumerate(row) if t in end_ids), None)
         tokens = row if stop is None else row[:stop]
         text = tokenizer.decode(tokens, skip_special_tokens=False)
