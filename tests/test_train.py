@@ -221,6 +221,26 @@ def test_resume_restores_step_and_optimizer(data):
     assert settings["limit_problems"] == 10 and settings["model"] == str(data / "init")
 
 
+def test_resume_from_checkpoint_goes_on_from_that_checkpoint_into_output_dir(data, tmp_path):
+    cfg = checkpointed(data, max_steps=4, save_steps=2)
+    run_sft(quick(SFTStageConfig, tmp_path, "first", **cfg))
+    given = str(tmp_path / "first" / "checkpoint-2")
+    # before: transformers' flag was accepted and passed over, so this trained from step 0
+    record = RecordStart()
+    onward = cfg | {"max_steps": 5, "resume_from_checkpoint": given}
+    summary = run_sft(quick(SFTStageConfig, tmp_path, "second", **onward), callbacks=[record])
+    assert summary["resumed_from"] == given and record.seen == (2, 2)
+    assert summary["steps"] == 5 and (tmp_path / "second" / "model.safetensors").is_file()
+    for where, message in (
+        (str(tmp_path / "first"), "expected a checkpoint directory with trainer_state.json"),
+        (given, "give a checkpoint of this stage's model and data"),  # other data
+    ):
+        other = onward | {"resume_from_checkpoint": where, "limit_problems": 10}
+        with pytest.raises(InputError, match=re.escape(message)):
+            run_sft(quick(SFTStageConfig, tmp_path, "third", **other))
+    assert not (tmp_path / "third").exists()
+
+
 def test_a_record_from_before_data_digests_compares_paths():
     old = {"data": "/a/paths.jsonl"}
     moved = {"data": "/b/paths.jsonl", "data_sha256": "0123456789abcdef"}

@@ -25,6 +25,7 @@ from steiner.io import (
     InputError,
     check_checkpoint_inputs,
     check_model_dir,
+    check_resume_record,
     file_digest,
     last_checkpoint,
     local_path,
@@ -372,10 +373,26 @@ def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> str | None
     this writes anything): one in ``output_dir`` from another model or other data is one
     error line, not a run that quietly goes on from it; a fresh run records its inputs
     there."""
-    last = last_complete_checkpoint(cfg.output_dir) if cfg.resume else None
     record = Path(cfg.output_dir, SETTINGS_FILE)
     inputs = stage_inputs(cfg, stage)
     main = cfg.process_index == 0
+    given = cfg.resume_from_checkpoint
+    if given:
+        # transformers' flag, read as it reads it: go on from this checkpoint, into output_dir
+        # (it was accepted and passed over: the run started over or went on from the last)
+        if not Path(given, "trainer_state.json").is_file():
+            raise InputError(
+                given,
+                None,
+                "expected a checkpoint directory with trainer_state.json "
+                "(--resume_from_checkpoint)",
+            )
+        remedy = "give a checkpoint of this stage's model and data"
+        where = Path(given).parent / SETTINGS_FILE  # the record of the run that wrote it
+        check_resume_record(where, inputs, {}, f"a {stage} run", remedy, write=False)
+        check_checkpoint_inputs(record, inputs, record.exists(), f"a {stage} run", main)
+        return str(given)
+    last = last_complete_checkpoint(cfg.output_dir) if cfg.resume else None
     check_checkpoint_inputs(record, inputs, last is not None, f"a {stage} run", main)
     return last
 
