@@ -679,6 +679,8 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
         (CPTStageConfig, ["--countdown_facts", "-1"], "--countdown_facts: expected >= 0"),
         # 0 trained every record, -2 all but the last two
         (SFTStageConfig, ["--limit_problems", "0"], "--limit_problems: expected >= 1, got 0"),
+        # unknown or not installed: transformers' RuntimeError once model and data had loaded
+        (CPTStageConfig, ["--report_to", "foo"], "--report_to: expected none, all or one of"),
     ],
 )
 def test_training_settings_out_of_range_are_one_error_line(config, flags, message):
@@ -688,6 +690,20 @@ def test_training_settings_out_of_range_are_one_error_line(config, flags, messag
 
     with pytest.raises(InputError, match=re.escape(message)):
         parse_stage_config(config, ["--output_dir", "unused", *flags], "steiner train")
+
+
+def test_a_logging_integration_that_is_not_installed_is_one_error_line(monkeypatch):
+    import transformers.integrations
+
+    from steiner.cli import parse_stage_config
+
+    monkeypatch.setattr(
+        transformers.integrations, "get_available_reporting_integrations", lambda: ["trackio"]
+    )
+    args = ["--output_dir", "unused", "--report_to"]
+    with pytest.raises(InputError, match="--report_to: wandb is not installed; pip install it"):
+        parse_stage_config(SFTStageConfig, [*args, "wandb"], "steiner train sft")
+    assert parse_stage_config(SFTStageConfig, [*args, "trackio"], "x").report_to == ["trackio"]
 
 
 def test_init_and_rl_settings_out_of_range_are_one_error_line(data, tmp_path):

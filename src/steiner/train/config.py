@@ -156,6 +156,29 @@ class _CPUDefaults(SFTConfig):
         if self.report_to is None or self.report_to == [None]:
             self.report_to = "none"
         super().__post_init__()
+        check_report_to(self.report_to)
+
+
+def check_report_to(names: list[str]) -> None:
+    """A logging integration that is unknown or not installed is one error line at parse time;
+    transformers raises it as a RuntimeError traceback once the model and data have loaded.
+    (``transformers`` has already turned "all" into the installed ones and "none" into [].)"""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            raise InputError(
+                "--report_to", None, f"expected none, all or one of {known}; got {name!r}"
+            )
+        if name not in installed:
+            raise InputError(
+                "--report_to",
+                None,
+                f"{name} is not installed; pip install it, or use --report_to none",
+            )
 
 
 @dataclass
