@@ -1,5 +1,6 @@
 """Stages 1-2 on CPU with a tiny model: init, CPT, SFT, resume, shortcut baseline, LoRA."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -690,6 +691,27 @@ def test_training_settings_out_of_range_are_one_error_line(config, flags, messag
 
     with pytest.raises(InputError, match=re.escape(message)):
         parse_stage_config(config, ["--output_dir", "unused", *flags], "steiner train")
+
+
+def test_settings_transformers_refuses_are_one_error_line():
+    from steiner.cli import parse_stage_config
+
+    def refusal(*flags: str) -> str:
+        with pytest.raises(InputError) as err:
+            parse_stage_config(SFTStageConfig, ["--output_dir", "unused", *flags], "sft")
+        assert "\n" not in err.value.message
+        return err.value.message
+
+    # before: its message over three lines
+    message = refusal("--load_best_model_at_end", "true")
+    assert "requires the save and eval strategy to match" in message
+    assert message.endswith(
+        "- Evaluation strategy: IntervalStrategy.NO - Save strategy: SaveStrategy.STEPS"
+    )
+    if importlib.util.find_spec("deepspeed") is None:  # before: PackageNotFoundError traceback
+        assert refusal("--deepspeed", "ds.json") == (
+            "a setting needs deepspeed, which is not installed (pip install deepspeed)"
+        )
 
 
 def test_a_logging_integration_that_is_not_installed_is_one_error_line(monkeypatch):

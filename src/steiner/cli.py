@@ -500,7 +500,9 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
     args = [p for a in args for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
     try:
         parsed = OneLineParser(classes, prog=prog).parse_args_and_config(args=args)
-    except ValueError as exc:  # unknown flags, bad YAML keys
+    except ImportError as exc:  # a setting that needs a package (--deepspeed, and the like)
+        raise missing_package_error(str(exc), prog) from None
+    except ValueError as exc:  # unknown flags, bad YAML keys, settings that do not go together
         raise unknown_fields_error(str(exc), args, prog) from None
     except OSError as exc:  # the --config file
         raise InputError(exc.filename, None, f"cannot open: {exc.strerror}") from None
@@ -514,6 +516,22 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
     return parsed if isinstance(config_cls, tuple) else parsed[0]
 
 
+def missing_package_error(message: str, prog: str) -> InputError:
+    """transformers' words for a setting whose package is missing name it inside a sentence
+    of pip advice, with a traceback: say which package, in one line."""
+    import re
+
+    found = re.search(r"'([A-Za-z0-9_.\-]+)[<>=!~]", message) or re.search(
+        r"named '([\w.]+)'", message
+    )
+    if not found:
+        return InputError(prog, None, " ".join(message.split()))
+    package = found.group(1)
+    return InputError(
+        prog, None, f"a setting needs {package}, which is not installed (pip install {package})"
+    )
+
+
 def unknown_fields_error(message: str, args: list[str], prog: str) -> InputError:
     """TRL's words for unknown fields name its parser and its own API (``Please ... set
     `fail_with_unknown_args=False``); say instead which fields, where, and where the list
@@ -524,8 +542,8 @@ def unknown_fields_error(message: str, args: list[str], prog: str) -> InputError
     found = re.match(
         r"(Unknown arguments from config file|Some specified arguments)[^\[]*(\[.*\])", message
     )
-    if not found:
-        return InputError(prog, None, message)
+    if not found:  # transformers' own checks write lists over several lines
+        return InputError(prog, None, " ".join(message.split()))
     words = [str(a) for a in ast.literal_eval(found.group(2))]  # a list literal of TRL's
     names = [a for a in words if a.startswith("--")] or words  # flags, not their values
     hint = f"`{prog} --help` lists them"
