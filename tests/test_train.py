@@ -712,6 +712,11 @@ def test_settings_transformers_refuses_are_one_error_line():
         assert refusal("--deepspeed", "ds.json") == (
             "a setting needs deepspeed, which is not installed (pip install deepspeed)"
         )
+        # and it leaves no DeepSpeed config registered: every later model load in the process
+        # failed on it ('HfTrainerDeepSpeedConfig' object has no attribute 'is_zero3')
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        assert not is_deepspeed_zero3_enabled()
 
 
 def test_a_logging_integration_that_is_not_installed_is_one_error_line(monkeypatch):

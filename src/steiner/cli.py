@@ -501,6 +501,11 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
     try:
         parsed = OneLineParser(classes, prog=prog).parse_args_and_config(args=args)
     except ImportError as exc:  # a setting that needs a package (--deepspeed, and the like)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # transformers registers its DeepSpeed config before it finds the package missing; left
+        # registered, every later from_pretrained in this process fails on it
+        unset_hf_deepspeed_config()
         raise missing_package_error(str(exc), prog) from None
     except ValueError as exc:  # unknown flags, bad YAML keys, settings that do not go together
         raise unknown_fields_error(str(exc), args, prog) from None
