@@ -158,7 +158,7 @@ def generate(
                 answer=answer,
                 trace=trace,
                 format_errors=[f"offset {e.offset}: {e.message}" for e in errors],
-                prompt_tokens=int(batch["attention_mask"][i].sum()),
+                prompt_tokens=int(prompt_lengths[i]),
                 completion_tokens=len(tokens) + (stop is not None),
                 reasoning_tokens=n_reasoning,
                 finish_reason="stop"

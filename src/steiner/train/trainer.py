@@ -390,7 +390,8 @@ def check_resume(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> str | None
         remedy = "give a checkpoint of this stage's model and data"
         where = Path(given).parent / SETTINGS_FILE  # the record of the run that wrote it
         check_resume_record(where, inputs, {}, f"a {stage} run", remedy, write=False)
-        check_checkpoint_inputs(record, inputs, record.exists(), f"a {stage} run", main)
+        # a checkpoint is continued: output_dir's record, if any, must agree, or is written
+        check_checkpoint_inputs(record, inputs, True, f"a {stage} run", main)
         return str(given)
     last = last_complete_checkpoint(cfg.output_dir) if cfg.resume else None
     check_checkpoint_inputs(record, inputs, last is not None, f"a {stage} run", main)
