@@ -16,6 +16,7 @@ from steiner.format import REASONING_END, REASONING_START, STEP_START
 from steiner.infer.server import ServerSettings, create_app
 
 BUDGET = {"min_steps": 2, "max_steps": 2, "max_step_tokens": 4}
+LOOP_THREAD = "steiner-serve-loop"  # the server's event loop thread; batches run elsewhere
 
 
 def free_port() -> int:
@@ -30,7 +31,7 @@ def running(settings: ServerSettings) -> Iterator[str]:
     port = free_port()
     app = create_app(settings)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, daemon=True, name=LOOP_THREAD)
     thread.start()
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
@@ -207,6 +208,49 @@ def test_200_concurrent_requests_no_5xx(server):
     assert len(replies) == 200
     for i, r in enumerate(replies):
         assert r.usage.completion_tokens <= 12 + i % 5
+
+
+def test_handlers_and_batches_never_share_a_tokenizer(tiny_model_dir, monkeypatch):
+    """A fast tokenizer sets padding on its shared Rust object, then encodes: a handler's
+    unpadded call on the loop thread, made while a batch padded its prompts on an executor
+    thread, made that batch fail (a 500 for its requests, seen once in CI). Race-free means no
+    tokenizer instance is encoded on both threads, whatever the timing."""
+    from transformers import AutoTokenizer
+
+    cls = type(AutoTokenizer.from_pretrained(tiny_model_dir))
+    encode = cls._encode_plus
+    threads_of: dict[int, set[str]] = {}
+
+    def spied(self, *args, **kwargs):
+        loop = threading.current_thread().name == LOOP_THREAD
+        threads_of.setdefault(id(self), set()).add("loop" if loop else "batch")
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "_encode_plus", spied)
+
+    async def ask(url: str) -> list:
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        try:  # mixed max_tokens and stops: batch-side truncation and handler-side stop cuts
+            return await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="tiny",
+                        messages=[{"role": "user", "content": f"Question {i}"}],
+                        max_tokens=8 + i % 4,
+                        stop=["a", "e", " "],
+                        extra_body={"max_steps": 1, "max_step_tokens": 3},
+                    )
+                    for i in range(16)
+                )
+            )
+        finally:
+            await client.close()
+
+    with running(ServerSettings(str(tiny_model_dir), model_name="tiny")) as url:
+        assert len(asyncio.run(ask(url))) == 16
+    assert any(seen == {"loop"} for seen in threads_of.values())  # handlers were spied on
+    assert any(seen == {"batch"} for seen in threads_of.values())  # so were batches
+    assert all(len(seen) == 1 for seen in threads_of.values()), threads_of
 
 
 @pytest.mark.parametrize(

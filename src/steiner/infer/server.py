@@ -10,6 +10,7 @@ is generated as a whole; the deltas are not token by token).
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import socket
 import time
@@ -130,6 +131,12 @@ def error(
 
 def create_app(settings: ServerSettings) -> FastAPI:
     model, tokenizer = load(settings.model_dir)
+    # A fast tokenizer keeps its padding setting in the shared Rust object: each call sets it
+    # and then encodes. The handlers (event loop thread) and a batch (executor thread) each
+    # encode at once, so with one instance a handler's unpadded call could switch padding off
+    # between a batch's set and encode, and that batch failed with "Unable to create tensor"
+    # (a 500 for all its requests). Handlers get their own copy; `tokenizer` is the batch's.
+    request_tokenizer = copy.deepcopy(tokenizer)
     name = settings.model_name or Path(settings.model_dir).name
     queue: asyncio.Queue[_Job] = asyncio.Queue()
 
@@ -211,7 +218,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return out
         answer = out.answer[: min(cuts)]
         kept = out.text[: out.text.rindex(out.answer) + len(answer)]
-        tokens = len(tokenizer(kept, add_special_tokens=False)["input_ids"])
+        tokens = len(request_tokenizer(kept, add_special_tokens=False)["input_ids"])
         return replace(
             out,
             text=kept,
@@ -289,7 +296,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"{settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        prompt = tokenizer.apply_chat_template(
+        prompt = request_tokenizer.apply_chat_template(
             [m.model_dump() for m in body.messages], tokenize=True, add_generation_prompt=True
         )
         n_prompt = len(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
