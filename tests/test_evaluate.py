@@ -1,3 +1,4 @@
+import functools
 import json
 import subprocess
 import sys
@@ -387,3 +388,31 @@ def test_gsm8k_records_read_as_solution_and_final_answer(tmp_path):
     assert kept["answer"] == "#### 5" and kept["steps"] == ["a", "b"]
     problem = load_problems(path)[0]
     assert TextDomain().check_answer(problem, "The answer is 72.")
+
+
+def test_a_plot_that_fails_midway_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    """Plots are outputs like the rest: savefig to a path wrote in place, so a crash while
+    drawing left a truncated PNG over the last run's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from steiner.evaluate.scale import plot_scale
+
+    rows = [
+        {"mode": "cap", "budget": b, "mean_reasoning_tokens": 10.0 * b, "accuracy": b / 4}
+        for b in (1, 2)
+    ]
+    png = tmp_path / "scale.png"
+    plot_scale(rows, png)
+    whole = png.read_bytes()
+    assert whole.startswith(b"\x89PNG") and len(whole) > 1000
+    real = FigureCanvasAgg.print_png
+
+    @functools.wraps(real)  # savefig passes only the keywords the signature takes
+    def dies_midway(self, target, *args, **kwargs):
+        real(self, target, *args, **kwargs)  # the bytes are written; then the job dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FigureCanvasAgg, "print_png", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        plot_scale(rows[:1], png)
+    assert png.read_bytes() == whole and list(tmp_path.iterdir()) == [png]

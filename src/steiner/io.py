@@ -187,21 +187,20 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~_UMASK
 
 
-def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
-    """Write text atomically (temp file + rename): a crash never leaves half a file.
-    Returns how many pieces were written."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
+    """A handle on a temp file beside ``path`` that replaces it only when the block ends
+    without error: a crash never leaves half a file, and an old file stays whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    n = 0
     try:
         # mkstemp makes the file 0600; give it the mode a plain open() would (the old file's,
         # or what the umask allows), so colleagues on a shared cluster can read our outputs.
         os.fchmod(fd, _mode_for(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line)
-                n += 1
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
         try:
             os.replace(tmp, path)
         except OSError as exc:  # name the user's path (a directory, say), not our temp file
@@ -209,7 +208,24 @@ def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
+    """Write text atomically (temp file + rename): a crash never leaves half a file.
+    Returns how many pieces were written."""
+    n = 0
+    with atomic_file(path) as fh:
+        for line in lines:
+            fh.write(line)
+            n += 1
     return n
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> None:
+    """A matplotlib figure written atomically, as every other output (savefig to a path
+    writes in place: a crash mid-write left a truncated PNG over the last run's)."""
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi)
 
 
 def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from steiner.io import write_json, write_jsonl
+from steiner.io import save_figure, write_json, write_jsonl
 
 PROMPTS = [
     "Using the numbers {a}, {b}, {c}, reach {t}.",
@@ -113,6 +113,6 @@ def save_probe(records: list[dict[str, Any]], out: str | Path) -> dict[str, Any]
     ax.set_ylabel("request seconds")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=120)
+    save_figure(fig, out / "latency.png")
     plt.close(fig)
     return summary

@@ -17,7 +17,7 @@ from steiner.domains import load_problems
 from steiner.evaluate.accuracy import EvalConfig, evaluate_records
 from steiner.evaluate.metrics import scaling_metrics
 from steiner.infer.generate import load
-from steiner.io import sole_writer, write_json, write_lines
+from steiner.io import save_figure, sole_writer, write_json, write_lines
 
 MODES = ("cap", "extend")
 
@@ -118,5 +118,5 @@ def plot_scale(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("accuracy vs reasoning tokens (labels: step budget)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
