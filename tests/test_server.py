@@ -368,6 +368,22 @@ def test_probe_latency_against_serve(server, tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 1000
 
 
+def test_a_probe_whose_completions_all_have_one_length_fits_no_line(tmp_path):
+    """One length has no slope; polyfit returned one anyway (1/3 of the mean seconds per
+    token here) and it was reported as the fit. The requests are kept, no fit is written."""
+    from steiner.evaluate.latency import save_probe
+    from steiner.io import InputError
+
+    records = [
+        {"i": i, "prompt": "p", "max_tokens": 8, "seconds": 0.1 + 0.05 * i, "completion_tokens": 8}
+        for i in range(3)
+    ]
+    with pytest.raises(InputError, match="all 3 completions have 8 tokens; a line needs"):
+        save_probe(records, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.jsonl"]
+    assert len((tmp_path / "latency.jsonl").read_text().splitlines()) == 3
+
+
 def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch):
     # before: the batch ran the request on to its max_tokens (minutes here), and every
     # request after it waited for that

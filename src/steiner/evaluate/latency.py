@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from steiner.io import save_figure, write_json, write_jsonl
+from steiner.io import InputError, save_figure, write_json, write_jsonl
 
 PROMPTS = [
     "Using the numbers {a}, {b}, {c}, reach {t}.",
@@ -89,8 +89,18 @@ def fit_line(x: list[float], y: list[float]) -> dict[str, float]:
 def save_probe(records: list[dict[str, Any]], out: str | Path) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "latency.jsonl", records)  # the requests are kept, fit or not
+    tokens = {r["completion_tokens"] for r in records}
+    if len(tokens) < 2:
+        # one length has no slope: polyfit returned a number anyway (a RankWarning aside)
+        raise InputError(
+            out / "latency.jsonl",
+            None,
+            f"all {len(records)} completions have {tokens.pop()} tokens; a line needs lengths "
+            "that vary (a larger --max-tokens: each request's limit is drawn from 1/8 of it "
+            "up to it)",
+        )
     fit = fit_line([r["completion_tokens"] for r in records], [r["seconds"] for r in records])
-    write_jsonl(out / "latency.jsonl", records)
     summary = {"n": len(records), **fit}
     write_json(out / "latency.json", summary)
     import matplotlib
