@@ -98,6 +98,22 @@ def test_content_parts_and_the_developer_role_read_as_their_plain_forms(server):
     assert parts.choices[0].message.reasoning_content == plain.choices[0].message.reasoning_content
 
 
+def test_null_fields_read_as_not_given(server):
+    """OpenAI's spec types temperature, top_p, n, stream and logprobs "or null" (null: the
+    default), and clients built on it send nulls; they got a 400."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Reach 79."}]}
+    body |= {"max_tokens": 24, **BUDGET}
+
+    def ask(extra: dict) -> dict:
+        r = httpx.post(f"{server}/chat/completions", json=body | extra, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "logprobs", "seed", "stop"))
+    given, plain = ask(nulls), ask({})
+    assert given["choices"] == plain["choices"] and given["usage"] == plain["usage"]
+
+
 def test_stop_sequences_end_the_answer_and_not_the_reasoning(server):
     """lm-evaluation-harness sends stop sequences with every request; they cut the answer
     (greedy, so the plain reply is the same text uncut)."""

@@ -24,7 +24,14 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steiner.infer.budget import EXTEND_WITH, Budget
@@ -82,6 +89,16 @@ class ChatRequest(BaseModel):
     max_reasoning_tokens: int | None = Field(default=None, ge=1)
     max_step_tokens: int | None = Field(default=None, ge=1)
     extend_with: Literal[EXTEND_WITH] | None = None  # type: ignore[valid-type]
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_not_given(cls, body: Any) -> Any:
+        """OpenAI's API types these as "or null", null meaning the default, and clients
+        built on its spec send it (``"temperature": null``); a 400 would refuse them."""
+        if isinstance(body, dict):
+            nullable = ("temperature", "top_p", "n", "stream", "logprobs")
+            return {k: v for k, v in body.items() if not (k in nullable and v is None)}
+        return body
 
     @field_validator("stop", mode="before")
     @classmethod
