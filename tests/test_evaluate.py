@@ -390,6 +390,41 @@ def test_gsm8k_records_read_as_solution_and_final_answer(tmp_path):
     assert TextDomain().check_answer(problem, "The answer is 72.")
 
 
+def test_a_dataset_config_is_named_after_a_colon(tmp_path, monkeypatch):
+    """GSM8K on the Hub has configs "main" and "socratic" and no default: it could not be
+    read at all (a five-line datasets error). NAME:CONFIG names one, as load_dataset's
+    second argument; a local directory with configs in its README is the same case offline."""
+    from steiner.domains import load_problems
+    from steiner.io import InputError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    repo = tmp_path / "gsm8k"
+    for config, answer in (("main", "72"), ("socratic", "10")):
+        (repo / config).mkdir(parents=True)
+        for split in ("train", "test"):
+            row = {"question": f"{config} {split}?", "answer": f"So.\n#### {answer}"}
+            (repo / config / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    configs = "".join(
+        f"- config_name: {c}\n  data_files:\n"
+        + "".join(f"  - split: {s}\n    path: {c}/{s}.jsonl\n" for s in ("train", "test"))
+        for c in ("main", "socratic")
+    )
+    (repo / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    [problem] = load_problems(f"{repo}:socratic")
+    assert (problem["question"], problem["answer"]) == ("socratic test?", "10")
+    with pytest.raises(InputError) as missing:
+        load_problems(repo)
+    assert str(missing.value).endswith(
+        f"the dataset has configs main, socratic; name one as {repo}:main"
+    )
+    with pytest.raises(InputError, match="BuilderConfig 'nope' not found") as unknown:
+        load_problems(f"{repo}:nope")
+    assert "\n" not in str(unknown.value)
+    colon = tmp_path / "a:b.jsonl"  # a file that exists is read as a file, colons and all
+    colon.write_text(json.dumps({"question": "q", "answer": "1"}) + "\n")
+    assert load_problems(colon)[0]["answer"] == "1"
+
+
 def test_a_plot_that_fails_midway_leaves_the_last_one_whole(tmp_path, monkeypatch):
     """Plots are outputs like the rest: savefig to a path wrote in place, so a crash while
     drawing left a truncated PNG over the last run's."""

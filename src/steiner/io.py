@@ -115,29 +115,49 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
     yield from iter_jsonl(path)
 
 
+def dataset_name_and_config(source: str | os.PathLike) -> tuple[str, str | None]:
+    """``NAME:CONFIG`` names a dataset's config (``openai/gsm8k:main``), as ``load_dataset``'s
+    second argument: a Hub dataset with several configs cannot be read without one. A path
+    that exists is a path, colons and all."""
+    text = str(source)
+    name, colon, config = text.rpartition(":")
+    if not colon or not name or not config or "/" in config or Path(text).exists():
+        return text, None
+    return name, config
+
+
 def dataset_rows(
     source: str | os.PathLike, split: str, sole_split: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row number, record) of a ``datasets`` source: a Hub name or a directory of data files
-    (``load_dataset``), or a ``save_to_disk`` directory (``load_from_disk``: load_dataset
-    refuses one and says to use it). Not loadable: one InputError. With ``sole_split``, a
-    dataset without ``split`` that has one split only is read from that one (a directory of
-    data files is one "train" split)."""
+    (``load_dataset``; ``NAME:CONFIG`` for one of its configs), or a ``save_to_disk``
+    directory (``load_from_disk``: load_dataset refuses one and says to use it). Not loadable:
+    one InputError. With ``sole_split``, a dataset without ``split`` that has one split only
+    is read from that one (a directory of data files is one "train" split)."""
     import datasets
 
     path = Path(source)
+    name, config = dataset_name_and_config(source)
     try:
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             ds = datasets.load_from_disk(str(path))
         else:
             try:  # the one split only: a Hub dataset's others may be gigabytes
-                ds = datasets.load_dataset(str(source), split=split)
+                ds = datasets.load_dataset(name, config, split=split)
             except ValueError as exc:
                 if "Unknown split" not in str(exc):
                     raise
-                ds = datasets.load_dataset(str(source))  # to read its sole split, or name them
+                ds = datasets.load_dataset(name, config)  # to read its sole split, or name them
     except Exception as exc:  # datasets raises many kinds; the user needs one line
-        raise InputError(source, None, f"not a file and not a loadable dataset ({exc})") from None
+        if "Config name is missing" in str(exc):
+            configs = datasets.get_dataset_config_names(name)
+            raise InputError(
+                source,
+                None,
+                f"the dataset has configs {', '.join(configs)}; name one as {name}:{configs[0]}",
+            ) from None
+        why = " ".join(str(exc).split())  # datasets' messages run over several lines
+        raise InputError(source, None, f"not a file and not a loadable dataset ({why})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds and sole_split and len(ds) == 1:
             split = next(iter(ds))
