@@ -373,6 +373,10 @@ def test_train_rl_weights_are_flat_settings(tmp_path):
             steiner("train", "rl", "--out", str(tmp_path / "rl"), *given), expected
         )
     assert not (tmp_path / "rl").exists()
+    # and --help does not offer it ("--weights WEIGHTS  not a flag (default: RewardWeights(...")
+    usage = steiner("train", "rl", "--help")
+    assert usage.returncode == 0 and "--correct" in usage.stdout
+    assert "--weights" not in usage.stdout
 
 
 def test_an_error_inside_a_progress_bar_is_still_one_line(tmp_path, tiny_model_dir):

@@ -17,6 +17,7 @@ are averaged across processes.
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -90,7 +91,10 @@ class RLStageConfig:
     forced_min_share: float = 0.0
     forced_min_steps: int = 3
     # set from the reward-weight flags by the CLI (TRL's parser takes flat dataclasses)
-    weights: RewardWeights = field(default_factory=RewardWeights, metadata={"help": "not a flag"})
+    weights: RewardWeights = field(
+        default_factory=RewardWeights,
+        metadata={"help": argparse.SUPPRESS},  # not a flag
+    )
 
 
 def _completion_ids(row: list[int], end_ids: tuple[int, ...]) -> list[int]:
