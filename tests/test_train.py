@@ -515,6 +515,33 @@ def test_bad_training_data_is_one_error_line_and_leaves_no_output_dir(data, tmp_
     assert not out.exists()
 
 
+def test_an_unreachable_hub_is_one_error_line_before_training(data, tmp_path, monkeypatch):
+    """--push_to_hub creates the repo when the trainer is built: offline, or with no token,
+    that was an httpx ConnectError traceback. A closed local port stands in for the Hub, so
+    the test reaches no network whatever the machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: connections are refused
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_token")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "sft"
+    proc = steiner(
+        "train", "sft", "--model", str(data / "init"), "--data",
+        str(data / "synth" / "paths.jsonl"), "--output_dir", str(out), "--max_steps", "1",
+        "--push_to_hub", "true", "--hub_model_id", "me/steiner-x",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # above it: datasets' map bars
+    assert last.startswith(
+        "steiner: error: --push_to_hub: cannot create the Hub repo me/steiner-x (ConnectError"
+    ), proc.stderr
+    assert not (out / "model.safetensors").exists()
+
+
 def test_a_seed_out_of_numpys_range_is_one_error_line(tmp_path):
     from steiner.cli import parse_stage_config
 

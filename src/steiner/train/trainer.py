@@ -253,6 +253,19 @@ def check_trained_examples(
         )
 
 
+def hub_request_failed(exc: BaseException) -> bool:
+    """Whether an error came from a request to the Hub (no network, no token, a name taken):
+    the trainer creates its repo when it is built, before any step, and huggingface_hub's
+    errors surface as those of its HTTP stack (httpx, or the httpx2 fork it may use)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        package = type(seen).__module__.split(".")[0]
+        if package in ("huggingface_hub", "httpx", "httpx2", "httpcore", "httpcore2", "requests"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def run_stage(
     cfg: SFTStageConfig | CPTStageConfig,
     dataset: Dataset,
@@ -264,14 +277,24 @@ def run_stage(
     ``eval_dataset`` is logged by ``cfg.eval_strategy``."""
     model, tokenizer = _load(cfg)
     cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
-    trainer = SteinerTrainer(
-        model=model,
-        args=cfg,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+    try:
+        trainer = SteinerTrainer(
+            model=model,
+            args=cfg,
+            train_dataset=dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    except Exception as exc:
+        if cfg.push_to_hub and hub_request_failed(exc):
+            raise InputError(
+                "--push_to_hub",
+                None,
+                f"cannot create the Hub repo {cfg.hub_model_id or Path(cfg.output_dir).name} "
+                f"({type(exc).__name__}: {' '.join(str(exc).split())})",
+            ) from None
+        raise
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
     check_trained_examples(cfg, len(dataset), trained)
