@@ -149,8 +149,13 @@ def dataset_rows(
                     raise
                 ds = datasets.load_dataset(name, config)  # to read its sole split, or name them
     except Exception as exc:  # datasets raises many kinds; the user needs one line
+        configs = []
         if "Config name is missing" in str(exc):
-            configs = datasets.get_dataset_config_names(name)
+            try:
+                configs = datasets.get_dataset_config_names(name)
+            except Exception:  # the names are a hint; the error below still says what failed
+                pass
+        if configs:
             raise InputError(
                 source,
                 None,
