@@ -200,8 +200,60 @@ def test_report_lists_files_of_other_tools_instead_of_failing_on_them(tmp_path):
     said = proc.stderr.replace("\n", "")  # rich wraps long lines
     assert "lm-eval/metrics.json" in said and "cut/latency.json" in said
     report = (tmp_path / "report.md").read_text()
-    assert "| lm-eval/metrics.json | not a Steiner metrics.json: no 'n', 'correct', " in report
+    why = "not a Steiner metrics.json: field 'n': Field required"
+    assert f"| lm-eval/metrics.json | {why}" in report
     assert "| cut/latency.json | not JSON: " in report and "Nothing to report yet" in report
+
+
+@pytest.mark.parametrize(
+    "name, record, why",
+    [  # before: each was a TypeError traceback (formatting None, a string, a short list)
+        (
+            "latency.json",
+            {"n": 3, "intercept_s": None, "seconds_per_token": 0.1, "r2": 0.5},
+            "field 'intercept_s': Input should be a valid number",
+        ),
+        (
+            "scale.json",
+            {
+                "rows": [
+                    {"mode": "cap", "budget": 1, "accuracy": "0.5", "mean_reasoning_tokens": 9.0}
+                    | {"mean_steps": 1.0, "control": 1.0}
+                ],
+                "metrics": {},
+            },
+            "field 'rows.0.accuracy': Input should be a valid number",
+        ),
+        (
+            "metrics.json",
+            {"n": 2, "correct": 1, "pass@1": 0.5, "pass@1_ci95": [0.1]}
+            | {"mean_steps": 1, "mean_backtracks": 0, "mean_reasoning_tokens": 9}
+            | {"format_error_rate": 0},
+            "field 'pass@1_ci95.1': Field required",
+        ),
+        (
+            "metrics.json",
+            {"n": 2, "correct": 1, "pass@1": 0.5, "pass@1_ci95": [0.1, 0.9], "maj@4": "x"}
+            | {"mean_steps": 1, "mean_backtracks": 0, "mean_reasoning_tokens": 9}
+            | {"format_error_rate": 0},
+            "'maj@4' is not a number",
+        ),
+        (
+            "demo.json",
+            {"profile": "quick", "domain": "graph", "targets": [], "total_seconds": 1.0}
+            | {"stages": [{"stage": "synth"}]},
+            "field 'stages.0.seconds': Field required",
+        ),
+    ],
+)
+def test_report_lists_a_hand_edited_file_of_the_wrong_types(tmp_path, name, record, why):
+    where = name if name == "demo.json" else f"edited/{name}"  # a run's demo.json is its own
+    (tmp_path / "edited").mkdir()
+    (tmp_path / where).write_text(json.dumps(record))
+    proc = steiner("report", str(tmp_path))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert f"| {where} | not a Steiner {name}: {why} |" in report, report
 
 
 def _eval_config(model, problems, out, **kw):

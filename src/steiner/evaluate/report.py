@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from steiner.io import InputError, write_lines
 
 
@@ -20,19 +22,109 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
 
-# the keys each file the report reads must have: a run directory may also hold another tool's
-# file of the same name (an lm-eval metrics.json, say), which is listed as not read instead
-# of stopping the report with a KeyError
-KEYS = {
-    "demo.json": ("profile", "domain", "targets", "stages", "total_seconds"),
-    "stats.json": ("dags", "paths", "mean_steps", "mean_reasoning_tokens", "backtrack_histogram"),
-    "training_summary.json": ("stage", "steps", "tokens_seen", "tokens_per_s", "train_seconds"),
-    "metrics.json": (
-        *("n", "correct", "pass@1", "pass@1_ci95", "mean_steps", "mean_backtracks"),
-        *("mean_reasoning_tokens", "format_error_rate"),
-    ),
-    "scale.json": ("rows", "metrics"),
-    "latency.json": ("intercept_s", "seconds_per_token", "r2", "n"),
+class _Record(BaseModel):
+    # the fields the report reads; a file may hold more
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Target(_Record):
+    target: str
+    measured: Any
+    met: bool
+
+
+class _StageTime(_Record):
+    stage: str
+    seconds: float
+    seconds_all_attempts: float | None = None
+    train_seconds: float | None = None
+
+
+class _Demo(_Record):
+    profile: str
+    domain: str
+    targets: list[_Target]
+    stages: list[_StageTime]
+    total_seconds: float
+
+
+class _SynthStats(_Record):
+    dags: int
+    paths: int
+    mean_steps: float
+    mean_reasoning_tokens: float
+    backtrack_histogram: dict[str, int]
+
+
+class _TrainingSummary(_Record):
+    stage: str
+    steps: int
+    tokens_seen: int
+    tokens_per_s: float
+    train_seconds: float
+    train_seconds_all_runs: float | None = None
+    first_loss: float | None = None
+    final_loss: float | None = None
+    final_eval_loss: float | None = None
+
+
+class _Metrics(_Record):
+    n: int
+    correct: int
+    pass_at_1: float = Field(alias="pass@1")
+    pass_at_1_ci95: tuple[float, float] = Field(alias="pass@1_ci95")
+    mean_steps: float
+    mean_backtracks: float
+    mean_reasoning_tokens: float
+    format_error_rate: float
+
+    @model_validator(mode="after")
+    def sampling_rates_are_numbers(self) -> _Metrics:
+        for key, value in (self.model_extra or {}).items():  # maj@k, pass@k: shown as %
+            if key[:4] in ("maj@", "pass") and not key.endswith("ci95"):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"{key!r} is not a number")
+        return self
+
+
+class _ScaleRow(_Record):
+    mode: str
+    budget: int
+    accuracy: float
+    mean_reasoning_tokens: float
+    mean_steps: float
+    control: float
+
+
+class _ModeMetrics(_Record):
+    control: float
+    scaling: float
+    performance: float
+    monotone: bool
+
+
+class _Scale(_Record):
+    rows: list[_ScaleRow]
+    metrics: dict[str, _ModeMetrics]
+
+
+class _Latency(_Record):
+    intercept_s: float
+    seconds_per_token: float
+    r2: float
+    n: int
+
+
+# What each file the report reads must hold, types too: a run directory may also hold another
+# tool's file of the same name (an lm-eval metrics.json, say), or a hand-edited one, which is
+# listed as not read instead of stopping the report with a KeyError or a format TypeError.
+SCHEMAS: dict[str, type[_Record]] = {
+    "demo.json": _Demo,
+    "stats.json": _SynthStats,
+    "training_summary.json": _TrainingSummary,
+    "metrics.json": _Metrics,
+    "scale.json": _Scale,
+    "latency.json": _Latency,
 }
 
 
@@ -41,16 +133,23 @@ def read_steiner_json(
 ) -> dict[str, Any] | None:
     """``path`` as the ``kind`` file Steiner writes, or None, with the reason in ``skipped``."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        d = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         skipped.append((path, f"not JSON: {exc}"))
         return None
     if not isinstance(d, dict):
         skipped.append((path, f"expected a JSON object, got {type(d).__name__}"))
         return None
-    missing = [k for k in KEYS[kind] if k not in d]
-    if missing:
-        skipped.append((path, f"not a Steiner {kind}: no {', '.join(map(repr, missing))}"))
+    try:
+        # from the text, so that JSON's arrays read as the tuples strict mode asks for
+        SCHEMAS[kind].model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")  # pydantic's words for our check
+        why = f"field {where!r}: {msg}" if where else msg
+        skipped.append((path, f"not a Steiner {kind}: {why}"))
         return None
     return d
 
