@@ -244,12 +244,17 @@ def test_report_lists_files_of_other_tools_instead_of_failing_on_them(tmp_path):
             | {"stages": [{"stage": "synth"}]},
             "field 'stages.0.seconds': Field required",
         ),
+        (  # the report's example trace: a correct answer that backtracked, step by step
+            "outputs.jsonl",
+            {"id": "a", "outputs": [{"correct": True, "n_backtracks": 1, "trace": {}}]},
+            "line 1: field 'trace.steps': Field required",
+        ),
     ],
 )
 def test_report_lists_a_hand_edited_file_of_the_wrong_types(tmp_path, name, record, why):
     where = name if name == "demo.json" else f"edited/{name}"  # a run's demo.json is its own
     (tmp_path / "edited").mkdir()
-    (tmp_path / where).write_text(json.dumps(record))
+    (tmp_path / where).write_text(json.dumps(record) + "\n")
     proc = steiner("report", str(tmp_path))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     report = (tmp_path / "report.md").read_text()

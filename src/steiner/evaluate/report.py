@@ -154,33 +154,62 @@ def read_steiner_json(
     return d
 
 
-def example_trace(root: Path) -> list[str]:
+class _ShownStep(_Record):
+    name: str
+    thought: str
+    summary: str
+    reflection: str
+
+
+class _ShownTrace(_Record):
+    steps: list[_ShownStep]
+    decisions: list[str]
+    answer: str
+
+
+class _ShownOutput(_Record):
+    trace: _ShownTrace
+
+
+def example_trace(root: Path, skipped: list[tuple[Path, str]]) -> list[str]:
     """A correct held-out answer whose reasoning backtracked, step by step (from the first
-    eval directory that has one, outside scaling sweeps)."""
+    eval directory that has one, outside scaling sweeps). A file whose chosen output lacks
+    what is shown is listed in ``skipped`` and the next file is tried."""
     # here, not at the top: the eval module brings torch, which a report needs nowhere else
     from steiner.evaluate.accuracy import read_outputs
 
     for path in sorted(root.rglob("outputs.jsonl")):
         if path.parent.name.split("-")[0] in ("cap", "extend"):
             continue
-        for _, rec in read_outputs(path).values():
+        for line, rec in read_outputs(path).values():
             outputs = rec.get("outputs") if isinstance(rec.get("outputs"), list) else []
             out = next(
-                (o for o in outputs if o.get("correct") and o.get("n_backtracks")),
+                (
+                    o
+                    for o in outputs
+                    if isinstance(o, dict) and o.get("correct") and o.get("n_backtracks")
+                ),
                 None,
             )
             if out is None:
                 continue
+            try:
+                trace = _ShownOutput.model_validate(out).trace
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                why = f"line {line}: field {where!r}: {first['msg']}"
+                skipped.append((path, f"not a Steiner outputs.jsonl: {why}"))
+                break
             lines = [f"## Example trace with a backtrack ({_rel(path.parent, root)})", ""]
             lines += [f"Problem `{rec['id']}`: {rec.get('question', '')}", ""]
-            trace = out["trace"]
-            for i, step in enumerate(trace["steps"]):
-                decision = trace["decisions"][i] if i < len(trace["decisions"]) else "-"
+            for i, step in enumerate(trace.steps):
+                decision = trace.decisions[i] if i < len(trace.decisions) else "-"
                 lines.append(
-                    f"{i + 1}. **{step['name']}** — {step['thought']} → {step['summary']} "
-                    f"(*{step['reflection']}*) → `{decision}`"
+                    f"{i + 1}. **{step.name}** — {step.thought} → {step.summary} "
+                    f"(*{step.reflection}*) → `{decision}`"
                 )
-            return lines + ["", f"Answer: `{trace['answer']}` (correct)", ""]
+            return lines + ["", f"Answer: `{trace.answer}` (correct)", ""]
     return []
 
 
@@ -397,7 +426,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         if (p.parent / "latency.png").exists():
             lines += [f"![latency]({_rel(p.parent / 'latency.png', root)})", ""]
         found += 1
-    example = example_trace(root)
+    example = example_trace(root, skipped)
     if example:
         lines += example
         found += 1
