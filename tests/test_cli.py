@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -351,6 +352,54 @@ def test_a_directory_without_a_model_is_one_line_for_every_command(tmp_path):
         proc = steiner(*args)
         assert_one_line_error(proc, "expected a model directory with config.json and a tokenizer")
     assert not out.exists()
+
+
+def test_a_model_without_the_reasoning_tokens_is_one_line_until_init_adds_them(tmp_path):
+    """A plain pretrained model: generation raised ValueError deep in the step budget, SFT
+    TRL's chat-template error; CPT would have learnt the format's strings as ordinary text.
+    ``train init --from`` is the way in, and what it writes works."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    special = ["<unk>", "<|im_end|>", "<pad>"]
+    bpe.train_from_iterator(
+        ["find a path from 1 to 2"] * 20, trainers.BpeTrainer(special_tokens=special)
+    )
+    plain_tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>"
+    )
+    plain = tmp_path / "plain"
+    config = Qwen2Config(
+        vocab_size=len(plain_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(plain)
+    plain_tok.save_pretrained(plain)
+    lacks = (
+        "the tokenizer lacks 14 of the 14 reasoning tokens (<|reasoning_start|>, ...); "
+        f"expected a Steiner model (`steiner train init --from {plain} --out DIR` adds them)"
+    )
+    # the commands that generate check it as they parse --model; training as it starts
+    assert_one_line_error(steiner("generate", "--model", str(plain), "hi"), lacks)
+    from steiner.io import InputError
+    from steiner.train.config import SFTStageConfig
+    from steiner.train.rl import RLStageConfig, run_rl
+    from steiner.train.trainer import run_sft
+
+    out = tmp_path / "out"
+    for run, config in ((run_sft, SFTStageConfig), (run_rl, RLStageConfig)):
+        with pytest.raises(InputError, match=re.escape(lacks)):
+            run(config(model=str(plain), output_dir=str(out)))
+    assert not out.exists()
+    from steiner.infer.generate import generate, load
+    from steiner.train.model import init_model
+
+    ready = tmp_path / "ready"
+    init_model(ready, from_pretrained=str(plain))
+    [completion] = generate(*load(ready), [[{"role": "user", "content": "hi"}]], max_new_tokens=8)
+    assert completion.completion_tokens > 0
 
 
 def test_an_impossible_step_budget_names_the_flags(tiny_model_dir):

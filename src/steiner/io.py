@@ -398,10 +398,13 @@ def end_with_parent(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
-def check_model_dir(name: str | None, flag: str, made_by: str) -> None:
+def check_model_dir(name: str | None, flag: str, made_by: str, reasoning: bool = True) -> None:
     """Steiner loads models from a local directory (``save_pretrained``), never a Hub
     download: a missing one, or one without a model and tokenizer (a run directory given for
-    the model inside it, say), is one error line, not transformers' traceback."""
+    the model inside it, say), is one error line, not transformers' traceback. With
+    ``reasoning``, its tokenizer must have the 14 reasoning tokens: a plain pretrained model
+    failed deep in generation or in TRL's chat-template check, and CPT would have learnt the
+    format's strings as runs of ordinary tokens."""
     if not name or not Path(name).is_dir():
         raise InputError(name or flag, None, f"expected a model directory ({made_by})")
     files = {p.name for p in Path(name).iterdir()}
@@ -417,6 +420,21 @@ def check_model_dir(name: str | None, flag: str, made_by: str) -> None:
         raise InputError(
             name, None, f"expected a model directory with {' and '.join(missing)} ({made_by})"
         )
+    if reasoning:
+        from transformers import AutoTokenizer
+
+        from steiner.format import SPECIAL_TOKENS
+
+        vocab = AutoTokenizer.from_pretrained(name).get_vocab()
+        lacking = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if lacking:
+            raise InputError(
+                name,
+                None,
+                f"the tokenizer lacks {len(lacking)} of the 14 reasoning tokens ({lacking[0]}, "
+                f"...); expected a Steiner model (`steiner train init --from {name} --out DIR` "
+                "adds them)",
+            )
 
 
 def local_path(name: str) -> str:

@@ -218,7 +218,12 @@ def init_model(
     out = Path(out)
     check_output_dir(out, "--out")  # before the tokenizer's training, not at the save
     if from_pretrained:
-        check_model_dir(from_pretrained, "--from_pretrained", "save_pretrained, or a Hub snapshot")
+        check_model_dir(
+            from_pretrained,
+            "--from_pretrained",
+            "save_pretrained, or a Hub snapshot",
+            reasoning=False,  # init adds the reasoning tokens
+        )
         tokenizer = AutoTokenizer.from_pretrained(from_pretrained)
         model = AutoModelForCausalLM.from_pretrained(from_pretrained, dtype=torch.float32)
         new_ids = add_tokens_to_pretrained(model, tokenizer)
