@@ -316,6 +316,15 @@ def test_handlers_and_batches_never_share_a_tokenizer(tiny_model_dir, monkeypatc
             "over this server's limit",
         ),
         (
+            # past the model's 2048 positions, under the server's 8192-token prompt limit: was
+            # a 200 with an empty completion
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+            + b"7 " * 2100
+            + b'"}]}',
+            400,
+            "tokens, over the limit of 2047 (the model has 2048 positions)",
+        ),
+        (
             b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "min_steps": 5, '
             b'"max_steps": 2}',
             400,

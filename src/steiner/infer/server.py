@@ -35,7 +35,7 @@ from pydantic import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steiner.infer.budget import EXTEND_WITH, Budget
-from steiner.infer.generate import Completion, generate, load
+from steiner.infer.generate import Completion, chat_prompt, generate, load
 
 
 class ChatMessage(BaseModel):
@@ -154,6 +154,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # between a batch's set and encode, and that batch failed with "Unable to create tensor"
     # (a 500 for all its requests). Handlers get their own copy; `tokenizer` is the batch's.
     request_tokenizer = copy.deepcopy(tokenizer)
+    # a prompt must leave the model a position to answer in (vLLM refuses one past its
+    # max_model_len); a longer one got an empty completion, 200 and finish_reason "length"
+    positions = getattr(model.config, "max_position_embeddings", None)
+    prompt_limit, why_limit = settings.max_prompt_tokens, ""
+    if positions and positions - 1 < prompt_limit:
+        prompt_limit, why_limit = positions - 1, f" (the model has {positions} positions)"
     name = settings.model_name or Path(settings.model_dir).name
     queue: asyncio.Queue[_Job] = asyncio.Queue()
 
@@ -313,14 +319,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"{settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        prompt = request_tokenizer.apply_chat_template(
-            [m.model_dump() for m in body.messages], tokenize=True, add_generation_prompt=True
-        )
-        n_prompt = len(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
-        if n_prompt > settings.max_prompt_tokens:
+        # counted as generate encodes it; apply_chat_template(tokenize=True) returns a
+        # BatchEncoding, not a dict, whose len() was its 2 keys: no prompt was ever refused
+        prompt = chat_prompt(request_tokenizer, [m.model_dump() for m in body.messages])
+        n_prompt = len(request_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if n_prompt > prompt_limit:
             return error(
                 400,
-                f"the prompt has {n_prompt} tokens, over the limit of {settings.max_prompt_tokens}",
+                f"the prompt has {n_prompt} tokens, over the limit of {prompt_limit}{why_limit}",
                 param="messages",
                 code="context_length_exceeded",
             )
