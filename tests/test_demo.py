@@ -274,9 +274,13 @@ def test_a_second_sigterm_while_the_baseline_winds_down_kills_it_instead_of_leav
     from steiner.demo import stop_baseline
 
     # a baseline slow to unwind: it ignores the first SIGTERM for longer than the test waits
-    slow = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
-    process = subprocess.Popen([sys.executable, "-c", slow])
-    time.sleep(1)  # let it install its handler
+    slow = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE, text=True)
+    # its handler is installed: a fixed sleep let a slow start die of the first SIGTERM
+    assert process.stdout.readline() == "ready\n"
     before = signal.signal(signal.SIGTERM, raise_terminated)  # as the CLI's main() does
     again = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
     try:
