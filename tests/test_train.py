@@ -893,3 +893,19 @@ def test_cpt_reasoning_ratio_keeps_that_share_of_path_documents(data, tmp_path):
     ):
         with pytest.raises(InputError, match=f"{empty.name}: no text; expected {expected}"):
             cpt_dataset(tok, paths, [str(texts), str(empty)], 0.5)
+
+
+def test_a_run_shorter_than_its_logging_steps_shows_its_mean_loss():
+    """Two steps under --logging_steps 10 log no loss: the summary said first_loss and
+    final_loss None and showed no loss at all, though the trainer returns the mean."""
+    from steiner.cli import console, print_training_summary
+
+    summary = {
+        "stage": "sft", "examples": 764, "steps": 2, "tokens_seen": 9000, "tokens_per_s": 9000.0,
+        "first_loss": None, "final_loss": None, "mean_train_loss": 5.8125,
+        "train_seconds": 1.0, "resumed_from": None,
+    }  # fmt: skip
+    with console.capture() as shown:
+        print_training_summary(summary, "runs/sft")
+    row = next(line for line in shown.get().splitlines() if "mean_train_loss" in line)
+    assert "5.8125" in row

@@ -574,6 +574,7 @@ def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
         "tokens_per_s",
         "first_loss",
         "final_loss",
+        "mean_train_loss",  # the only loss of a run shorter than --logging_steps
         *held_out,
         "train_seconds",
         "resumed_from",
