@@ -319,8 +319,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"{settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        # counted as generate encodes it; apply_chat_template(tokenize=True) returns a
-        # BatchEncoding, not a dict, whose len() was its 2 keys: no prompt was ever refused
+        # counted as generate encodes it (apply_chat_template(tokenize=True) returns a
+        # BatchEncoding, whose len() is its number of keys, not of tokens)
         prompt = chat_prompt(request_tokenizer, [m.model_dump() for m in body.messages])
         n_prompt = len(request_tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if n_prompt > prompt_limit:
