@@ -151,21 +151,31 @@ def test_stop_sequences_end_the_answer_and_not_the_reasoning(server):
 
 def test_streaming(server):
     client = openai.OpenAI(base_url=server, api_key="none")
-    reasoning, content, usage = "", "", None
-    for chunk in client.chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "Reach 79."}],
-        max_tokens=80,
-        stream=True,
-        extra_body=BUDGET,
-    ):
-        if chunk.choices:
-            delta = chunk.choices[0].delta
-            reasoning += getattr(delta, "reasoning_content", None) or ""
-            content += delta.content or ""
-        usage = getattr(chunk, "usage", None) or usage
+
+    def chunks(**options) -> list:
+        return list(
+            client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "Reach 79."}],
+                max_tokens=80,
+                stream=True,
+                extra_body=BUDGET,
+                **options,
+            )
+        )
+
+    counted = chunks(stream_options={"include_usage": True})
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", "") for c in counted[:-1])
     assert reasoning.startswith(REASONING_START) and reasoning.count(STEP_START) == 2
-    assert usage is not None and usage.completion_tokens_details.reasoning_tokens > 0
+    # as OpenAI streams: the usage comes last, in a chunk of its own with no choices, and
+    # every other chunk's usage is null (it came with the finish chunk, unasked, before)
+    *rest, last = counted
+    assert last.choices == [] and last.usage.completion_tokens_details.reasoning_tokens > 0
+    assert all(c.usage is None and c.choices for c in rest)
+    assert rest[-1].choices[0].finish_reason in ("stop", "length")
+    plain = chunks()  # without stream_options: no usage at all
+    assert [c.choices for c in plain] == [c.choices for c in rest]
+    assert all(c.usage is None for c in plain)
 
 
 def test_a_seeded_request_gets_one_answer_alone_or_batched(server):

@@ -68,6 +68,11 @@ class ChatMessage(BaseModel):
         return "system" if role == "developer" else role
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted, unused
     model: str
@@ -78,6 +83,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM
     # OpenAI's stop sequences (a string or up to 4), applied to the answer: see cut_at_stop
     stop: list[str] = Field(default_factory=list, max_length=4)
@@ -353,8 +359,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "completion_tokens_details": {"reasoning_tokens": out.reasoning_tokens},
         }
         if body.stream:
+            options = body.stream_options or StreamOptions()
             return StreamingResponse(
-                stream(cid, created, out, usage), media_type="text/event-stream"
+                stream(cid, created, out, usage if options.include_usage else None),
+                media_type="text/event-stream",
             )
         return {
             "id": cid,
@@ -375,22 +383,34 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "usage": usage,
         }
 
-    async def stream(cid: str, created: int, out: Completion, usage: dict) -> AsyncIterator[str]:
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+    async def stream(
+        cid: str, created: int, out: Completion, usage: dict | None
+    ) -> AsyncIterator[str]:
+        """OpenAI's chunks. With ``stream_options.include_usage`` (``usage`` given), every
+        chunk carries ``"usage": null`` and one more, with no choices, the usage; without it
+        no chunk has a usage field, as OpenAI and vLLM stream."""
+
+        def chunk(choices: list[dict], **extra: Any) -> str:
             data = {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": choices,
+                **({"usage": None} if usage is not None else {}),
                 **extra,
             }
             return f"data: {json.dumps(data)}\n\n"
 
-        yield chunk({"role": "assistant", "content": ""})
-        yield chunk({"reasoning_content": out.reasoning})
-        yield chunk({"content": out.answer})
-        yield chunk({}, out.finish_reason, usage=usage)
+        def delta(fields: dict, finish: str | None = None) -> str:
+            return chunk([{"index": 0, "delta": fields, "finish_reason": finish}])
+
+        yield delta({"role": "assistant", "content": ""})
+        yield delta({"reasoning_content": out.reasoning})
+        yield delta({"content": out.answer})
+        yield delta({}, out.finish_reason)
+        if usage is not None:
+            yield chunk([], usage=usage)
         yield "data: [DONE]\n\n"
 
     return app
