@@ -365,6 +365,15 @@ def test_eval_will_not_resume_on_a_changed_problem_file(tiny_model_dir, problems
     with pytest.raises(InputError, match="problem 'p1'") as err:
         evaluate(_eval_config(tiny_model_dir, moved, out))
     assert err.value.path.endswith("outputs.jsonl") and err.value.line == 2
+    # a corrected gold answer under the same question: the verdicts stored were the old
+    # answer's, and a resumed eval reported them
+    text, out = tmp_path / "text.jsonl", tmp_path / "text-ev"
+    rows = [{"id": "t0", "question": "How many?", "answer": "72"}]
+    text.write_text(json.dumps(rows[0]) + "\n")
+    evaluate(_eval_config(tiny_model_dir, text, out))
+    text.write_text(json.dumps(rows[0] | {"answer": "73"}) + "\n")
+    with pytest.raises(InputError, match="checked here against another answer .'72', now '73'"):
+        evaluate(_eval_config(tiny_model_dir, text, out))
 
 
 def test_eval_resumes_after_a_crash_cut_its_last_line(tiny_model_dir, problems, tmp_path):

@@ -3,8 +3,9 @@
 Greedy decoding gives pass@1; with ``samples`` k > 1, k sampled answers per problem give
 maj@k and pass@k. Every problem's outputs go to ``outputs.jsonl`` (raw text, parsed trace,
 ``correct``) as soon as its batch is done, so a re-run skips what is there. A re-run goes on only
-with the settings that decide the outputs (``eval_settings.json``) and the same question under
-each problem id, so old outputs never pass for another model's, budget's or problem's.
+with the settings that decide the outputs (``eval_settings.json``) and the same question and
+reference answer under each problem id, so old outputs never pass for another model's,
+budget's or problem's.
 """
 
 from __future__ import annotations
@@ -185,6 +186,15 @@ def answer_problems(
                 lineno,
                 f"problem {problem['id']!r} was answered here with another question: "
                 f"{cfg.problems} changed since; use a new --out",
+            )
+        if lineno is not None and rec.get("reference") != problem.get("answer"):
+            # a corrected gold answer: the stored verdicts were checked against the old one
+            raise InputError(
+                outputs_path,
+                lineno,
+                f"problem {problem['id']!r} was checked here against another answer "
+                f"({rec.get('reference')!r}, now {problem.get('answer')!r}): {cfg.problems} "
+                "changed since; use a new --out",
             )
     todo = [p for p in problems if p["id"] not in done]
     drop_cut_line(outputs_path)
