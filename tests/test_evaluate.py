@@ -80,6 +80,15 @@ def test_eval_writes_raw_outputs_and_resumes(tiny_model_dir, problems, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n"] == 5 and "maj@2" in metrics and "pass@2" in metrics
     assert metrics["mean_steps"] <= 2
+    # the share of greedy answers that ran out of tokens, beside the accuracy it lowers
+    cut = [json.loads(line)["outputs"][0]["finish_reason"] == "length" for line in lines]
+    assert metrics["length_cut_rate"] == sum(cut) / 5 and "length_cut_rate" in proc.stderr
+    from steiner.evaluate.report import build_report
+
+    build_report(tmp_path)
+    table = (tmp_path / "report.md").read_text().split("## Accuracy")[1].splitlines()
+    assert table[2].endswith(" | cut at length |")
+    assert table[4].endswith(f" | {100 * sum(cut) / 5:.1f}% |")
     assert steiner(*args).returncode == 0  # resumed: nothing left to do
     assert len((tmp_path / "outputs.jsonl").read_text().splitlines()) == 5
 

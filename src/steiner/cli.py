@@ -845,7 +845,13 @@ def eval_cmd(
     for key in (f"maj@{samples}", f"pass@{samples}") if samples > 1 else ():
         if key in m:
             table.add_row(key, f"{100 * m[key]:.1f}%")
-    for key in ("mean_steps", "mean_backtracks", "mean_reasoning_tokens", "format_error_rate"):
+    for key in (
+        "mean_steps",
+        "mean_backtracks",
+        "mean_reasoning_tokens",
+        "format_error_rate",
+        "length_cut_rate",
+    ):
         table.add_row(key, str(m[key]))
     console.print(table)
 

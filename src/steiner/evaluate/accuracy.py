@@ -272,6 +272,11 @@ def summarize(recs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
         "format_error_rate": round(sum(bool(o["format_errors"]) for o in firsts) / n, 4)
         if n
         else 0.0,
+        # answers cut by --max-new-tokens or the model's positions (a prompt past them gets
+        # none): a share here means the accuracy undercounts what the model would answer
+        "length_cut_rate": round(sum(o["finish_reason"] == "length" for o in firsts) / n, 4)
+        if n
+        else 0.0,
         "config": asdict(cfg),
     }
     if cfg.samples > 1 and n:

@@ -77,6 +77,7 @@ class _Metrics(_Record):
     mean_backtracks: float
     mean_reasoning_tokens: float
     format_error_rate: float
+    length_cut_rate: float | None = None  # absent from the metrics of older runs
 
     @model_validator(mode="after")
     def sampling_rates_are_numbers(self) -> _Metrics:
@@ -361,6 +362,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                     m["mean_backtracks"],
                     m["mean_reasoning_tokens"],
                     f"{100 * m['format_error_rate']:.1f}%",
+                    "-" if (cut := m.get("length_cut_rate")) is None else f"{100 * cut:.1f}%",
                 ]
             )
         lines += _table(
@@ -374,6 +376,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                 "backtracks",
                 "reasoning tokens",
                 "format errors",
+                "cut at length",
             ],
             rows,
         )
