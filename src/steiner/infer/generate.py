@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+from transformers.utils import logging as hf_logging
 
 from steiner.format import Trace, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
@@ -47,7 +48,15 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
     check_model_dir(str(model_dir), "--model", MADE_BY)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # without transformers' "Loading weights" bar: the commands that load a model here draw
+    # their own, and it stood above their one-line errors
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
 
