@@ -361,6 +361,8 @@ def test_a_model_without_the_reasoning_tokens_is_one_line_until_init_adds_them(t
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+    from steiner.format import add_reasoning_tokens
+
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
     special = ["<unk>", "<|im_end|>", "<pad>"]
@@ -389,13 +391,24 @@ def test_a_model_without_the_reasoning_tokens_is_one_line_until_init_adds_them(t
     from steiner.train.trainer import run_sft
 
     out = tmp_path / "out"
-    for run, config in ((run_sft, SFTStageConfig), (run_rl, RLStageConfig)):
+    for run, stage_config in ((run_sft, SFTStageConfig), (run_rl, RLStageConfig)):
         with pytest.raises(InputError, match=re.escape(lacks)):
-            run(config(model=str(plain), output_dir=str(out)))
+            run(stage_config(model=str(plain), output_dir=str(out)))
     assert not out.exists()
     from steiner.infer.generate import generate, load
     from steiner.train.model import init_model
 
+    # the tokens without a chat template (added by hand): transformers' ValueError at the
+    # first prompt
+    untemplated = tmp_path / "untemplated"
+    Qwen2ForCausalLM(config).save_pretrained(untemplated)
+    add_reasoning_tokens(plain_tok, set_chat_template=False)
+    plain_tok.save_pretrained(untemplated)
+    assert_one_line_error(
+        steiner("generate", "--model", str(untemplated), "hi"),
+        f"the tokenizer has no chat template; expected a Steiner model (`steiner train init "
+        f"--from {untemplated} --out DIR` adds one)",
+    )
     ready = tmp_path / "ready"
     init_model(ready, from_pretrained=str(plain))
     [completion] = generate(*load(ready), [[{"role": "user", "content": "hi"}]], max_new_tokens=8)

@@ -425,16 +425,19 @@ def check_model_dir(name: str | None, flag: str, made_by: str, reasoning: bool =
 
         from steiner.format import SPECIAL_TOKENS
 
-        vocab = AutoTokenizer.from_pretrained(name).get_vocab()
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        vocab = tokenizer.get_vocab()
         lacking = [t for t in SPECIAL_TOKENS if t not in vocab]
+        fix = f"expected a Steiner model (`steiner train init --from {name} --out DIR` adds"
         if lacking:
             raise InputError(
                 name,
                 None,
                 f"the tokenizer lacks {len(lacking)} of the 14 reasoning tokens ({lacking[0]}, "
-                f"...); expected a Steiner model (`steiner train init --from {name} --out DIR` "
-                "adds them)",
+                f"...); {fix} them)",
             )
+        if not tokenizer.chat_template:  # every prompt is a chat; transformers' ValueError
+            raise InputError(name, None, f"the tokenizer has no chat template; {fix} one)")
 
 
 def local_path(name: str) -> str:
