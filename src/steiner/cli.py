@@ -715,14 +715,14 @@ def generate_cmd(
 
     from steiner.format import Decision
     from steiner.infer.budget import Budget
-    from steiner.infer.generate import chat_prompt, generate, load
+    from steiner.infer.generate import count_prompt_tokens, generate, load, position_limit
 
     budget = Budget.from_flags(min_steps, max_steps, max_reasoning_tokens, extend_with)
     m, tok = load(model)
     messages = [{"role": "user", "content": question}]
     # as serve refuses it: past the model's positions the answer was silently empty
-    prompt_tokens = len(tok(chat_prompt(tok, messages), add_special_tokens=False)["input_ids"])
-    positions = getattr(m.config, "max_position_embeddings", None)
+    prompt_tokens = count_prompt_tokens(tok, messages)
+    positions = position_limit(m)
     if positions and prompt_tokens >= positions:
         raise InputError(
             "QUESTION",

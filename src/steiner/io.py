@@ -423,21 +423,26 @@ def check_model_dir(name: str | None, flag: str, made_by: str, reasoning: bool =
     if reasoning:
         from transformers import AutoTokenizer
 
-        from steiner.format import SPECIAL_TOKENS
+        check_reasoning_tokenizer(AutoTokenizer.from_pretrained(name), name)
 
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        vocab = tokenizer.get_vocab()
-        lacking = [t for t in SPECIAL_TOKENS if t not in vocab]
-        fix = f"expected a Steiner model (`steiner train init --from {name} --out DIR` adds"
-        if lacking:
-            raise InputError(
-                name,
-                None,
-                f"the tokenizer lacks {len(lacking)} of the 14 reasoning tokens ({lacking[0]}, "
-                f"...); {fix} them)",
-            )
-        if not tokenizer.chat_template:  # every prompt is a chat; transformers' ValueError
-            raise InputError(name, None, f"the tokenizer has no chat template; {fix} one)")
+
+def check_reasoning_tokenizer(tokenizer: Any, name: str) -> None:
+    """The model directory ``name``'s tokenizer has the 14 reasoning tokens and a chat
+    template, or one error line says which is missing and how to add it."""
+    from steiner.format import SPECIAL_TOKENS
+
+    vocab = tokenizer.get_vocab()
+    lacking = [t for t in SPECIAL_TOKENS if t not in vocab]
+    fix = f"expected a Steiner model (`steiner train init --from {name} --out DIR` adds"
+    if lacking:
+        raise InputError(
+            name,
+            None,
+            f"the tokenizer lacks {len(lacking)} of the 14 reasoning tokens ({lacking[0]}, "
+            f"...); {fix} them)",
+        )
+    if not tokenizer.chat_template:  # every prompt is a chat; transformers' ValueError
+        raise InputError(name, None, f"the tokenizer has no chat template; {fix} one)")
 
 
 def local_path(name: str) -> str:

@@ -146,13 +146,17 @@ def read_steiner_json(
         # from the text, so that JSON's arrays read as the tuples strict mode asks for
         SCHEMAS[kind].model_validate_json(text)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")  # pydantic's words for our check
-        why = f"field {where!r}: {msg}" if where else msg
-        skipped.append((path, f"not a Steiner {kind}: {why}"))
+        skipped.append((path, f"not a Steiner {kind}: {_first_problem(exc)}"))
         return None
     return d
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """A schema's first complaint, where it is and what: "field 'rows.0.accuracy': ..."."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")  # pydantic's words for our own checks
+    return f"field {where!r}: {msg}" if where else msg
 
 
 class _ShownStep(_Record):
@@ -197,9 +201,7 @@ def example_trace(root: Path, skipped: list[tuple[Path, str]]) -> list[str]:
             try:
                 trace = _ShownOutput.model_validate(out).trace
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                why = f"line {line}: field {where!r}: {first['msg']}"
+                why = f"line {line}: {_first_problem(exc)}"
                 skipped.append((path, f"not a Steiner outputs.jsonl: {why}"))
                 break
             lines = [f"## Example trace with a backtrack ({_rel(path.parent, root)})", ""]

@@ -16,7 +16,7 @@ from steiner.format import Trace, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.sampling import PerRowSampler
-from steiner.io import check_model_dir
+from steiner.io import check_model_dir, check_reasoning_tokenizer
 
 
 @dataclass
@@ -45,8 +45,9 @@ MADE_BY = "steiner train, or save_pretrained"
 
 
 def load(model_dir: str | Path) -> tuple[Any, Any]:
-    check_model_dir(str(model_dir), "--model", MADE_BY)
+    check_model_dir(str(model_dir), "--model", MADE_BY, reasoning=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    check_reasoning_tokenizer(tokenizer, str(model_dir))  # on this one, not a second load
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     # without transformers' "Loading weights" bar: the commands that load a model here draw
     # their own, and it stood above their one-line errors
@@ -63,6 +64,17 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """A chat's prompt length as ``generate`` encodes it (apply_chat_template(tokenize=True)
+    returns a BatchEncoding, whose len() is its number of keys, not of tokens)."""
+    return len(tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+
+
+def position_limit(model: Any) -> int | None:
+    """How many positions the model has (prompt and completion together), where it says."""
+    return getattr(model.config, "max_position_embeddings", None)
 
 
 class StopCancelledRows(StoppingCriteria):
@@ -125,7 +137,7 @@ def generate(
     criteria: list[StoppingCriteria] = [stop_cancelled] if stop_cancelled else []
     start = batch["input_ids"].shape[1]
     prompt_lengths = batch["attention_mask"].sum(1)
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = position_limit(model)
     if limit:
         max_new_tokens = max(1, min(max_new_tokens, limit - int(prompt_lengths.min())))
         criteria.append(StopAtPositionLimit(prompt_lengths, start, limit))

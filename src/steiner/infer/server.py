@@ -35,7 +35,13 @@ from pydantic import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steiner.infer.budget import EXTEND_WITH, Budget
-from steiner.infer.generate import Completion, chat_prompt, generate, load
+from steiner.infer.generate import (
+    Completion,
+    count_prompt_tokens,
+    generate,
+    load,
+    position_limit,
+)
 
 
 class ChatMessage(BaseModel):
@@ -162,7 +168,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     request_tokenizer = copy.deepcopy(tokenizer)
     # a prompt must leave the model a position to answer in (vLLM refuses one past its
     # max_model_len); a longer one got an empty completion, 200 and finish_reason "length"
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = position_limit(model)
     prompt_limit, why_limit = settings.max_prompt_tokens, ""
     if positions and positions - 1 < prompt_limit:
         prompt_limit, why_limit = positions - 1, f" (the model has {positions} positions)"
@@ -325,10 +331,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"{settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        # counted as generate encodes it (apply_chat_template(tokenize=True) returns a
-        # BatchEncoding, whose len() is its number of keys, not of tokens)
-        prompt = chat_prompt(request_tokenizer, [m.model_dump() for m in body.messages])
-        n_prompt = len(request_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        n_prompt = count_prompt_tokens(request_tokenizer, [m.model_dump() for m in body.messages])
         if n_prompt > prompt_limit:
             return error(
                 400,
