@@ -66,7 +66,8 @@ def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
     report = (out / "report.md").read_text()
     for section in ("## Demo", "## Synthesis", "## Accuracy", "Inference-time scaling", "Latency"):
         assert section in report, section
-    assert "## Files not read" not in report  # the report's schemas accept every file the demo writes
+    # the report's schemas accept every file the demo writes
+    assert "## Files not read" not in report
     assert (out / "report.html").exists() and (out / "scale" / "scale.png").exists()
     assert [t["target"] for t in summary["targets"]][0].startswith("Steiner-SFT beats")
     assert summary["targets"][0]["measured"].endswith("(both trained on the same 40 problems)")

@@ -386,6 +386,95 @@ def test_lora_trains_new_token_rows_and_saves_a_plain_model(data):
     assert torch.allclose(after[other], before[other])  # old rows stay frozen under LoRA
 
 
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A stand-in for the Hub's API: it records what each upload holds (the files, less the
+    ignored ones) and fails the uploads while ``fail`` holds an error; no network is reached."""
+    from concurrent.futures import Future
+
+    from huggingface_hub import HfApi, RepoUrl
+
+    hub = {"uploads": [], "fail": None}
+
+    def upload_folder(self, *, folder_path, **kwargs):
+        if hub["fail"] is not None and not kwargs.get("run_as_future"):
+            raise hub["fail"]
+        ignored = kwargs.get("ignore_patterns") or []
+        files = {
+            p.name
+            for p in Path(folder_path).iterdir()
+            if p.is_file() and not any(Path(p.name).match(pattern) for pattern in ignored)
+        }
+        hub["uploads"].append((files, kwargs))
+        done: Future = Future()
+        done.set_result(None)
+        return done if kwargs.get("run_as_future") else None
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, name, **kw: RepoUrl(f"https://hf.co/{name}")
+    )
+    monkeypatch.setattr("huggingface_hub.repocard.RepoCard.validate", lambda self, *a, **k: None)
+    return hub
+
+
+def pushed_sft(data, out: Path, **kw) -> SFTStageConfig:
+    return quick(
+        SFTStageConfig,
+        data,
+        "pushed",
+        output_dir=str(out),
+        model=str(data / "init"),
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        data=str(data / "synth" / "paths.jsonl"),
+        push_to_hub=True,
+        **kw,
+    )
+
+
+def test_lora_with_push_to_hub_saves_and_uploads_the_merged_model_not_the_adapter(
+    data, tmp_path, fake_hub
+):
+    """Trainer's checkpoint pushes copy the adapter into output_dir, and its own final push
+    would upload the adapter: from_pretrained then read the merged model as an adapter."""
+    out = tmp_path / "lora"
+    run_sft(pushed_sft(data, out, use_lora=True, hub_model_id="me/steiner-lora"))
+    assert not (out / "adapter_config.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings() is not None
+    *during, (final, kwargs) = fake_hub["uploads"]
+    assert during and all("adapter_config.json" in files for files, _ in during)
+    assert kwargs["repo_id"] == "me/steiner-lora"
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= final
+    assert not final & {"adapter_config.json", "adapter_model.safetensors"}
+    assert "adapter_config.json" in kwargs["delete_patterns"]  # the checkpoints' copies go
+
+
+def test_a_failed_final_push_keeps_the_model_and_summary_and_is_one_error_line(
+    data, tmp_path, fake_hub
+):
+    """The model is saved before the push: losing the network at the end was a traceback
+    that skipped the training summary. The same command again pushes it."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    out = tmp_path / "full"
+    cfg = pushed_sft(data, out, hub_model_id="me/steiner-full")
+    fake_hub["fail"] = OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline.")
+    with pytest.raises(
+        InputError,
+        match="trained and saved in .*, but the push to the Hub repo "
+        "me/steiner-full failed \\(OfflineModeIsEnabled: Cannot reach",
+    ):
+        run_sft(cfg)
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    fake_hub["fail"] = None
+    assert run_sft(cfg)["steps"] == 2  # no step trained again
+    final, kwargs = fake_hub["uploads"][-1]
+    assert "model.safetensors" in final and kwargs["repo_id"] == "me/steiner-full"
+
+
 def test_train_cli_bad_flag_is_one_line(data):
     proc = steiner("train", "sft", "--model", str(data / "init"), "--bogus", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

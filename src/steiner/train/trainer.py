@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from huggingface_hub import HfApi
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -18,6 +19,7 @@ from transformers import (
     TrainerState,
 )
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from steiner.format import SPECIAL_TOKENS
@@ -331,15 +333,14 @@ def run_stage(
     tokens_now = trainer.state.num_input_tokens_seen - (
         resumed.num_input_tokens_seen if resumed else 0
     )
-    if cfg.use_lora:
-        # merged, so the saved model loads without PEFT
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-        if trainer.accelerator.is_main_process:
-            merged.save_pretrained(cfg.output_dir)
-    else:
-        trainer.save_model(cfg.output_dir)  # gathers ZeRO-3 / FSDP shards on multi-GPU runs
-    if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(cfg.output_dir)
+    try:
+        save_final_model(trainer, cfg, tokenizer)
+        push_failure = None
+    except Exception as exc:
+        if not (cfg.push_to_hub and hub_request_failed(exc)):
+            raise
+        # the model is on disk by now: the summary is still written, and the error says so
+        push_failure = exc
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     summary = {
@@ -362,7 +363,55 @@ def run_stage(
     }
     if trainer.accelerator.is_main_process:
         write_json(Path(cfg.output_dir, "training_summary.json"), summary)
+    if push_failure is not None:
+        raise InputError(
+            "--push_to_hub",
+            None,
+            f"trained and saved in {cfg.output_dir}, but the push to the Hub repo "
+            f"{trainer.hub_model_id} failed ({type(push_failure).__name__}: "
+            f"{' '.join(str(push_failure).split())}); the same command again pushes it",
+        ) from None
     return summary
+
+
+# A LoRA run's checkpoint pushes (hub_strategy) copy the adapter into output_dir and the repo's
+# root, where from_pretrained would read the merged model as an adapter of a base it may not reach
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+
+
+def save_final_model(
+    trainer: Trainer, cfg: SFTStageConfig | CPTStageConfig, tokenizer: Any
+) -> None:
+    """Save the trained model and its tokenizer in ``output_dir`` and, with ``--push_to_hub``,
+    upload them as ``Trainer.push_to_hub`` does at the end of training."""
+    main = trainer.accelerator.is_main_process
+    if not cfg.use_lora:
+        # gathers ZeRO-3 / FSDP shards on multi-GPU runs; pushes output_dir with push_to_hub
+        trainer.save_model(cfg.output_dir)
+        if main:
+            tokenizer.save_pretrained(cfg.output_dir)
+        return
+    # merged, so the saved model loads without PEFT; Trainer's own push would save and upload
+    # the adapter instead, so the merged model is uploaded here
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    if not main:
+        return
+    for name in ADAPTER_FILES:  # copied there by the checkpoints' pushes (hub_strategy)
+        Path(cfg.output_dir, name).unlink(missing_ok=True)
+    merged.save_pretrained(cfg.output_dir)
+    tokenizer.save_pretrained(cfg.output_dir)
+    if cfg.push_to_hub:
+        trainer.create_model_card(model_name=trainer.hub_model_id.split("/")[-1])
+        trainer._finish_current_push()  # a checkpoint's upload may still be running
+        HfApi().upload_folder(
+            repo_id=trainer.hub_model_id,
+            folder_path=cfg.output_dir,
+            commit_message="End of training",
+            token=cfg.hub_token,
+            revision=cfg.hub_revision,
+            ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*", *ADAPTER_FILES],
+            delete_patterns=ADAPTER_FILES,
+        )
 
 
 SETTINGS_FILE = "train_settings.json"
