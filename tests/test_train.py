@@ -475,6 +475,31 @@ def test_a_failed_final_push_keeps_the_model_and_summary_and_is_one_error_line(
     assert "model.safetensors" in final and kwargs["repo_id"] == "me/steiner-full"
 
 
+def test_the_same_sft_command_writes_the_same_files(data, tmp_path):
+    """Only the clock may differ between two runs of one command. TRL's model card listed its
+    tags in a set's order, which the interpreter's hash seed changes from run to run."""
+    out, first = tmp_path / "sft", tmp_path / "first"
+    args = [
+        sys.executable, "-m", "steiner.cli", "train", "sft", "--model", str(data / "init"),
+        "--data", str(data / "synth" / "paths.jsonl"), "--output_dir", str(out),
+        "--max_steps", "2", "--save_steps", "1",
+    ]  # fmt: skip
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        proc = subprocess.run(args, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        if hash_seed == "1":
+            out.rename(first)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    timed = {"trainer_state.json", "training_summary.json"}  # seconds and tokens per second
+    differ = [f for f in files if (first / f).read_bytes() != (out / f).read_bytes()]
+    assert all(f.name in timed for f in differ), differ
+    assert "README.md" in {f.name for f in files}
+    summaries = [json.loads((d / "training_summary.json").read_text()) for d in (first, out)]
+    assert summaries[0]["final_loss"] == summaries[1]["final_loss"]
+
+
 def test_train_cli_bad_flag_is_one_line(data):
     proc = steiner("train", "sft", "--model", str(data / "init"), "--bogus", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

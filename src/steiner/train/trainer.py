@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -123,6 +123,17 @@ class SteinerTrainer(SFTTrainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.add_callback(_RateClock(self))
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # TRL gathers the card's tags in a set and writes them in its iteration order, which
+        # PYTHONHASHSEED changes from run to run: the same command wrote different README.md
+        super().create_model_card(*args, **kwargs)
+        card_path = Path(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and card_path.is_file():
+            card = ModelCard.load(card_path)
+            if card.data.tags:
+                card.data.tags = sorted(card.data.tags)
+                card.save(card_path)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # transformers 5 writes a tied LM head once, under the input embeddings, and then warns
