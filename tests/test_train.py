@@ -386,6 +386,44 @@ def test_lora_trains_new_token_rows_and_saves_a_plain_model(data):
     assert torch.allclose(after[other], before[other])  # old rows stay frozen under LoRA
 
 
+def test_a_lora_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(data, tmp_path):
+    """The 14 token rows train outside the adapter, so a checkpoint held the adapter alone: a
+    resumed run went on from the initial rows, and a re-run of a finished stage saved a model
+    without them. The adapter's initial weights were drawn unseeded, so no two runs agreed."""
+    from safetensors.torch import load_file
+
+    def lora_sft(out: Path, steps: int) -> SFTStageConfig:
+        return quick(
+            SFTStageConfig,
+            data,
+            "lora-resume",
+            output_dir=str(out),
+            model=str(data / "init"),
+            max_steps=steps,
+            save_strategy="steps",
+            save_steps=1,
+            data=str(data / "synth" / "paths.jsonl"),
+            use_lora=True,
+        )
+
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    run_sft(lora_sft(whole, 2))
+    run_sft(lora_sft(halves, 1))
+    assert run_sft(lora_sft(halves, 2))["resumed_from"] == str(halves / "checkpoint-1")
+    expected = load_file(whole / "model.safetensors")
+    init = load_file(data / "init" / "model.safetensors")
+    got = load_file(halves / "model.safetensors")
+    assert not torch.equal(expected["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert run_sft(lora_sft(halves, 2))["resumed_from"] == str(halves / "checkpoint-2")
+    again = load_file(halves / "model.safetensors")  # the finished stage, run again
+    assert all(torch.equal(expected[k], again[k]) for k in expected)
+    # a checkpoint without the rows (written before they were saved) is not resumed quietly
+    (halves / "checkpoint-2" / "new_token_rows.safetensors").unlink()
+    with pytest.raises(InputError, match="expected new_token_rows.safetensors beside the LoRA"):
+        run_sft(lora_sft(halves, 2))
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """A stand-in for the Hub's API: it records what each upload holds (the files, less the

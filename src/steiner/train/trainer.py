@@ -17,6 +17,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainerState,
+    set_seed,
 )
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -124,6 +125,20 @@ class SteinerTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.add_callback(_RateClock(self))
 
+    # a LoRA run trains these embedding rows through a gradient mask (see train_rows_only),
+    # outside the adapter, so its checkpoints carry them beside it
+    new_token_ids: list[int] | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.new_token_ids is not None:
+            save_token_rows(self.model, self.new_token_ids, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.new_token_ids is not None:
+            load_token_rows(model or self.model, self.new_token_ids, resume_from_checkpoint)
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # TRL gathers the card's tags in a set and writes them in its iteration order, which
         # PYTHONHASHSEED changes from run to run: the same command wrote different README.md
@@ -209,6 +224,53 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
     weight.register_hook(lambda grad: grad * mask.to(grad.device))
 
 
+TOKEN_ROWS_FILE = "new_token_rows.safetensors"
+
+
+def _token_row_weights(model: Any) -> dict[str, torch.Tensor]:
+    weights = {"embed_tokens": model.get_input_embeddings().weight}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not weights["embed_tokens"]:
+        weights["lm_head"] = head.weight
+    return weights
+
+
+def save_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
+    """Write the rows of ``ids`` in the input embeddings (and an untied head) beside a LoRA
+    checkpoint's adapter, which does not hold them."""
+    from safetensors.torch import save_file
+
+    rows = {
+        name: w.detach()[ids].cpu().contiguous() for name, w in _token_row_weights(model).items()
+    }
+    save_file(rows, os.path.join(checkpoint, TOKEN_ROWS_FILE))
+
+
+def load_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
+    """Put a LoRA checkpoint's trained token rows back: without them a resumed run went on
+    from the initial rows, and a finished stage run again saved a model without its training
+    of the 14 tokens."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(checkpoint, TOKEN_ROWS_FILE)
+    if not os.path.isfile(path):
+        raise InputError(
+            checkpoint,
+            None,
+            f"expected {TOKEN_ROWS_FILE} beside the LoRA adapter (the 14 new tokens' trained "
+            "rows; checkpoints written before Steiner saved them lack it): start the stage "
+            "over in a new --output_dir",
+        )
+    rows = load_file(path)
+    with torch.no_grad():
+        for name, weight in _token_row_weights(model).items():
+            weight[ids] = rows[name].to(weight.device, weight.dtype)
+
+
+def new_token_ids(tokenizer: Any) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+
+
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(
@@ -217,6 +279,9 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
+        # the adapter's initial weights are drawn here, before the Trainer seeds itself: an
+        # unseeded draw gave every run of one command another model
+        set_seed(cfg.seed)
         model = get_peft_model(
             model,
             LoraConfig(
@@ -227,11 +292,8 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
                 task_type="CAUSAL_LM",
             ),
         )
-        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-        train_rows_only(model.get_input_embeddings().weight, new_ids)
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not model.get_input_embeddings().weight:
-            train_rows_only(head.weight, new_ids)
+        for weight in _token_row_weights(model).values():
+            train_rows_only(weight, new_token_ids(tokenizer))
     return model, tokenizer
 
 
@@ -308,6 +370,8 @@ def run_stage(
                 f"({type(exc).__name__}: {' '.join(str(exc).split())})",
             ) from None
         raise
+    if cfg.use_lora:
+        trainer.new_token_ids = new_token_ids(tokenizer)
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
     check_trained_examples(cfg, len(dataset), trained)
