@@ -408,6 +408,7 @@ def test_a_lora_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(da
 
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     run_sft(lora_sft(whole, 2))
+    # stopped after its first step, whose learning rate is the schedule's peak at any length
     run_sft(lora_sft(halves, 1))
     assert run_sft(lora_sft(halves, 2))["resumed_from"] == str(halves / "checkpoint-1")
     expected = load_file(whole / "model.safetensors")
