@@ -240,9 +240,12 @@ def save_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
     checkpoint's adapter, which does not hold them."""
     from safetensors.torch import save_file
 
-    rows = {
-        name: w.detach()[ids].cpu().contiguous() for name, w in _token_row_weights(model).items()
-    }
+    weights = _token_row_weights(model)
+    if any(w.dim() != 2 or w.shape[0] <= max(ids) for w in weights.values()):
+        # a sharded weight (ZeRO-3, FSDP: untried, no GPU here) holds no whole rows; the
+        # checkpoint goes without them, and resuming from it says so in one line
+        return
+    rows = {name: w.detach()[ids].cpu().contiguous() for name, w in weights.items()}
     save_file(rows, os.path.join(checkpoint, TOKEN_ROWS_FILE))
 
 
