@@ -270,7 +270,7 @@ def load_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
             weight[ids] = rows[name].to(weight.device, weight.dtype)
 
 
-def new_token_ids(tokenizer: Any) -> list[int]:
+def reasoning_token_ids(tokenizer: Any) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
 
 
@@ -296,7 +296,7 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
             ),
         )
         for weight in _token_row_weights(model).values():
-            train_rows_only(weight, new_token_ids(tokenizer))
+            train_rows_only(weight, reasoning_token_ids(tokenizer))
     return model, tokenizer
 
 
@@ -374,7 +374,7 @@ def run_stage(
             ) from None
         raise
     if cfg.use_lora:
-        trainer.new_token_ids = new_token_ids(tokenizer)
+        trainer.new_token_ids = reasoning_token_ids(tokenizer)
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
     check_trained_examples(cfg, len(dataset), trained)
