@@ -386,43 +386,51 @@ def test_lora_trains_new_token_rows_and_saves_a_plain_model(data):
     assert torch.allclose(after[other], before[other])  # old rows stay frozen under LoRA
 
 
+def checkpointed_sft(data, out: Path, **kw) -> SFTStageConfig:
+    """A short SFT into ``out`` that checkpoints every step."""
+    return quick(
+        SFTStageConfig,
+        data,
+        out.name,
+        **{
+            "output_dir": str(out),
+            "model": str(data / "init"),
+            "max_steps": 2,
+            "save_strategy": "steps",
+            "save_steps": 1,
+            "data": str(data / "synth" / "paths.jsonl"),
+            **kw,
+        },
+    )
+
+
 def test_a_lora_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(data, tmp_path):
     """The 14 token rows train outside the adapter, so a checkpoint held the adapter alone: a
     resumed run went on from the initial rows, and a re-run of a finished stage saved a model
     without them. The adapter's initial weights were drawn unseeded, so no two runs agreed."""
     from safetensors.torch import load_file
 
-    def lora_sft(out: Path, steps: int) -> SFTStageConfig:
-        return quick(
-            SFTStageConfig,
-            data,
-            "lora-resume",
-            output_dir=str(out),
-            model=str(data / "init"),
-            max_steps=steps,
-            save_strategy="steps",
-            save_steps=1,
-            data=str(data / "synth" / "paths.jsonl"),
-            use_lora=True,
-        )
-
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    run_sft(lora_sft(whole, 2))
+    run_sft(checkpointed_sft(data, whole, max_steps=2, use_lora=True))
     # stopped after its first step, whose learning rate is the schedule's peak at any length
-    run_sft(lora_sft(halves, 1))
-    assert run_sft(lora_sft(halves, 2))["resumed_from"] == str(halves / "checkpoint-1")
+    run_sft(checkpointed_sft(data, halves, max_steps=1, use_lora=True))
+    assert run_sft(checkpointed_sft(data, halves, max_steps=2, use_lora=True))[
+        "resumed_from"
+    ] == str(halves / "checkpoint-1")
     expected = load_file(whole / "model.safetensors")
     init = load_file(data / "init" / "model.safetensors")
     got = load_file(halves / "model.safetensors")
     assert not torch.equal(expected["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    assert run_sft(lora_sft(halves, 2))["resumed_from"] == str(halves / "checkpoint-2")
+    assert run_sft(checkpointed_sft(data, halves, max_steps=2, use_lora=True))[
+        "resumed_from"
+    ] == str(halves / "checkpoint-2")
     again = load_file(halves / "model.safetensors")  # the finished stage, run again
     assert all(torch.equal(expected[k], again[k]) for k in expected)
     # a checkpoint without the rows (written before they were saved) is not resumed quietly
     (halves / "checkpoint-2" / "new_token_rows.safetensors").unlink()
     with pytest.raises(InputError, match="expected new_token_rows.safetensors beside the LoRA"):
-        run_sft(lora_sft(halves, 2))
+        run_sft(checkpointed_sft(data, halves, max_steps=2, use_lora=True))
 
 
 @pytest.fixture
@@ -457,29 +465,15 @@ def fake_hub(monkeypatch):
     return hub
 
 
-def pushed_sft(data, out: Path, **kw) -> SFTStageConfig:
-    return quick(
-        SFTStageConfig,
-        data,
-        "pushed",
-        output_dir=str(out),
-        model=str(data / "init"),
-        max_steps=2,
-        save_strategy="steps",
-        save_steps=1,
-        data=str(data / "synth" / "paths.jsonl"),
-        push_to_hub=True,
-        **kw,
-    )
-
-
 def test_lora_with_push_to_hub_saves_and_uploads_the_merged_model_not_the_adapter(
     data, tmp_path, fake_hub
 ):
     """Trainer's checkpoint pushes copy the adapter into output_dir, and its own final push
     would upload the adapter: from_pretrained then read the merged model as an adapter."""
     out = tmp_path / "lora"
-    run_sft(pushed_sft(data, out, use_lora=True, hub_model_id="me/steiner-lora"))
+    run_sft(
+        checkpointed_sft(data, out, use_lora=True, push_to_hub=True, hub_model_id="me/steiner-lora")
+    )
     assert not (out / "adapter_config.json").exists()
     assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings() is not None
     *during, (final, kwargs) = fake_hub["uploads"]
@@ -498,7 +492,7 @@ def test_a_failed_final_push_keeps_the_model_and_summary_and_is_one_error_line(
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     out = tmp_path / "full"
-    cfg = pushed_sft(data, out, hub_model_id="me/steiner-full")
+    cfg = checkpointed_sft(data, out, push_to_hub=True, hub_model_id="me/steiner-full")
     fake_hub["fail"] = OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline.")
     with pytest.raises(
         InputError,
