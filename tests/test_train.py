@@ -411,26 +411,23 @@ def test_a_lora_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(da
     from safetensors.torch import load_file
 
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    run_sft(checkpointed_sft(data, whole, max_steps=2, use_lora=True))
+    two_steps = checkpointed_sft(data, halves, use_lora=True)
+    run_sft(checkpointed_sft(data, whole, use_lora=True))
     # stopped after its first step, whose learning rate is the schedule's peak at any length
     run_sft(checkpointed_sft(data, halves, max_steps=1, use_lora=True))
-    assert run_sft(checkpointed_sft(data, halves, max_steps=2, use_lora=True))[
-        "resumed_from"
-    ] == str(halves / "checkpoint-1")
+    assert run_sft(two_steps)["resumed_from"] == str(halves / "checkpoint-1")
     expected = load_file(whole / "model.safetensors")
     init = load_file(data / "init" / "model.safetensors")
     got = load_file(halves / "model.safetensors")
     assert not torch.equal(expected["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    assert run_sft(checkpointed_sft(data, halves, max_steps=2, use_lora=True))[
-        "resumed_from"
-    ] == str(halves / "checkpoint-2")
+    assert run_sft(two_steps)["resumed_from"] == str(halves / "checkpoint-2")
     again = load_file(halves / "model.safetensors")  # the finished stage, run again
     assert all(torch.equal(expected[k], again[k]) for k in expected)
     # a checkpoint without the rows (written before they were saved) is not resumed quietly
     (halves / "checkpoint-2" / "new_token_rows.safetensors").unlink()
     with pytest.raises(InputError, match="expected new_token_rows.safetensors beside the LoRA"):
-        run_sft(checkpointed_sft(data, halves, max_steps=2, use_lora=True))
+        run_sft(two_steps)
 
 
 @pytest.fixture
