@@ -176,6 +176,11 @@ def descriptive_words(token: str) -> str:
     )
 
 
+def reasoning_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of the 14 reasoning tokens, in the format's order."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+
+
 def add_tokens_to_pretrained(model: Any, tokenizer: Any) -> list[int]:
     """Add the reasoning tokens to a pretrained model and initialise each new embedding
     (input and, when untied, output) as the mean of its descriptive words' embeddings.
@@ -234,7 +239,7 @@ def init_model(
         size = vocab_size or PRESETS[preset]["vocab_size"]
         tokenizer = train_tokenizer(corpus_texts(data), size, split_digits)
         model = build_model(preset, tokenizer, max_positions, seed)
-        new_ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+        new_ids = reasoning_token_ids(tokenizer)
         origin = f"preset {preset}"
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -23,7 +23,6 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from steiner.format import SPECIAL_TOKENS
 from steiner.io import (
     InputError,
     check_checkpoint_inputs,
@@ -37,6 +36,7 @@ from steiner.io import (
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
+from steiner.train.model import reasoning_token_ids
 
 
 def tokens_spent(state: TrainerState, budget: int | None) -> bool:
@@ -125,19 +125,21 @@ class SteinerTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.add_callback(_RateClock(self))
 
-    # a LoRA run trains these embedding rows through a gradient mask (see train_rows_only),
-    # outside the adapter, so its checkpoints carry them beside it
-    new_token_ids: list[int] | None = None
+    @property
+    def new_token_ids(self) -> list[int] | None:
+        """The embedding rows a LoRA run trains through a gradient mask (see train_rows_only),
+        outside the adapter, so that its checkpoints carry them beside it."""
+        return reasoning_token_ids(self.processing_class) if self.args.use_lora else None
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)
-        if self.new_token_ids is not None:
-            save_token_rows(self.model, self.new_token_ids, output_dir or self.args.output_dir)
+        if (ids := self.new_token_ids) is not None:
+            save_token_rows(self.model, ids, output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.new_token_ids is not None:
-            load_token_rows(model or self.model, self.new_token_ids, resume_from_checkpoint)
+        if (ids := self.new_token_ids) is not None:
+            load_token_rows(model or self.model, ids, resume_from_checkpoint)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # TRL gathers the card's tags in a set and writes them in its iteration order, which
@@ -270,10 +272,6 @@ def load_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
             weight[ids] = rows[name].to(weight.device, weight.dtype)
 
 
-def reasoning_token_ids(tokenizer: Any) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-
-
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(
@@ -295,8 +293,9 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
                 task_type="CAUSAL_LM",
             ),
         )
+        new_ids = reasoning_token_ids(tokenizer)
         for weight in _token_row_weights(model).values():
-            train_rows_only(weight, reasoning_token_ids(tokenizer))
+            train_rows_only(weight, new_ids)
     return model, tokenizer
 
 
@@ -344,6 +343,11 @@ def hub_request_failed(exc: BaseException) -> bool:
     return False
 
 
+def error_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (huggingface_hub's run over several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def run_stage(
     cfg: SFTStageConfig | CPTStageConfig,
     dataset: Dataset,
@@ -370,11 +374,9 @@ def run_stage(
                 "--push_to_hub",
                 None,
                 f"cannot create the Hub repo {cfg.hub_model_id or Path(cfg.output_dir).name} "
-                f"({type(exc).__name__}: {' '.join(str(exc).split())})",
+                f"({error_line(exc)})",
             ) from None
         raise
-    if cfg.use_lora:
-        trainer.new_token_ids = reasoning_token_ids(tokenizer)
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
     check_trained_examples(cfg, len(dataset), trained)
@@ -446,8 +448,8 @@ def run_stage(
             "--push_to_hub",
             None,
             f"trained and saved in {cfg.output_dir}, but the push to the Hub repo "
-            f"{trainer.hub_model_id} failed ({type(push_failure).__name__}: "
-            f"{' '.join(str(push_failure).split())}); the same command again pushes it",
+            f"{trainer.hub_model_id} failed ({error_line(push_failure)}); the same command "
+            "again pushes it",
         ) from None
     return summary
 
