@@ -259,29 +259,24 @@ def summarize(recs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     correct = sum(r["correct"] for r in recs)
     lo, hi = wilson_interval(correct, n)
     mean = lambda key: round(sum(o[key] for o in firsts) / n, 3) if n else 0.0  # noqa: E731
+    share = lambda count: round(count / n, 4) if n else 0.0  # noqa: E731
     metrics = {
         "model": cfg.model,
         "problems": cfg.problems,
         "n": n,
         "correct": correct,
-        "pass@1": round(correct / n, 4) if n else 0.0,
+        "pass@1": share(correct),
         "pass@1_ci95": [round(lo, 4), round(hi, 4)],
         "mean_reasoning_tokens": mean("reasoning_tokens"),
         "mean_steps": mean("n_steps"),
         "mean_backtracks": mean("n_backtracks"),
-        "format_error_rate": round(sum(bool(o["format_errors"]) for o in firsts) / n, 4)
-        if n
-        else 0.0,
+        "format_error_rate": share(sum(bool(o["format_errors"]) for o in firsts)),
         # answers cut by --max-new-tokens or the model's positions (a prompt past them gets
         # none): a share here means the accuracy undercounts what the model would answer
-        "length_cut_rate": round(sum(o["finish_reason"] == "length" for o in firsts) / n, 4)
-        if n
-        else 0.0,
+        "length_cut_rate": share(sum(o["finish_reason"] == "length" for o in firsts)),
         "config": asdict(cfg),
     }
     if cfg.samples > 1 and n:
-        metrics[f"maj@{cfg.samples}"] = round(sum(r.get("maj_correct", False) for r in recs) / n, 4)
-        metrics[f"pass@{cfg.samples}"] = round(
-            sum(r.get("pass_correct", False) for r in recs) / n, 4
-        )
+        metrics[f"maj@{cfg.samples}"] = share(sum(r.get("maj_correct", False) for r in recs))
+        metrics[f"pass@{cfg.samples}"] = share(sum(r.get("pass_correct", False) for r in recs))
     return metrics
