@@ -4,6 +4,7 @@ import copy
 import importlib.metadata
 import importlib.util
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -270,6 +271,30 @@ def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
         cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, use_vllm=True)
         with pytest.raises(InputError, match="vLLM is not installed"):
             run_rl(cfg, log=lambda r: None)
+
+
+def test_every_prompt_must_leave_max_new_tokens_of_the_models_positions(
+    tmp_path, tiny_model_dir, small_countdown
+):
+    # before: RL generated past the model's 2,048 positions with transformers' warning alone
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    problems = [json.loads(line) for line in small_countdown[0].read_text().splitlines()]
+    prompts = [[{"role": "user", "content": p["question"]}] for p in problems]
+    longest = max(
+        len(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"])
+        for c in prompts
+    )
+    room = 2048 - longest
+    out = tmp_path / "rl"
+    cfg = small_rl_config(tiny_model_dir, small_countdown, out, max_new_tokens=room + 1)
+    with pytest.raises(InputError, match=rf"^--max_new_tokens: expected at most {room} \("):
+        run_rl(cfg, log=lambda r: None)
+    assert not out.exists()  # checked before anything is written
+    cfg.max_new_tokens = room
+    rl.check_room_for_completions(tok, 2048, problems, cfg)  # exactly fills them: no error
+    fills = rf"has a prompt of {longest} tokens .* {longest} positions; expected prompts"
+    with pytest.raises(InputError, match=fills):
+        rl.check_room_for_completions(tok, longest, problems, cfg)
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
 from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
+from steiner.infer.generate import chat_prompt, position_limit
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.vllm_budget import VLLM_PROCESSOR
 from steiner.io import (
@@ -338,6 +339,36 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         return train_rl(cfg, accelerator, rng, log)
 
 
+def question_prompt(tokenizer: Any, problem: dict[str, Any]) -> str:
+    return chat_prompt(tokenizer, [{"role": "user", "content": problem["question"]}])
+
+
+def check_room_for_completions(
+    tokenizer: Any, positions: int | None, problems: list[dict[str, Any]], cfg: RLStageConfig
+) -> None:
+    """Every prompt must leave ``max_new_tokens`` of the model's positions, as ``generate``
+    holds its rows to them: past them a learned position table raises IndexError, RoPE runs
+    on angles the model never saw and vLLM refuses the request, so the run would train on
+    completions the model cannot write. Checked before anything is written."""
+    if not positions:
+        return
+    prompts = [question_prompt(tokenizer, p) for p in problems]
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(problems)), key=lengths.__getitem__)
+    what = (
+        f"problem {problems[longest]['id']} of {cfg.problems} has a prompt of "
+        f"{lengths[longest]} tokens and {cfg.model} has {positions} positions"
+    )
+    if lengths[longest] >= positions:
+        raise InputError(cfg.problems, None, f"{what}; expected prompts that leave it room")
+    if lengths[longest] + cfg.max_new_tokens > positions:
+        raise InputError(
+            "--max_new_tokens",
+            None,
+            f"expected at most {positions - lengths[longest]} ({what}), got {cfg.max_new_tokens}",
+        )
+
+
 def train_rl(
     cfg: RLStageConfig, accelerator: Accelerator, rng: random.Random, log: Any
 ) -> dict[str, Any]:
@@ -358,12 +389,13 @@ def train_rl(
             None,
             f"no DAG for any problem of {cfg.problems}; expected synth's DAGs of them",
         )
-    # once the data have loaded: bad data stops the run before this writes anything
-    check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)
-    domain = get_domain(problems[0]["domain"])
     tok = AutoTokenizer.from_pretrained(cfg.model)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    check_room_for_completions(tok, position_limit(model), problems, cfg)
+    # once the data have loaded: bad data stops the run before this writes anything
+    check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)
+    domain = get_domain(problems[0]["domain"])
     ref = (
         AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
         .to(accelerator.device)
@@ -397,15 +429,7 @@ def train_rl(
     for step in range(first_step, cfg.steps + 1):
         batch = rng.sample(problems, min(cfg.prompts_per_step, len(problems)))
         batch = batch[accelerator.process_index :: accelerator.num_processes]
-        prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p["question"]}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            for p in batch
-            for _ in range(cfg.group_size)
-        ]
+        prompts = [question_prompt(tok, p) for p in batch for _ in range(cfg.group_size)]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(
             accelerator.device
         )
