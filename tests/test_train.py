@@ -1008,6 +1008,54 @@ def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(data, tm
     assert not (out / "sft2").exists()
 
 
+def test_examples_are_cut_at_the_models_positions(data, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def chat(question: str, answer: str) -> dict:
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+
+    # a learned position table of 48 rows: an example past them stopped SFT with IndexError
+    tok = AutoTokenizer.from_pretrained(data / "init")
+    model_dir = tmp_path / "gpt2"
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=48,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    long_answer = chat("2 + 2?", "the answer is 4. " * 20)
+    assert len(tok.apply_chat_template(long_answer["messages"])["input_ids"]) > 48
+    paths = tmp_path / "paths.jsonl"
+    paths.write_text(json.dumps(long_answer) + "\n")
+    for run, cls, data_flag in (
+        (run_sft, SFTStageConfig, "data"),
+        (run_cpt, CPTStageConfig, "paths"),
+    ):
+        source = str(paths) if data_flag == "data" else [str(paths)]
+        cfg = quick(
+            cls, tmp_path, cls.__name__, model=str(model_dir), max_steps=1, **{data_flag: source}
+        )
+        asked = cfg.max_length
+        summary = run(cfg)
+        assert (summary["max_length"], summary["max_length_asked"]) == (48, asked)
+        if run is run_sft:  # one example, cut (CPT packs its documents into rows of 48)
+            assert summary["tokens_seen"] == 48
+    # every prompt fills the positions: the line names them, not a --max_length never given
+    paths.write_text(json.dumps(chat("2 + 2? " * 80, "4")) + "\n")
+    with pytest.raises(InputError, match="within the model's 48 positions .* more positions$"):
+        run_sft(quick(SFTStageConfig, tmp_path, "sft2", model=str(model_dir), data=str(paths)))
+
+
 def test_cpt_reasoning_ratio_keeps_that_share_of_path_documents(data, tmp_path):
     from steiner.train.data import cpt_dataset
 

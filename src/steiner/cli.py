@@ -583,6 +583,11 @@ def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
         table.add_row(
             key, f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value)
         )
+        if key == "examples" and summary.get("max_length") != summary.get("max_length_asked"):
+            asked = summary.get("max_length_asked")
+            table.add_row(
+                "max_length", f"{summary['max_length']} (the model's positions; asked {asked})"
+            )
     console.print(table)
 
 

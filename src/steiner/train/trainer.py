@@ -23,6 +23,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from steiner.infer.generate import position_limit
 from steiner.io import (
     InputError,
     check_checkpoint_inputs,
@@ -315,18 +316,28 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def check_trained_examples(
-    cfg: SFTStageConfig | CPTStageConfig, before: int, after: int, data: str | None = None
+    cfg: SFTStageConfig | CPTStageConfig,
+    before: int,
+    after: int,
+    data: str | None = None,
+    positions: bool = False,
 ) -> None:
     """TRL drops an example that truncation to ``max_length`` leaves without a trained token
     (its prompt fills it); if that is every example, one error line, not the sampler's
-    IndexError on an empty dataset (for a held-out set, at its first evaluation)."""
+    IndexError on an empty dataset (for a held-out set, at its first evaluation).
+    ``positions``: ``max_length`` is the model's positions, not the flag's value."""
     if after == 0 and before > 0:
         data = data or (cfg.data if isinstance(cfg, SFTStageConfig) else "--paths")
+        limit, remedy = (
+            (f"the model's {cfg.max_length} positions", "a model with more positions")
+            if positions
+            else (f"--max_length {cfg.max_length}", "a larger --max_length")
+        )
         raise InputError(
             data,
             None,
-            f"no example has a trained token within --max_length {cfg.max_length} "
-            f"(each prompt fills it); expected a larger --max_length",
+            f"no example has a trained token within {limit} (each prompt fills it); "
+            f"expected {remedy}",
         )
 
 
@@ -358,6 +369,13 @@ def run_stage(
     """Train ``dataset``, from the start or on from ``check_resume``'s checkpoint; the loss of
     ``eval_dataset`` is logged by ``cfg.eval_strategy``."""
     model, tokenizer = _load(cfg)
+    asked_max_length = cfg.max_length
+    positions = position_limit(model)
+    if positions and (cfg.max_length is None or cfg.max_length > positions):
+        # an example past the model's positions stopped a learned position table (GPT-2) with
+        # IndexError mid-step, and RoPE trained on positions generate never lets it reach:
+        # examples are cut at the positions, as --max_length cuts them
+        cfg.max_length = positions
     cfg.include_num_input_tokens_seen = "non_padding"  # the budget and tokens/s need it
     try:
         trainer = SteinerTrainer(
@@ -379,10 +397,15 @@ def run_stage(
         raise
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
-    check_trained_examples(cfg, len(dataset), trained)
+    cut = cfg.max_length != asked_max_length
+    check_trained_examples(cfg, len(dataset), trained, positions=cut)
     if eval_dataset is not None:
         check_trained_examples(
-            cfg, len(eval_dataset), len(trainer.eval_dataset), getattr(cfg, "eval_data", None)
+            cfg,
+            len(eval_dataset),
+            len(trainer.eval_dataset),
+            getattr(cfg, "eval_data", None),
+            positions=cut,
         )
     # after the trainer has prepared the data, so that data it cannot train stop the run
     # before anything is written
@@ -428,6 +451,8 @@ def run_stage(
         "model": cfg.model,
         "examples": trained,
         "examples_dropped": len(dataset) - trained,
+        "max_length": cfg.max_length,
+        "max_length_asked": asked_max_length,
         "steps": trainer.state.global_step,
         "resumed_from": last,
         "fused_lm_head": trainer.fused_lm_head,
