@@ -173,6 +173,17 @@ def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, s
     )["history"]
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed) == strip(clean)
+    # a re-run of the finished run trains nothing: its last step has a checkpoint (before, the
+    # run went on from checkpoint-2 and redid steps 3 and 4)
+    weights = (tmp_path / "b" / "model.safetensors").read_bytes()
+    rerun_log = []
+    rerun = run_rl(
+        small_rl_config(tiny_model_dir, small_countdown, tmp_path / "b"), log=rerun_log.append
+    )
+    assert rerun_log == [{"resumed_from": str(tmp_path / "b" / "checkpoint-4"), "step": 4}]
+    assert rerun["resumed_from"] == str(tmp_path / "b" / "checkpoint-4")
+    assert strip(rerun["history"]) == strip(clean)
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights
 
 
 def assert_format_rules_held(completions: list[list[int]], ids: TokenIds) -> None:
@@ -271,6 +282,31 @@ def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
         cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, use_vllm=True)
         with pytest.raises(InputError, match="vLLM is not installed"):
             run_rl(cfg, log=lambda r: None)
+
+
+def test_train_rl_ends_with_a_summary_table_and_says_when_it_resumed(
+    tmp_path, tiny_model_dir, small_countdown
+):
+    problems, dags = small_countdown
+    args = ["train", "rl", "--model", str(tiny_model_dir), "--problems", str(problems)]
+    args += ["--dags", str(dags), "--output_dir", str(tmp_path / "rl"), "--steps", "2"]
+    args += ["--save_steps", "1", "--max_new_tokens", "16", "--prompts_per_step", "2"]
+    env = {**os.environ, "COLUMNS": "200"}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-m", "steiner.cli", *args], capture_output=True, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
+    first, again = runs[0].stderr, runs[1].stderr  # the console is stderr, as a log
+    assert re.search(r"what +┃ +first 1 steps +┃ +last 1 steps", first)
+    for row in ("mean_reward", "accuracy", "mean_steps", "mean_backtracks"):
+        assert re.search(rf"{row} +│ +-?\d+\.\d{{3}} +│ +-?\d+\.\d{{3}}", first), row
+    assert re.search(r"resumed_from +│ +None", first) and "resumed from" not in first
+    last = tmp_path / "rl" / "checkpoint-2"
+    assert f"resumed from {last} (step 2)" in again
+    assert re.search(rf"resumed_from +│ +{re.escape(str(last))}", again)
 
 
 def test_every_prompt_must_leave_max_new_tokens_of_the_models_positions(

@@ -661,17 +661,33 @@ def train_rl(ctx: typer.Context) -> None:
 
         def log(record: dict) -> None:
             bar.update(task, completed=record["step"])
-            if record["step"] % 10 == 0 or record["step"] == cfg.steps:
+            if "resumed_from" in record:
+                console.print(f"resumed from {record['resumed_from']} (step {record['step']})")
+            elif record["step"] % 10 == 0 or record["step"] == cfg.steps:
                 console.print({k: v for k, v in record.items() if k != "terms"})
 
-        history = run_rl(cfg, log=log)["history"]
+        summary = run_rl(cfg, log=log)
+    print_rl_summary(summary, cfg.output_dir)
+
+
+def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
+    """The first and last fifth of the steps side by side (a resumed run's history holds the
+    steps before it too): a single step's group is too few samples to compare."""
+    history = summary["history"]
     k = max(1, len(history) // 5)
-    first = sum(h["mean_reward"] for h in history[:k]) / k
-    last = sum(h["mean_reward"] for h in history[-k:]) / k
-    console.print(
-        f"mean reward, first {k} steps {first:.3f} -> last {k} steps {last:.3f}; "
-        f"saved {cfg.output_dir}"
-    )
+    table = Table(title=f"steiner train rl: {output_dir}")
+    table.add_column("what")
+    table.add_column(f"first {k} steps", justify="right")
+    table.add_column(f"last {k} steps", justify="right")
+    for key in ("mean_reward", "accuracy", "mean_steps", "mean_backtracks"):
+        first = sum(h[key] for h in history[:k]) / k
+        last = sum(h[key] for h in history[-k:]) / k
+        table.add_row(key, f"{first:.3f}", f"{last:.3f}")
+    table.add_section()
+    table.add_row("steps", str(history[-1]["step"]), "")
+    table.add_row("train_seconds", str(summary["train_seconds"]), "")
+    table.add_row("resumed_from", str(summary["resumed_from"]), "")
+    console.print(table)
 
 
 def model_directory(path: Path) -> Path:

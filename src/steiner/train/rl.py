@@ -505,11 +505,19 @@ def train_rl(
         }
         history.append(record)
         log(record)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
+        # the last step too, as Trainer does: a re-run of a finished run then trains nothing
+        # (it redid the steps after the last multiple of save_steps), and a longer --steps goes
+        # on from it with the optimiser's state
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.steps):
             if accelerator.is_main_process:
                 _save_checkpoint(Path(cfg.output_dir), step, policy, tok, opt, rng, history)
             accelerator.wait_for_everyone()
-    summary = {"config": asdict(cfg), "history": history}
+    summary = {
+        "config": asdict(cfg),
+        "resumed_from": str(last) if last is not None else None,
+        "train_seconds": round(time.perf_counter() - start, 2),  # this run
+        "history": history,
+    }
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         policy.save_pretrained(cfg.output_dir)
