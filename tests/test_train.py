@@ -1056,6 +1056,45 @@ def test_examples_are_cut_at_the_models_positions(data, tmp_path):
         run_sft(quick(SFTStageConfig, tmp_path, "sft2", model=str(model_dir), data=str(paths)))
 
 
+def test_lora_sft_and_rl_run_in_two_processes(data, tmp_path):
+    # torchrun, as on GPUs, with two CPU processes (gloo): before, every process wrote a LoRA
+    # checkpoint's token rows, and a run crashed at a save where that raced the writer's folder
+    # (by timing: not every run); each process printed its own summary table
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        return subprocess.run(
+            [*torchrun, "--nproc_per_node", "2", "-m", "steiner.cli", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "ACCELERATE_USE_CPU": "true", "COLUMNS": "200"},
+        )
+
+    sft = tmp_path / "sft"
+    proc = launch(
+        "train", "sft", "--model", str(data / "init"), "--output_dir", str(sft),
+        "--data", str(data / "synth" / "paths.jsonl"), "--use_lora", "true",
+        "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = sft / "checkpoint-2"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "new_token_rows.safetensors"} <= {
+        p.name for p in last.iterdir()
+    }
+    assert proc.stderr.count("steiner train sft:") == 1  # one summary, not one per process
+    summary = json.loads((sft / "training_summary.json").read_text())
+    assert summary["steps"] == 2
+    rl_out = tmp_path / "rl"
+    proc = launch(
+        "train", "rl", "--model", str(sft), "--output_dir", str(rl_out),
+        "--problems", str(data / "shortcut.jsonl"), "--dags", str(data / "synth" / "dags.jsonl"),
+        "--steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "16",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("steiner train rl:") == 1
+    history = json.loads((rl_out / "rl_summary.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2]
+
+
 def test_cpt_reasoning_ratio_keeps_that_share_of_path_documents(data, tmp_path):
     from steiner.train.data import cpt_dataset
 

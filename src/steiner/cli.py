@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -58,6 +59,12 @@ EvalDomain = Annotated[
 out = Console()
 
 
+def local_main_process() -> bool:
+    """Under torchrun or ``accelerate launch`` every process runs the command; the first on
+    each machine draws the bar and prints the summaries, as Trainer's own bar does."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -68,7 +75,7 @@ def progress_bar() -> Progress:
         transient=True,
         # off a terminal (a log file, a pipe) rich draws no bar, only a blank line at the end,
         # which would stand above an error's one line
-        disable=not console.is_terminal,
+        disable=not console.is_terminal or not local_main_process(),
     )
 
 
@@ -560,6 +567,8 @@ def unknown_fields_error(message: str, args: list[str], prog: str) -> InputError
 
 
 def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
+    if not local_main_process():
+        return
     table = Table(title=f"steiner train {summary['stage']}: {output_dir}")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -661,6 +670,8 @@ def train_rl(ctx: typer.Context) -> None:
 
         def log(record: dict) -> None:
             bar.update(task, completed=record["step"])
+            if not local_main_process():
+                return
             if "resumed_from" in record:
                 console.print(f"resumed from {record['resumed_from']} (step {record['step']})")
             elif record["step"] % 10 == 0 or record["step"] == cfg.steps:
@@ -673,6 +684,8 @@ def train_rl(ctx: typer.Context) -> None:
 def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
     """The first and last fifth of the steps side by side (a resumed run's history holds the
     steps before it too): a single step's group is too few samples to compare."""
+    if not local_main_process():
+        return
     history = summary["history"]
     k = max(1, len(history) // 5)
     table = Table(title=f"steiner train rl: {output_dir}")

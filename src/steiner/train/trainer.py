@@ -134,7 +134,9 @@ class SteinerTrainer(SFTTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict)
-        if (ids := self.new_token_ids) is not None:
+        # the writer alone: under DDP every process calls _save, and another's write raced
+        # the writer's folder (safetensors' temp file, "No such file or directory")
+        if (ids := self.new_token_ids) is not None and self.args.should_save:
             save_token_rows(self.model, ids, output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
