@@ -64,7 +64,8 @@ def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
     heldout = [json.loads(x) for x in (out / "data" / "heldout.jsonl").read_text().splitlines()]
     assert not {h["question"] for h in heldout} & {json.loads(t)["question"] for t in train}
     report = (out / "report.md").read_text()
-    for section in ("## Demo", "## Synthesis", "## Accuracy", "Inference-time scaling", "Latency"):
+    sections = ("## Demo", "## Synthesis", "## RL", "## Accuracy", "Inference-time scaling")
+    for section in (*sections, "Latency"):
         assert section in report, section
     # the report's schemas accept every file the demo writes
     assert "## Files not read" not in report

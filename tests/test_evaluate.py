@@ -171,6 +171,32 @@ def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
     assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report
 
 
+def test_report_shows_each_rl_run_as_first_and_last_fifth_of_its_steps(tmp_path):
+    from steiner.evaluate.report import build_report
+
+    def step(n: int, reward: float) -> dict:
+        return {"step": n, "mean_reward": reward, "accuracy": reward / 10}
+
+    history = [
+        step(n, reward) | {"mean_steps": 2.0, "mean_backtracks": 0.5, "terms": {}}
+        for n, reward in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0], 1)
+    ]
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "rl_summary.json").write_text(
+        json.dumps({"config": {}, "resumed_from": None, "train_seconds": 12.34, "history": history})
+    )
+    # one written before rl_summary.json had its time: no seconds, still a row
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "rl_summary.json").write_text(json.dumps({"history": history[:3]}))
+    report = build_report(tmp_path)["markdown"].read_text()
+    # ten steps: the first two (1, 2) against the last two (9, 10)
+    row = "| rl | 10 | 1.500 → 9.500 | 0.150 → 0.950 | 2.000 → 2.000 | 0.500 → 0.500 | 12.3 |"
+    assert row in report, report
+    assert (
+        "| old | 3 | 1.000 → 3.000 | 0.100 → 0.300 | 2.000 → 2.000 | 0.500 → 0.500 | - |" in report
+    )
+
+
 def test_budget_labels_merge_points_that_would_print_on_each_other():
     from steiner.evaluate.scale import budget_labels
 
@@ -252,6 +278,16 @@ def test_report_lists_files_of_other_tools_instead_of_failing_on_them(tmp_path):
             {"profile": "quick", "domain": "graph", "targets": [], "total_seconds": 1.0}
             | {"stages": [{"stage": "synth"}]},
             "field 'stages.0.seconds': Field required",
+        ),
+        (
+            "rl_summary.json",
+            {"history": [{"step": 1, "mean_reward": None, "accuracy": 0.5}]},
+            "field 'history.0.mean_reward': Input should be a valid number",
+        ),
+        (
+            "rl_summary.json",
+            {"history": []},
+            "field 'history': List should have at least 1 item after validation, not 0",
         ),
         (  # the report's example trace: a correct answer that backtracked, step by step
             "outputs.jsonl",

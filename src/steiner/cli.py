@@ -683,7 +683,9 @@ def train_rl(ctx: typer.Context) -> None:
 
 def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
     """The first and last fifth of the steps side by side (a resumed run's history holds the
-    steps before it too): a single step's group is too few samples to compare."""
+    steps before it too)."""
+    from steiner.evaluate.metrics import first_and_last_fifth
+
     if not local_main_process():
         return
     history = summary["history"]
@@ -693,8 +695,7 @@ def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
     table.add_column(f"first {k} steps", justify="right")
     table.add_column(f"last {k} steps", justify="right")
     for key in ("mean_reward", "accuracy", "mean_steps", "mean_backtracks"):
-        first = sum(h[key] for h in history[:k]) / k
-        last = sum(h[key] for h in history[-k:]) / k
+        first, last = first_and_last_fifth(history, key)
         table.add_row(key, f"{first:.3f}", f"{last:.3f}")
     table.add_section()
     table.add_row("steps", str(history[-1]["step"]), "")

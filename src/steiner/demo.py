@@ -488,6 +488,7 @@ def stop_baseline(process: Any, grace_seconds: float = 30) -> None:
 
 
 def run_rl_stage(s: DemoSettings, root: Path) -> dict[str, Any]:
+    from steiner.evaluate.metrics import first_and_last_fifth
     from steiner.train.rl import RLStageConfig, run_rl
 
     cfg = RLStageConfig(
@@ -504,12 +505,8 @@ def run_rl_stage(s: DemoSettings, root: Path) -> dict[str, Any]:
         seed=s.seed,
     )
     history = run_rl(cfg, log=lambda record: None)["history"]
-    k = max(1, len(history) // 5)
-    return {
-        "steps": len(history),
-        "reward_first": round(sum(h["mean_reward"] for h in history[:k]) / k, 3),
-        "reward_last": round(sum(h["mean_reward"] for h in history[-k:]) / k, 3),
-    }
+    first, last = first_and_last_fifth(history, "mean_reward")
+    return {"steps": len(history), "reward_first": round(first, 3), "reward_last": round(last, 3)}
 
 
 MODELS = ("shortcut-sft", "steiner-sft", "steiner-rl")

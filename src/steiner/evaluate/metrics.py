@@ -1,10 +1,12 @@
-"""Plain metric functions (no model): intervals, majority votes, s1's scaling metrics."""
+"""Plain metric functions (no model): intervals, majority votes, s1's scaling metrics, an RL
+run's trend."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
 from itertools import combinations
+from typing import Any
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -43,3 +45,10 @@ def scaling_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
             b["accuracy"] >= a["accuracy"] for a, b in zip(rows, rows[1:], strict=False)
         ),
     }
+
+
+def first_and_last_fifth(history: list[dict[str, Any]], key: str) -> tuple[float, float]:
+    """The mean of ``key`` over the first and the last fifth of an RL run's steps (a step at
+    least): one step's groups are too few samples to compare."""
+    k = max(1, len(history) // 5)
+    return sum(h[key] for h in history[:k]) / k, sum(h[key] for h in history[-k:]) / k

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from steiner.evaluate.metrics import first_and_last_fifth
 from steiner.io import InputError, write_lines
 
 
@@ -68,6 +69,19 @@ class _TrainingSummary(_Record):
     final_eval_loss: float | None = None
 
 
+class _RLStep(_Record):
+    step: int
+    mean_reward: float
+    accuracy: float
+    mean_steps: float
+    mean_backtracks: float
+
+
+class _RLSummary(_Record):
+    history: list[_RLStep] = Field(min_length=1)
+    train_seconds: float | None = None  # rl_summary.json files written before it lack it
+
+
 class _Metrics(_Record):
     n: int
     correct: int
@@ -123,6 +137,7 @@ SCHEMAS: dict[str, type[_Record]] = {
     "demo.json": _Demo,
     "stats.json": _SynthStats,
     "training_summary.json": _TrainingSummary,
+    "rl_summary.json": _RLSummary,
     "metrics.json": _Metrics,
     "scale.json": _Scale,
     "latency.json": _Latency,
@@ -337,6 +352,31 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
             rows,
         )
         found += len(rows)
+    rl_runs = [
+        (p, s)
+        for p in sorted(root.rglob("rl_summary.json"))
+        if (s := read_steiner_json(p, "rl_summary.json", skipped)) is not None
+    ]
+    if rl_runs:
+        lines += ["## RL", "", "Means over the first and the last fifth of the steps.", ""]
+        rows = []
+        for p, s in rl_runs:
+            trend = {
+                key: first_and_last_fifth(s["history"], key)
+                for key in ("mean_reward", "accuracy", "mean_steps", "mean_backtracks")
+            }
+            seconds = s.get("train_seconds")
+            rows.append(
+                [
+                    _rel(p.parent, root),
+                    s["history"][-1]["step"],
+                    *(f"{first:.3f} → {last:.3f}" for first, last in trend.values()),
+                    f"{seconds:.1f}" if seconds is not None else "-",
+                ]
+            )
+        header = ["model", "steps", "mean reward", "accuracy", "steps a trace", "backtracks"]
+        lines += _table([*header, "seconds (last run)"], rows)
+        found += len(rows)
     metrics = [
         (p, m)
         for p in sorted(root.rglob("metrics.json"))
@@ -435,7 +475,10 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     if example:
         lines += example
         found += 1
-    read = "stats.json, training_summary.json, metrics.json, scale.json or latency.json"
+    read = (
+        "stats.json, training_summary.json, rl_summary.json, metrics.json, scale.json or "
+        "latency.json"
+    )
     if not found and not skipped:
         # A page saying "nothing" for a mistyped directory would look like success.
         raise InputError(
