@@ -1022,15 +1022,8 @@ def test_examples_are_cut_at_the_models_positions(data, tmp_path):
     # a learned position table of 48 rows: an example past them stopped SFT with IndexError
     tok = AutoTokenizer.from_pretrained(data / "init")
     model_dir = tmp_path / "gpt2"
-    config = GPT2Config(
-        vocab_size=len(tok),
-        n_positions=48,
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    sizes = {"n_positions": 48, "n_embd": 32, "n_layer": 1, "n_head": 2}
+    config = GPT2Config(vocab_size=len(tok), bos_token_id=None, eos_token_id=None, **sizes)
     GPT2LMHeadModel(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     long_answer = chat("2 + 2?", "the answer is 4. " * 20)
