@@ -684,12 +684,12 @@ def train_rl(ctx: typer.Context) -> None:
 def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
     """The first and last fifth of the steps side by side (a resumed run's history holds the
     steps before it too)."""
-    from steiner.evaluate.metrics import first_and_last_fifth
+    from steiner.evaluate.metrics import fifth, first_and_last_fifth
 
     if not local_main_process():
         return
     history = summary["history"]
-    k = max(1, len(history) // 5)
+    k = fifth(len(history))  # the columns' heading says what first_and_last_fifth averages
     table = Table(title=f"steiner train rl: {output_dir}")
     table.add_column("what")
     table.add_column(f"first {k} steps", justify="right")

@@ -47,8 +47,13 @@ def scaling_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
+def fifth(steps: int) -> int:
+    """How many steps a fifth of an RL run's ``steps`` is (one at least): one step's groups
+    are too few samples to compare."""
+    return max(1, steps // 5)
+
+
 def first_and_last_fifth(history: list[dict[str, Any]], key: str) -> tuple[float, float]:
-    """The mean of ``key`` over the first and the last fifth of an RL run's steps (a step at
-    least): one step's groups are too few samples to compare."""
-    k = max(1, len(history) // 5)
+    """The mean of ``key`` over the first and the last ``fifth`` of an RL run's steps."""
+    k = fifth(len(history))
     return sum(h[key] for h in history[:k]) / k, sum(h[key] for h in history[-k:]) / k

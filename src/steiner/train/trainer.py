@@ -322,17 +322,17 @@ def check_trained_examples(
     before: int,
     after: int,
     data: str | None = None,
-    positions: bool = False,
+    cut_to_positions: bool = False,
 ) -> None:
     """TRL drops an example that truncation to ``max_length`` leaves without a trained token
     (its prompt fills it); if that is every example, one error line, not the sampler's
     IndexError on an empty dataset (for a held-out set, at its first evaluation).
-    ``positions``: ``max_length`` is the model's positions, not the flag's value."""
+    ``cut_to_positions``: ``max_length`` is the model's positions, not the flag's value."""
     if after == 0 and before > 0:
         data = data or (cfg.data if isinstance(cfg, SFTStageConfig) else "--paths")
         limit, remedy = (
             (f"the model's {cfg.max_length} positions", "a model with more positions")
-            if positions
+            if cut_to_positions
             else (f"--max_length {cfg.max_length}", "a larger --max_length")
         )
         raise InputError(
@@ -400,14 +400,14 @@ def run_stage(
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
     cut = cfg.max_length != asked_max_length
-    check_trained_examples(cfg, len(dataset), trained, positions=cut)
+    check_trained_examples(cfg, len(dataset), trained, cut_to_positions=cut)
     if eval_dataset is not None:
         check_trained_examples(
             cfg,
             len(eval_dataset),
             len(trainer.eval_dataset),
             getattr(cfg, "eval_data", None),
-            positions=cut,
+            cut_to_positions=cut,
         )
     # after the trainer has prepared the data, so that data it cannot train stop the run
     # before anything is written
