@@ -756,7 +756,7 @@ def generate_cmd(
     m, tok = load(model)
     messages = [{"role": "user", "content": question}]
     # as serve refuses it: past the model's positions the answer was silently empty
-    prompt_tokens = count_prompt_tokens(tok, messages)
+    [prompt_tokens] = count_prompt_tokens(tok, [messages])
     positions = position_limit(m)
     if positions and prompt_tokens >= positions:
         raise InputError(

@@ -66,10 +66,12 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def count_prompt_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
-    """A chat's prompt length as ``generate`` encodes it (apply_chat_template(tokenize=True)
-    returns a BatchEncoding, whose len() is its number of keys, not of tokens)."""
-    return len(tokenizer(chat_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+def count_prompt_tokens(tokenizer: Any, chats: Sequence[list[dict[str, str]]]) -> list[int]:
+    """Each chat's prompt length as ``generate`` encodes it, in one tokenizer call: RL checks
+    all its problems' prompts at once (apply_chat_template(tokenize=True) returns a
+    BatchEncoding, whose len() is its number of keys, not of tokens)."""
+    prompts = [chat_prompt(tokenizer, messages) for messages in chats]
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
 
 
 def position_limit(model: Any) -> int | None:

@@ -331,7 +331,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"{settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        n_prompt = count_prompt_tokens(request_tokenizer, [m.model_dump() for m in body.messages])
+        [n_prompt] = count_prompt_tokens(
+            request_tokenizer, [[m.model_dump() for m in body.messages]]
+        )
         if n_prompt > prompt_limit:
             return error(
                 400,

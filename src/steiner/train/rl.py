@@ -35,7 +35,7 @@ from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
 from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
-from steiner.infer.generate import chat_prompt, position_limit
+from steiner.infer.generate import chat_prompt, count_prompt_tokens, position_limit
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.vllm_budget import VLLM_PROCESSOR
 from steiner.io import (
@@ -339,8 +339,12 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         return train_rl(cfg, accelerator, rng, log)
 
 
+def question_chat(problem: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": problem["question"]}]
+
+
 def question_prompt(tokenizer: Any, problem: dict[str, Any]) -> str:
-    return chat_prompt(tokenizer, [{"role": "user", "content": problem["question"]}])
+    return chat_prompt(tokenizer, question_chat(problem))
 
 
 def check_room_for_completions(
@@ -352,8 +356,7 @@ def check_room_for_completions(
     completions the model cannot write. Checked before anything is written."""
     if not positions:
         return
-    prompts = [question_prompt(tokenizer, p) for p in problems]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    lengths = count_prompt_tokens(tokenizer, [question_chat(p) for p in problems])
     longest = max(range(len(problems)), key=lengths.__getitem__)
     what = (
         f"problem {problems[longest]['id']} of {cfg.problems} has a prompt of "
