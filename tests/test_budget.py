@@ -121,6 +121,43 @@ def test_a_row_ends_where_it_fills_the_models_positions(model, monkeypatch):
         assert alone.text == done.text
 
 
+def test_a_prompt_that_fills_the_models_positions_is_not_run(model, monkeypatch, tmp_path):
+    import json
+
+    from steiner.evaluate.accuracy import EvalConfig, evaluate
+
+    m, tok = model
+    questions = [QUESTIONS[2], QUESTIONS[2] + " Think it through." * 8, QUESTIONS[3]]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    lengths = [r.prompt_tokens for r in generate(m, tok, convs, max_new_tokens=1)]
+    limit = lengths[1]  # the long prompt fills every position; the others leave room
+    assert max(lengths[0], lengths[2]) + 4 < limit
+    monkeypatch.setattr(m.config, "max_position_embeddings", limit)
+    widths = []  # before: the long prompt ran through the model (IndexError for GPT-2's table)
+    hook = m.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["attention_mask"].sum(1).max()),
+        with_kwargs=True,
+    )
+    try:
+        done = generate(m, tok, convs, [Budget(max_steps=2)] * 3, 30, 1.0, seed=[1, 2, 3])
+    finally:
+        hook.remove()
+    assert max(widths) < limit
+    assert (done[1].text, done[1].completion_tokens, done[1].finish_reason) == ("", 0, "length")
+    assert done[1].prompt_tokens == limit
+    for i in (0, 2):  # the others as if the long one were not in the batch
+        [alone] = generate(m, tok, convs[i : i + 1], [Budget(max_steps=2)], 30, 1.0, seed=i + 1)
+        assert done[i].text == alone.text and done[i].completion_tokens > 0, i
+    # eval counts it wrong, among the cut answers, and says why it was cut
+    problems = tmp_path / "problems.jsonl"
+    records = [{"id": f"q{i}", "question": q, "answer": "7"} for i, q in enumerate(questions)]
+    problems.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = EvalConfig("tiny", str(problems), str(tmp_path / "eval"), max_new_tokens=3)
+    metrics = evaluate(cfg, model_and_tokenizer=(m, tok))
+    assert metrics["prompt_too_long_rate"] == round(1 / 3, 4)
+    assert metrics["length_cut_rate"] >= metrics["prompt_too_long_rate"]
+
+
 def test_per_row_sampler_draws_from_the_warped_distribution():
     from steiner.infer.sampling import PerRowSampler
 

@@ -888,6 +888,8 @@ def eval_cmd(
         "length_cut_rate",
     ):
         table.add_row(key, str(m[key]))
+    if m["prompt_too_long_rate"]:  # rare, and then the reason for the cut answers
+        table.add_row("prompt_too_long_rate", str(m["prompt_too_long_rate"]))
     console.print(table)
 
 

@@ -274,6 +274,11 @@ def summarize(recs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
         # answers cut by --max-new-tokens or the model's positions (a prompt past them gets
         # none): a share here means the accuracy undercounts what the model would answer
         "length_cut_rate": share(sum(o["finish_reason"] == "length" for o in firsts)),
+        # of those, the prompts that filled the positions on their own (no token written):
+        # more --max-new-tokens cannot help them, only a model with more positions
+        "prompt_too_long_rate": share(
+            sum(o["finish_reason"] == "length" and o["completion_tokens"] == 0 for o in firsts)
+        ),
         "config": asdict(cfg),
     }
     if cfg.samples > 1 and n:

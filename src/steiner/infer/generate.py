@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 from transformers.utils import logging as hf_logging
 
-from steiner.format import Trace, parse, reasoning_and_answer
+from steiner.format import REASONING_END, Trace, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.sampling import PerRowSampler
@@ -133,13 +133,39 @@ def generate(
     prompts = [chat_prompt(tokenizer, c) for c in conversations]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     rows = [b or Budget() for b in (budgets or [None] * len(prompts))]
+    limit = position_limit(model)
+    prompt_lengths = batch["attention_mask"].sum(1)
+    if limit and int(prompt_lengths.max()) >= limit:
+        # a prompt that fills the positions is not run at all: a learned position table
+        # raises IndexError on it (a traceback, for the whole batch) and RoPE would read it
+        # at angles it never saw; it gets an empty answer cut by "length", as a row does
+        # that fills them while it writes
+        fits = [i for i, n in enumerate(prompt_lengths.tolist()) if n < limit]
+        pick = lambda values: [values[i] for i in fits]  # noqa: E731
+        n = len(prompts)
+        answered = generate(
+            model,
+            tokenizer,
+            pick(conversations),
+            pick(rows),
+            max_new_tokens,
+            pick(_per_row(temperature, n)),
+            pick(_per_row(top_p, n)),
+            pick(_per_row(seed, n)),
+            pick(cancelled) if cancelled else None,
+        )
+        by_row = dict(zip(fits, answered, strict=True))
+        return [
+            by_row[i]
+            if i in by_row
+            else decode_completion(tokenizer, [], None, int(prompt_lengths[i]), False)
+            for i in range(n)
+        ]
     processor = StepBudgetLogitsProcessor(tokenizer, rows)
     end_ids = processor.ids.eos
     stop_cancelled = StopCancelledRows(cancelled) if cancelled else None
     criteria: list[StoppingCriteria] = [stop_cancelled] if stop_cancelled else []
     start = batch["input_ids"].shape[1]
-    prompt_lengths = batch["attention_mask"].sum(1)
-    limit = position_limit(model)
     if limit:
         max_new_tokens = max(1, min(max_new_tokens, limit - int(prompt_lengths.min())))
         criteria.append(StopAtPositionLimit(prompt_lengths, start, limit))
@@ -161,7 +187,6 @@ def generate(
         stopping_criteria=criteria or None,
     )
     new = out[:, start:]
-    reasoning_end = processor.ids.reasoning_end
     completions = []
     for i, row in enumerate(new.tolist()):
         ended = stop_cancelled.ended_at.get(i) if stop_cancelled else None
@@ -170,25 +195,30 @@ def generate(
             row = row[: max(0, limit - int(prompt_lengths[i]))]
         stop = next((j for j, t in enumerate(row) if t in end_ids), None)
         tokens = row if stop is None else row[:stop]
-        text = tokenizer.decode(tokens, skip_special_tokens=False)
-        reasoning, answer = reasoning_and_answer(text)
-        trace, errors = parse(text)
-        n_reasoning = tokens.index(reasoning_end) + 1 if reasoning_end in tokens else len(tokens)
         completions.append(
-            Completion(
-                text=text,
-                reasoning=reasoning,
-                answer=answer,
-                trace=trace,
-                format_errors=[f"offset {e.offset}: {e.message}" for e in errors],
-                prompt_tokens=int(prompt_lengths[i]),
-                completion_tokens=len(tokens) + (stop is not None),
-                reasoning_tokens=n_reasoning,
-                finish_reason="stop"
-                if stop is not None
-                else "cancelled"
-                if ended is not None
-                else "length",
-            )
+            decode_completion(tokenizer, tokens, stop, int(prompt_lengths[i]), ended is not None)
         )
     return completions
+
+
+def decode_completion(
+    tokenizer: Any, tokens: list[int], stop: int | None, prompt_tokens: int, cancelled: bool
+) -> Completion:
+    """One row's completion from its tokens up to (not including) its end token, found at
+    ``stop`` (None: the row ran out of tokens or positions, or was ``cancelled``)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    reasoning, answer = reasoning_and_answer(text)
+    trace, errors = parse(text)
+    reasoning_end = tokenizer.convert_tokens_to_ids(REASONING_END)
+    n_reasoning = tokens.index(reasoning_end) + 1 if reasoning_end in tokens else len(tokens)
+    return Completion(
+        text=text,
+        reasoning=reasoning,
+        answer=answer,
+        trace=trace,
+        format_errors=[f"offset {e.offset}: {e.message}" for e in errors],
+        prompt_tokens=prompt_tokens,
+        completion_tokens=len(tokens) + (stop is not None),
+        reasoning_tokens=n_reasoning,
+        finish_reason="stop" if stop is not None else "cancelled" if cancelled else "length",
+    )
