@@ -1059,7 +1059,13 @@ def test_lora_sft_and_rl_run_in_two_processes(data, tmp_path):
             [*torchrun, "--nproc_per_node", "2", "-m", "steiner.cli", *args],
             capture_output=True,
             text=True,
-            env={**os.environ, "ACCELERATE_USE_CPU": "true", "COLUMNS": "200"},
+            # TMPDIR: torchrun leaves a torchelastic_* folder there after every launch
+            env={
+                **os.environ,
+                "ACCELERATE_USE_CPU": "true",
+                "COLUMNS": "200",
+                "TMPDIR": str(tmp_path),
+            },
         )
 
     sft = tmp_path / "sft"
