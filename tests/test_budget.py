@@ -309,6 +309,29 @@ def test_one_step_budget_processor_per_engine():
     assert first_for_engine(config, Processor(config))  # a finished engine frees its slot
 
 
+def test_load_places_the_model_for_its_machine(tiny_model_dir):
+    # before: always the CPU in fp32, so eval, scale and serve left a GPU machine's GPUs idle
+    m, _ = load(tiny_model_dir)
+    wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    assert m.device.type == wanted
+    assert m.dtype == torch.float32  # saved in fp32; on a CPU fp32 whatever it was saved in
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_generate_on_a_gpu_keeps_the_budget_and_each_rows_seed(tiny_model_dir):
+    m, tok = load(tiny_model_dir)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    budgets = [Budget(min_steps=2, max_steps=3)] * len(convs)
+    seeds = list(range(len(convs)))
+    together = generate(m, tok, convs, budgets, 80, 1.0, seed=seeds)
+    for i, done in enumerate(together):
+        assert 2 <= done.trace.n_steps <= 3 or done.finish_reason == "length", i
+    [alone] = generate(m, tok, convs[1:2], budgets[:1], 80, 1.0, seed=1)
+    assert alone.text == together[1].text
+    greedy = generate(m, tok, convs, None, 40)
+    assert [g.text for g in greedy] == [g.text for g in generate(m, tok, convs, None, 40)]
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (CUDA only)"
 )
