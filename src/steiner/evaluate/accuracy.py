@@ -20,7 +20,7 @@ from typing import Any
 from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, wilson_interval
 from steiner.infer.budget import Budget
-from steiner.infer.generate import MADE_BY, Completion, generate, load
+from steiner.infer.generate import MADE_BY, Completion, generate, load, question_chat
 from steiner.io import (
     InputError,
     check_model_dir,
@@ -205,7 +205,7 @@ def answer_problems(
     with outputs_path.open("a", encoding="utf-8") as fh:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
-            convs = [[{"role": "user", "content": p["question"]}] for p in batch]
+            convs = [question_chat(p) for p in batch]
             greedy = generate(
                 model, tokenizer, convs, [budget] * len(batch), cfg.max_new_tokens, 0.0
             )

@@ -73,6 +73,11 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def question_chat(problem: dict[str, Any]) -> list[dict[str, str]]:
+    """A problem record's question as the one-turn chat that eval and RL both ask it in."""
+    return [{"role": "user", "content": problem["question"]}]
+
+
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

@@ -35,7 +35,12 @@ from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
 from steiner.format import STEP_END, Trace, parse
 from steiner.infer.budget import Budget, TokenIds
-from steiner.infer.generate import chat_prompt, count_prompt_tokens, position_limit
+from steiner.infer.generate import (
+    chat_prompt,
+    count_prompt_tokens,
+    position_limit,
+    question_chat,
+)
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.vllm_budget import VLLM_PROCESSOR
 from steiner.io import (
@@ -337,10 +342,6 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         )
     with sole_writer(cfg.output_dir, "--output_dir", main_process=accelerator.is_main_process):
         return train_rl(cfg, accelerator, rng, log)
-
-
-def question_chat(problem: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"role": "user", "content": problem["question"]}]
 
 
 def question_prompt(tokenizer: Any, problem: dict[str, Any]) -> str:
