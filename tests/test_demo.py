@@ -47,19 +47,16 @@ def tiny_settings() -> DemoSettings:
 def test_report_card_says_when_the_shortcut_baseline_never_learned(
     tmp_path, domain, problems, shortcut, flagged
 ):
-    from steiner.demo import targets
+    from steiner.demo import arm_guess_rate, targets
     from steiner.evaluate.metrics import wilson_interval
 
-    (tmp_path / "demo_settings.json").write_text(
-        json.dumps({"domain": domain, "problems": problems, "degree": 3})
-    )
     (tmp_path / ".stages").mkdir()
     (tmp_path / ".stages" / "problems.done").write_text(json.dumps({"train": 60000}))
     for model, correct in (("shortcut-sft", shortcut), ("steiner-sft", 297)):
         (tmp_path / "eval" / model).mkdir(parents=True)
         metrics = {"pass@1": correct / 300, "pass@1_ci95": list(wilson_interval(correct, 300))}
         (tmp_path / "eval" / model / "metrics.json").write_text(json.dumps(metrics))
-    [sft] = targets(tmp_path)
+    [sft] = targets(tmp_path, arm_guess_rate(DemoSettings(domain=domain, degree=3), problems))
     assert sft["measured"].startswith(f"{100 * (297 - shortcut) / 300:+.1f} (both trained")
     assert ("it did not learn the edges, so this gap overstates" in sft["measured"]) is flagged
     assert sft["met"] is True  # the note does not change the verdict

@@ -583,18 +583,16 @@ def run_latency(s: DemoSettings, root: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- the run
 
 
-def arm_guess_rate(root: Path) -> float | None:
+def arm_guess_rate(s: DemoSettings, problems: str | None) -> float | None:
     """What a working shortcut baseline scores at least on the demo's own held-out graphs: it
     follows the edges and guesses the start's arm, right one time in ``degree``. None for
     countdown, and for held-out problems given with ``--problems`` (their degrees vary)."""
-    settings = json.loads((root / "demo_settings.json").read_text())
-    if settings.get("domain") != "graph" or settings.get("problems"):
-        return None
-    return 1 / settings["degree"]
+    return 1 / s.degree if s.domain == "graph" and not problems else None
 
 
-def targets(root: Path) -> list[dict[str, Any]]:
-    """The demo's claims, each checked against what the run measured."""
+def targets(root: Path, arm_guess: float | None = None) -> list[dict[str, Any]]:
+    """The demo's claims, each checked against what the run measured (``arm_guess``: see
+    ``arm_guess_rate``)."""
     metrics = {}
     for model in MODELS:
         path = root / "eval" / model / "metrics.json"
@@ -607,12 +605,11 @@ def targets(root: Path) -> list[dict[str, Any]]:
         # the issue asks for the comparison at an equal number of training problems: say it
         problems = Stage(root, "problems").done()["train"]
         measured = f"{gap:+.1f} (both trained on the same {problems:,} problems)"
-        guess = arm_guess_rate(root)
-        if guess and metrics["shortcut-sft"]["pass@1_ci95"][1] < guess:
+        if arm_guess and metrics["shortcut-sft"]["pass@1_ci95"][1] < arm_guess:
             # a baseline that never learned the edges (seen at one seed on one CPU): the gap
             # is then the method against a broken baseline, not against the shortcut
             measured += (
-                f"; the shortcut SFT is under the {100 * guess:.1f} % of following the edges "
+                f"; the shortcut SFT is under the {100 * arm_guess:.1f} % of following the edges "
                 "and guessing the arm: it did not learn the edges, so this gap overstates "
                 "the method"
             )
@@ -746,7 +743,7 @@ def run_stages(
             stop_baseline(baseline["process"])
         raise
     total = round(sum(stage_seconds(r) for r in records), 1)
-    checks = targets(root)
+    checks = targets(root, arm_guess_rate(s, problems))
     if profile == "quick":
         minutes = total / 60
         checks.append(
