@@ -1,8 +1,22 @@
+import os
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from steiner.format import add_reasoning_tokens
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers on the 2-core machine), each worker
+    and the commands its tests start get one thread: two workers with torch's default of a
+    thread per core each ran the suite slower than one process did (load 4 on 2 cores)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses tests start
+        torch.set_num_threads(1)
+
 
 CORPUS = [
     "Using the numbers 3, 7, 25, 50, reach 79. 7-3=4 50+25=75 75+4=79",
