@@ -148,6 +148,8 @@ def test_ranges_that_reach_no_target_are_an_error_not_a_hang(tmp_path):
         ([], "field 'nums': List should have at least 1 item"),
         ([-3, 5], "field 'nums.0': Input should be greater than or equal to 0"),
         (list(range(1, 10)), "field 'nums': List should have at most 7 items"),
+        # pydantic's lax int read true as 1
+        ([True, 8], "field 'nums.0': Input should be a valid integer, not a boolean"),
     ],
 )
 def test_records_the_solver_cannot_take_are_one_error_line(tmp_path, nums, message):
@@ -160,6 +162,25 @@ def test_records_the_solver_cannot_take_are_one_error_line(tmp_path, nums, messa
     path.write_text(path.read_text() + json.dumps({"id": 1, "nums": nums, "target": 9}) + "\n")
     with pytest.raises(InputError, match=rf"p\.jsonl:2: {re.escape(message)}"):
         load_problems(path, "countdown")
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"id": 1, "nums": [3, 4], "target": True}, "field 'target': Input should be a valid"),
+        ({"id": True, "nums": [3, 4], "target": 7}, "field 'id': Input should be a string or"),
+        ({"id": 1, "edges": [[0, 1]], "start": False, "goal": 1}, "field 'start': Input should"),
+    ],
+)
+def test_a_boolean_where_a_number_belongs_is_one_error_line(tmp_path, record, message):
+    from steiner.domains import load_problems
+    from steiner.io import InputError
+
+    # before: "target": true was the problem "reach 1", "start": false started at node 0
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(InputError, match=rf"p\.jsonl:1: {re.escape(message)}"):
+        load_problems(path)
 
 
 def test_shortcut_record_steps_are_a_straight_solution():

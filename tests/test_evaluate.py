@@ -501,6 +501,20 @@ def test_gsm8k_records_read_as_solution_and_final_answer(tmp_path):
     assert TextDomain().check_answer(problem, "The answer is 72.")
 
 
+def test_a_yes_no_answer_of_json_true_is_true_not_1(tmp_path):
+    from steiner.domains import load_problems
+    from steiner.domains.text import TextDomain
+
+    # BoolQ's answer column is a boolean: read as 1 and 0, every "true" a model gave was wrong
+    path = tmp_path / "boolq.jsonl"
+    rows = [{"question": "Is 7 prime?", "answer": True}, {"question": "Is 8?", "answer": False}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    yes, no = load_problems(path)
+    assert (yes["answer"], no["answer"]) == ("true", "false")
+    assert TextDomain().check_answer(yes, "True") and not TextDomain().check_answer(yes, "1")
+    assert TextDomain().check_answer(no, "false")
+
+
 def test_a_dataset_config_is_named_after_a_colon(tmp_path, monkeypatch):
     """GSM8K on the Hub has configs "main" and "socratic" and no default: it could not be
     read at all (a five-line datasets error). NAME:CONFIG names one, as load_dataset's

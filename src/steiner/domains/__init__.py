@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt
+from pydantic_core import PydanticCustomError
 
 from steiner.domains.base import Domain
 from steiner.domains.countdown import MAX_NUMBERS
@@ -52,31 +53,49 @@ def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[
     return problems
 
 
+def _not_a_boolean(expected: str) -> BeforeValidator:
+    """pydantic's lax int takes JSON's true as 1: "target": true was a problem reaching 1."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError("not_a_boolean", f"Input should be {expected}, not a boolean")
+        return value
+
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, _not_a_boolean("a valid integer")]
+Count = Annotated[NonNegativeInt, _not_a_boolean("a valid integer")]
+Id = Annotated[str | int, _not_a_boolean("a string or an integer")]
+
+
 class _CountdownRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: str | int
+    id: Id
     # the rules combine non-negative numbers (larger first), and the solver's cost bounds
     # how many: a negative number crashed synthesis, nine numbers ran for minutes
-    nums: list[NonNegativeInt] = Field(min_length=1, max_length=MAX_NUMBERS)
-    target: int
+    nums: list[Count] = Field(min_length=1, max_length=MAX_NUMBERS)
+    target: Int
     steps: list[str] | None = None
 
 
 class _GraphRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: str | int
+    id: Id
     # answers are read as runs of digits (12>45>7), so a negative id could never be answered
-    edges: list[tuple[NonNegativeInt, NonNegativeInt]]
-    start: NonNegativeInt
-    goal: NonNegativeInt
+    edges: list[tuple[Count, Count]]
+    start: Count
+    goal: Count
     steps: list[str] | None = None
 
 
 class _TextRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: str | int | None = None
+    id: Id | None = None
     question: str
-    answer: str | int | float
+    # a yes/no dataset's JSON true/false (BoolQ's answer column) is an answer, not a number:
+    # lax int read true as 1, and every "true" a model answered was marked wrong
+    answer: bool | str | int | float
     steps: list[str] | None = None
     cot: str | None = None
     solution: str | None = None
@@ -162,7 +181,8 @@ def shortcut_from_record(
         from steiner.domains.text import split_steps
 
         r = validate(_TextRecord, rec, path, line)
-        answer, cot = str(r.answer), r.cot or r.solution
+        answer = str(r.answer).lower() if isinstance(r.answer, bool) else str(r.answer)
+        cot = r.cot or r.solution
         if not r.steps and cot is None and _GSM8K_FINAL in answer:
             answer, cot = gsm8k_answer(answer)
         steps = r.steps or split_steps(cot or "", separator)
