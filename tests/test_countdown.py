@@ -170,9 +170,12 @@ def test_records_the_solver_cannot_take_are_one_error_line(tmp_path, nums, messa
         ({"id": 1, "nums": [3, 4], "target": True}, "field 'target': Input should be a valid"),
         ({"id": True, "nums": [3, 4], "target": 7}, "field 'id': Input should be a string or"),
         ({"id": 1, "edges": [[0, 1]], "start": False, "goal": 1}, "field 'start': Input should"),
+        # pydantic's unions named their first member: "field 'id.str'", "field 'answer.str'"
+        ({"id": [1], "question": "q", "answer": "a"}, "field 'id': Input should be a string or"),
+        ({"question": "q", "answer": ["a", "b"]}, "field 'answer': Input should be a string or"),
     ],
 )
-def test_a_boolean_where_a_number_belongs_is_one_error_line(tmp_path, record, message):
+def test_a_value_of_the_wrong_type_is_one_error_line(tmp_path, record, message):
     from steiner.domains import load_problems
     from steiner.io import InputError
 

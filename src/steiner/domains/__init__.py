@@ -7,7 +7,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from steiner.domains.base import Domain
@@ -66,7 +73,18 @@ def _not_a_boolean(expected: str) -> BeforeValidator:
 
 Int = Annotated[int, _not_a_boolean("a valid integer")]
 Count = Annotated[NonNegativeInt, _not_a_boolean("a valid integer")]
-Id = Annotated[str | int, _not_a_boolean("a string or an integer")]
+
+
+def _id_as_text(value: Any) -> str:
+    # one message for any other type: pydantic's union named its first member ("id.str")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a pandas column of ids with a gap is floats
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    raise PydanticCustomError("id_type", "Input should be a string or an integer")
+
+
+Id = Annotated[str, BeforeValidator(_id_as_text)]
 
 
 class _CountdownRecord(BaseModel):
@@ -93,12 +111,23 @@ class _TextRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: Id | None = None
     question: str
-    # a yes/no dataset's JSON true/false (BoolQ's answer column) is an answer, not a number:
-    # lax int read true as 1, and every "true" a model answered was marked wrong
-    answer: bool | str | int | float
+    answer: str
     steps: list[str] | None = None
     cot: str | None = None
     solution: str | None = None
+
+    @field_validator("answer", mode="before")
+    @classmethod
+    def answer_as_text(cls, answer: Any) -> str:
+        # a yes/no dataset's JSON true/false (BoolQ's answer column) is the answer "true":
+        # a lax int read it as 1, and every "true" a model answered was marked wrong
+        if isinstance(answer, bool):
+            return str(answer).lower()
+        if isinstance(answer, int | float):
+            return str(answer)
+        if not isinstance(answer, str):
+            raise PydanticCustomError("answer_type", "Input should be a string or a number")
+        return answer
 
 
 _GSM8K_FINAL = "\n####"
@@ -181,8 +210,7 @@ def shortcut_from_record(
         from steiner.domains.text import split_steps
 
         r = validate(_TextRecord, rec, path, line)
-        answer = str(r.answer).lower() if isinstance(r.answer, bool) else str(r.answer)
-        cot = r.cot or r.solution
+        answer, cot = r.answer, r.cot or r.solution
         if not r.steps and cot is None and _GSM8K_FINAL in answer:
             answer, cot = gsm8k_answer(answer)
         steps = r.steps or split_steps(cot or "", separator)
