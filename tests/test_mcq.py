@@ -86,6 +86,17 @@ def test_mmlu_pro_records(tmp_path):
     assert p["id"] == "7" and p["answer"] == "D" and "(E) v" in p["question"]
 
 
+@pytest.mark.parametrize("options", ["['4', '5']", ["only one"], list("ABCDEFGHIJKLMNOPQ")])
+def test_mmlu_pro_options_not_a_list_of_options_is_one_error_line(tmp_path, options):
+    from steiner.io import InputError
+
+    # before: a string was one option per character, "(J) ]", and the record was asked as is
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text(json.dumps({"question": "Q?", "options": options, "answer": "B"}) + "\n")
+    with pytest.raises(InputError, match=r"mmlu\.jsonl:1: .*options must be a list of 2 to 16"):
+        load_mcq(path)
+
+
 @pytest.mark.parametrize(
     "text", ["C", "(C)", "The answer is C.", "**C**", "Answer: (C)", "c", "C. because 3"]
 )

@@ -43,6 +43,9 @@ def gpqa_record(row: dict[str, str], index: int, seed: int = 0) -> dict[str, Any
 
 
 def mmlu_pro_record(rec: dict[str, Any], index: int) -> dict[str, Any]:
+    if not isinstance(rec["options"], list) or not 2 <= len(rec["options"]) <= len(LETTERS):
+        # a string was read as one option per character ("['4', '5']" had 10 options)
+        raise ValueError(f"options must be a list of 2 to {len(LETTERS)} options")
     options = [str(o) for o in rec["options"]]
     answer = str(rec["answer"]).strip().upper()
     if answer not in LETTERS[: len(options)]:
