@@ -76,6 +76,20 @@ def test_a_missing_or_non_utf8_gpqa_csv_is_one_error_line(tmp_path, monkeypatch)
     assert err.value.path == str(path)
 
 
+def test_a_short_gpqa_row_is_one_error_line(tmp_path):
+    from steiner.io import InputError
+
+    # before: AttributeError: 'NoneType' object has no attribute 'strip', as a traceback
+    path = tmp_path / "gpqa.csv"
+    write_gpqa(path)
+    with path.open("a") as fh:
+        fh.write("r9,Short?,a,b,c\n")
+    lines = len(path.read_text().splitlines())
+    with pytest.raises(InputError, match="GPQA column 'Incorrect Answer 3' .the row is short") as e:
+        load_mcq(path)
+    assert e.value.line == lines
+
+
 def test_mmlu_pro_records(tmp_path):
     path = tmp_path / "mmlu.jsonl"
     path.write_text(

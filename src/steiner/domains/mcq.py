@@ -25,17 +25,26 @@ def format_question(question: str, options: list[str]) -> str:
     return "\n".join(lines)
 
 
+class MissingCell(ValueError):
+    """A GPQA row shorter than the header (csv gives its missing cells as None)."""
+
+
 def gpqa_record(row: dict[str, str], index: int, seed: int = 0) -> dict[str, Any]:
-    correct = row["Correct Answer"].strip()
-    options = [correct] + [row[f"Incorrect Answer {i}"].strip() for i in (1, 2, 3)]
-    rng = random.Random(zlib.crc32(f"{seed}:{row['Question']}".encode()))
+    def cell(column: str) -> str:
+        if row[column] is None:
+            raise MissingCell(column)
+        return row[column]
+
+    question, correct = cell("Question"), cell("Correct Answer").strip()
+    options = [correct] + [cell(f"Incorrect Answer {i}").strip() for i in (1, 2, 3)]
+    rng = random.Random(zlib.crc32(f"{seed}:{question}".encode()))
     rng.shuffle(options)
     answer = LETTERS[options.index(correct)]
     pid = row.get("Record ID") or f"gpqa-{index}"
     return {
         "id": str(pid),
         "domain": DOMAIN,
-        "question": format_question(row["Question"], options),
+        "question": format_question(question, options),
         "answer": answer,
         "options": options,
         "meta": {"source": "gpqa"},
@@ -76,6 +85,10 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
                         out.append(gpqa_record(row, i - 1, seed))
                     except KeyError as exc:
                         raise InputError(path, i, f"expected GPQA column {exc}") from None
+                    except MissingCell as exc:
+                        raise InputError(
+                            path, i, f"expected a cell in GPQA column '{exc}' (the row is short)"
+                        ) from None
             except UnicodeDecodeError:
                 # the reader decodes ahead in blocks, so the row is not known
                 raise InputError(path, None, "invalid UTF-8; expected a UTF-8 CSV") from None
