@@ -335,6 +335,13 @@ def test_handlers_and_batches_never_share_a_tokenizer(tiny_model_dir, monkeypatc
             "tokens, over the limit of 2047 (the model has 2048 positions)",
         ),
         (
+            # pydantic's lax int read true as 1: a one-token answer, where OpenAI refuses it
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], '
+            b'"max_tokens": true}',
+            400,
+            "max_tokens: Input should be a number, not a boolean",
+        ),
+        (
             b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "min_steps": 5, '
             b'"max_steps": 2}',
             400,

@@ -32,6 +32,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steiner.infer.budget import EXTEND_WITH, Budget
@@ -111,6 +112,28 @@ class ChatRequest(BaseModel):
             nullable = ("temperature", "top_p", "n", "stream", "logprobs")
             return {k: v for k, v in body.items() if not (k in nullable and v is None)}
         return body
+
+    @field_validator(
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "seed",
+        "top_logprobs",
+        "min_steps",
+        "max_steps",
+        "max_reasoning_tokens",
+        "max_step_tokens",
+        mode="before",
+    )
+    @classmethod
+    def number_not_boolean(cls, value: Any) -> Any:
+        # pydantic's lax numbers read true as 1: "max_tokens": true got a one-token answer,
+        # where OpenAI's API refuses a boolean for a number
+        if isinstance(value, bool):
+            raise PydanticCustomError("not_a_boolean", "Input should be a number, not a boolean")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
