@@ -78,7 +78,7 @@ Count = Annotated[NonNegativeInt, _not_a_boolean("a valid integer")]
 def _id_as_text(value: Any) -> str:
     # one message for any other type: pydantic's union named its first member ("id.str")
     if isinstance(value, float) and value.is_integer():
-        value = int(value)  # a pandas column of ids with a gap is floats
+        value = int(value)  # a pandas column of ids with a missing value is floats
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return str(value)
     raise PydanticCustomError("id_type", "Input should be a string or an integer")
