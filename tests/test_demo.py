@@ -62,6 +62,25 @@ def test_report_card_says_when_the_shortcut_baseline_never_learned(
     assert sft["met"] is True  # the note does not change the verdict
 
 
+@pytest.mark.parametrize(("shortcut", "neither"), [(0, True), (85, False)])
+def test_report_card_says_when_the_steiner_sft_never_learned(tmp_path, shortcut, neither):
+    from steiner.demo import arm_guess_rate, targets
+    from steiner.evaluate.metrics import wilson_interval
+
+    # seed 2 on one CPU: the walks' look-up formed after the profile's steps (0.3 % held-out)
+    (tmp_path / ".stages").mkdir()
+    (tmp_path / ".stages" / "problems.done").write_text(json.dumps({"train": 60000}))
+    for model, correct in (("shortcut-sft", shortcut), ("steiner-sft", 1)):
+        (tmp_path / "eval" / model).mkdir(parents=True)
+        metrics = {"pass@1": correct / 300, "pass@1_ci95": list(wilson_interval(correct, 300))}
+        (tmp_path / "eval" / model / "metrics.json").write_text(json.dumps(metrics))
+    [sft] = targets(tmp_path, arm_guess_rate(DemoSettings(degree=3), None))
+    assert "the Steiner SFT is under the 33.3 %" in sft["measured"]
+    assert "so this run compares nothing" in sft["measured"]
+    assert ("nor did the shortcut SFT" in sft["measured"]) is neither
+    assert "overstates" not in sft["measured"] and sft["met"] is False
+
+
 def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
     out = tmp_path / "demo"
     seen: list[tuple[str, bool]] = []
