@@ -35,6 +35,18 @@ def tiny_settings() -> DemoSettings:
     )
 
 
+def write_sft_evals(root, shortcut: int, steiner: int) -> None:
+    """A run directory with the two SFTs' held-out results (of 300), as the card reads them."""
+    from steiner.evaluate.metrics import wilson_interval
+
+    (root / ".stages").mkdir()
+    (root / ".stages" / "problems.done").write_text(json.dumps({"train": 60000}))
+    for model, correct in (("shortcut-sft", shortcut), ("steiner-sft", steiner)):
+        (root / "eval" / model).mkdir(parents=True)
+        metrics = {"pass@1": correct / 300, "pass@1_ci95": list(wilson_interval(correct, 300))}
+        (root / "eval" / model / "metrics.json").write_text(json.dumps(metrics))
+
+
 @pytest.mark.parametrize(
     ("domain", "problems", "shortcut", "flagged"),
     [
@@ -48,14 +60,8 @@ def test_report_card_says_when_the_shortcut_baseline_never_learned(
     tmp_path, domain, problems, shortcut, flagged
 ):
     from steiner.demo import arm_guess_rate, targets
-    from steiner.evaluate.metrics import wilson_interval
 
-    (tmp_path / ".stages").mkdir()
-    (tmp_path / ".stages" / "problems.done").write_text(json.dumps({"train": 60000}))
-    for model, correct in (("shortcut-sft", shortcut), ("steiner-sft", 297)):
-        (tmp_path / "eval" / model).mkdir(parents=True)
-        metrics = {"pass@1": correct / 300, "pass@1_ci95": list(wilson_interval(correct, 300))}
-        (tmp_path / "eval" / model / "metrics.json").write_text(json.dumps(metrics))
+    write_sft_evals(tmp_path, shortcut=shortcut, steiner=297)
     [sft] = targets(tmp_path, arm_guess_rate(DemoSettings(domain=domain, degree=3), problems))
     assert sft["measured"].startswith(f"{100 * (297 - shortcut) / 300:+.1f} (both trained")
     assert ("it did not learn the edges, so this gap overstates" in sft["measured"]) is flagged
@@ -65,15 +71,9 @@ def test_report_card_says_when_the_shortcut_baseline_never_learned(
 @pytest.mark.parametrize(("shortcut", "neither"), [(0, True), (85, False)])
 def test_report_card_says_when_the_steiner_sft_never_learned(tmp_path, shortcut, neither):
     from steiner.demo import arm_guess_rate, targets
-    from steiner.evaluate.metrics import wilson_interval
 
     # seed 2 on one CPU: the walks' look-up formed after the profile's steps (0.3 % held-out)
-    (tmp_path / ".stages").mkdir()
-    (tmp_path / ".stages" / "problems.done").write_text(json.dumps({"train": 60000}))
-    for model, correct in (("shortcut-sft", shortcut), ("steiner-sft", 1)):
-        (tmp_path / "eval" / model).mkdir(parents=True)
-        metrics = {"pass@1": correct / 300, "pass@1_ci95": list(wilson_interval(correct, 300))}
-        (tmp_path / "eval" / model / "metrics.json").write_text(json.dumps(metrics))
+    write_sft_evals(tmp_path, shortcut=shortcut, steiner=1)
     [sft] = targets(tmp_path, arm_guess_rate(DemoSettings(degree=3), None))
     assert "the Steiner SFT is under the 33.3 %" in sft["measured"]
     assert "so this run compares nothing" in sft["measured"]
