@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -183,6 +184,15 @@ class ChatRecord(BaseModel):
     """A chat record (DESIGN.md's path record, or any ``{"messages": [...]}`` line)."""
 
     messages: list[ChatMessage]
+
+
+def not_a_boolean(value: Any, expected: str) -> Any:
+    """``value`` as it is, unless it is JSON's true or false where a number belongs: pydantic's
+    lax int and float read true as 1 (``"target": true`` was a problem reaching 1, and a
+    ``"max_tokens": true`` request got a one-token answer). For a before-validator."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("not_a_boolean", f"Input should be {expected}, not a boolean")
+    return value
 
 
 def validate(model: type[M], record: dict[str, Any], path: str | os.PathLike, line: int) -> M:

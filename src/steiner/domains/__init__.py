@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,14 @@ from pydantic_core import PydanticCustomError
 
 from steiner.domains.base import Domain
 from steiner.domains.countdown import MAX_NUMBERS
-from steiner.io import InputError, dataset_rows, is_record_file, iter_records, validate
+from steiner.io import (
+    InputError,
+    dataset_rows,
+    is_record_file,
+    iter_records,
+    not_a_boolean,
+    validate,
+)
 
 
 def get_domain(name: str) -> Domain:
@@ -60,19 +68,9 @@ def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[
     return problems
 
 
-def _not_a_boolean(expected: str) -> BeforeValidator:
-    """pydantic's lax int takes JSON's true as 1: "target": true was a problem reaching 1."""
-
-    def check(value: Any) -> Any:
-        if isinstance(value, bool):
-            raise PydanticCustomError("not_a_boolean", f"Input should be {expected}, not a boolean")
-        return value
-
-    return BeforeValidator(check)
-
-
-Int = Annotated[int, _not_a_boolean("a valid integer")]
-Count = Annotated[NonNegativeInt, _not_a_boolean("a valid integer")]
+_NOT_A_BOOLEAN = BeforeValidator(partial(not_a_boolean, expected="a valid integer"))
+Int = Annotated[int, _NOT_A_BOOLEAN]
+Count = Annotated[NonNegativeInt, _NOT_A_BOOLEAN]
 
 
 def _id_as_text(value: Any) -> str:

@@ -32,7 +32,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steiner.infer.budget import EXTEND_WITH, Budget
@@ -43,6 +42,7 @@ from steiner.infer.generate import (
     load,
     position_limit,
 )
+from steiner.io import not_a_boolean
 
 
 class ChatMessage(BaseModel):
@@ -129,11 +129,7 @@ class ChatRequest(BaseModel):
     )
     @classmethod
     def number_not_boolean(cls, value: Any) -> Any:
-        # pydantic's lax numbers read true as 1: "max_tokens": true got a one-token answer,
-        # where OpenAI's API refuses a boolean for a number
-        if isinstance(value, bool):
-            raise PydanticCustomError("not_a_boolean", "Input should be a number, not a boolean")
-        return value
+        return not_a_boolean(value, "a number")  # OpenAI's API refuses one too
 
     @field_validator("stop", mode="before")
     @classmethod
