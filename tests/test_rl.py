@@ -186,6 +186,22 @@ def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, s
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights
 
 
+def test_each_process_resumes_its_own_generators_and_old_checkpoints_their_cpu_one():
+    # before: the CPU generator alone was saved, and on a GPU sampling draws from the GPU's
+    gpu = torch.cuda.is_available()
+    torch.manual_seed(1)
+    first = rl.process_rng_state()
+    expected = torch.rand(3)
+    expected_gpu = torch.rand(3, device="cuda") if gpu else None
+    torch.manual_seed(2)
+    rl.set_process_rng({"process_rng": [rl.process_rng_state(), first]}, 1)
+    assert torch.equal(torch.rand(3), expected)
+    if gpu:
+        assert torch.equal(torch.rand(3, device="cuda"), expected_gpu)
+    rl.set_process_rng({"torch_rng": first["torch"]}, 0)  # a checkpoint from before
+    assert torch.equal(torch.rand(3), expected)
+
+
 def assert_format_rules_held(completions: list[list[int]], ids: TokenIds) -> None:
     """Each completion opens the reasoning, then a step (or ends it), and never opens two steps
     in a row: what the step budget's format rules force on even a random model (one
@@ -219,7 +235,8 @@ class CPUStandInForVLLM:
             out: list[int] = []
             while len(out) < self.kwargs["max_completion_length"]:
                 with torch.no_grad():
-                    logits = self.engine(torch.tensor([prompt + out])).logits[0, -1]
+                    ids = torch.tensor([prompt + out], device=self.engine.device)
+                    logits = self.engine(ids).logits[0, -1]
                 logits = processor(out, logits) / self.kwargs["temperature"]
                 out.append(int(torch.multinomial(torch.softmax(logits, -1), 1)))
                 if out[-1] in params["stop_token_ids"]:
@@ -259,7 +276,7 @@ def test_rl_generates_through_trl_vllm_backend(
     # the engine holds the trained weights, not the ones it started from
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "rl").state_dict()
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    engine_state = engine.engine.state_dict()
+    engine_state = {k: v.cpu() for k, v in engine.engine.state_dict().items()}  # on a GPU too
     assert all(torch.equal(engine_state[k], trained[k]) for k in trained)
     assert any(not torch.equal(initial[k], trained[k]) for k in trained)
 

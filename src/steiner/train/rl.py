@@ -275,6 +275,7 @@ def _save_checkpoint(
     opt: Any,
     rng: random.Random,
     history: list[dict[str, Any]],
+    process_rng: list[dict[str, Any]],
 ) -> None:
     """Written to a temporary folder, then renamed: a crash never leaves half a checkpoint.
     With the tokenizer, as the Trainer's are, so that a checkpoint loads like a model."""
@@ -287,7 +288,7 @@ def _save_checkpoint(
     torch.save(
         {
             "optimizer": opt.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "process_rng": process_rng,
             "python_rng": rng.getstate(),
             "history": history,
             "step": step,
@@ -295,6 +296,25 @@ def _save_checkpoint(
         tmp / "state.pt",
     )
     tmp.rename(final)
+
+
+def process_rng_state() -> dict[str, Any]:
+    """This process's torch generators: on a GPU, sampling draws from the GPU's generator,
+    not the CPU's (a run resumed with the CPU's alone sampled other completions on a GPU)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's: this process's
+    return state
+
+
+def set_process_rng(state: dict[str, Any], process_index: int) -> None:
+    """Restores what ``process_rng_state`` saved for this process. A checkpoint written before
+    there was one entry per process holds the CPU generator alone (``torch_rng``)."""
+    saved = state.get("process_rng") or [{"torch": state["torch_rng"]}]
+    mine = saved[min(process_index, len(saved) - 1)]
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
 
 
 def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
@@ -419,7 +439,7 @@ def train_rl(
             AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32).state_dict()
         )
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        set_process_rng(state, accelerator.process_index)
         rng.setstate(state["python_rng"])
         history, first_step = state["history"], state["step"] + 1
         log({"resumed_from": str(last), "step": state["step"]})
@@ -513,8 +533,11 @@ def train_rl(
         # (it redid the steps after the last multiple of save_steps), and a longer --steps goes
         # on from it with the optimiser's state
         if cfg.save_steps and (step % cfg.save_steps == 0 or step == cfg.steps):
+            process_rng = gather_object([process_rng_state()])
             if accelerator.is_main_process:
-                _save_checkpoint(Path(cfg.output_dir), step, policy, tok, opt, rng, history)
+                _save_checkpoint(
+                    Path(cfg.output_dir), step, policy, tok, opt, rng, history, process_rng
+                )
             accelerator.wait_for_everyone()
     summary = {
         "config": asdict(cfg),
