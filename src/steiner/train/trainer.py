@@ -83,8 +83,15 @@ class TrainTime(TrainerCallback, ExportableState):
     def state(self) -> dict:
         return {"args": {"earlier": round(self.seconds(), 2)}, "attributes": {}}
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def start(self) -> None:
+        """Starts the clock where the run's own ``train_seconds`` does: on a GPU the Trainer's
+        setup before ``on_train_begin`` (placing the model, CUDA's start) took most of a short
+        run, which a resumed run's total then left out."""
         self._start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self._start is None:
+            self._start = time.perf_counter()
         # a checkpoint written before this callback existed has no entry to update
         state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
@@ -425,6 +432,7 @@ def run_stage(
         fused = vocab > FUSED_LM_HEAD_MIN_VOCAB or cfg.loss_type != "nll"
     trainer.fused_lm_head = fused
     start = time.perf_counter()
+    clock.start()
     if resumed and reached_limit(resumed, cfg):
         # transformers' loop, resumed from a checkpoint at max_steps, still takes one more
         # optimiser step before it checks the limit: a re-run of a finished stage would train on
