@@ -1063,6 +1063,8 @@ def test_lora_sft_and_rl_run_in_two_processes(data, tmp_path):
             env={
                 **os.environ,
                 "ACCELERATE_USE_CPU": "true",
+                # two processes on a one-GPU machine: rank 1's barrier asked for cuda:1
+                "CUDA_VISIBLE_DEVICES": "",
                 "COLUMNS": "200",
                 "TMPDIR": str(tmp_path),
             },
@@ -1139,3 +1141,33 @@ def test_a_run_shorter_than_its_logging_steps_shows_its_mean_loss():
         print_training_summary(summary, "runs/sft")
     row = next(line for line in shown.get().splitlines() if "mean_train_loss" in line)
     assert "5.8125" in row
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sft_and_rl_train_on_a_gpu_in_bf16_and_load_back_for_generation(data, tmp_path):
+    # the README's GPU recipe (--bf16), which the CPU suite never reaches
+    from steiner.infer.budget import Budget
+    from steiner.infer.generate import generate, load
+
+    paths = str(data / "synth" / "paths.jsonl")
+    sft = run_sft(
+        quick(SFTStageConfig, tmp_path, "sft", model=str(data / "init"), data=paths,
+              max_steps=60, bf16=True)
+    )  # fmt: skip
+    assert sft["final_loss"] < sft["first_loss"]
+    model, tok = load(tmp_path / "sft")
+    assert model.device.type == "cuda"
+    question = [{"role": "user", "content": "Using the numbers 3, 5, 7, reach 22."}]
+    [done] = generate(model, tok, [question], [Budget(min_steps=1, max_steps=2)], 120, 1.0, seed=0)
+    assert 1 <= done.trace.n_steps <= 2 or done.finish_reason == "length", done.text
+    rl = tmp_path / "rl"
+    run_rl(
+        RLStageConfig(
+            model=str(tmp_path / "sft"), problems=str(data / "shortcut.jsonl"),
+            dags=str(data / "synth" / "dags.jsonl"), output_dir=str(rl), steps=2,
+            prompts_per_step=2, group_size=2, max_new_tokens=24, save_steps=1,
+        )
+    )  # fmt: skip
+    history = json.loads((rl / "rl_summary.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2]
+    assert load(rl)[0].device.type == "cuda"
