@@ -6,6 +6,7 @@ Goal (issue 5): <= 3% overhead. Both runs generate exactly the same number of to
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 import time
@@ -54,20 +55,30 @@ def timed_generate(model: Any, tok: Any, batch: Any, new_tokens: int, **kwargs: 
             pad_token_id=tok.pad_token_id,
             **kwargs,
         )
+    synchronize(model.device)
     return time.perf_counter() - start
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for a GPU's queued work, so that a clock read after it counts that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda)")
+    args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for preset in ("tiny", "small"):
-        measure(preset)
+        measure(preset, torch.device(args.device))
 
 
-def measure(preset: str) -> None:
+def measure(preset: str, device: torch.device) -> None:
     tok = tokenizer()
-    model: Qwen2ForCausalLM = build_model(preset, tok, max_positions=1024).eval()
+    model: Qwen2ForCausalLM = build_model(preset, tok, max_positions=1024).to(device).eval()
     prompts = [f"reach {i} with 3 7 25 50" * (1 + i % 3) for i in range(BATCH)]
-    batch = tok(prompts, return_tensors="pt", padding=True)
+    batch = tok(prompts, return_tensors="pt", padding=True).to(device)
     budget = Budget(min_steps=4, max_steps=12, max_step_tokens=16)
 
     class NoOp(LogitsProcessor):
@@ -91,7 +102,7 @@ def measure(preset: str) -> None:
     tokens = BATCH * NEW_TOKENS
     n_params = sum(x.numel() for x in model.parameters())
     print(
-        f"{preset} model ({n_params:,} parameters), batch {BATCH}, "
+        f"{preset} model ({n_params:,} parameters) on {device}, batch {BATCH}, "
         f"{NEW_TOKENS} new tokens, median of {REPEATS}"
     )
     print(f"without step budget: {p:.2f} s ({tokens / p:.0f} tokens/s)")
@@ -100,12 +111,15 @@ def measure(preset: str) -> None:
     verdict = ("met" if b / p <= 1.03 else "MISSED") if preset == "tiny" else "reference"
     # the processor alone, timed on its own: steadier than the difference of two runs
     proc = StepBudgetLogitsProcessor(tok, budget)
-    ids, scores = torch.randint(0, len(tok), (BATCH, 32)), torch.randn(BATCH, len(tok))
+    ids = torch.randint(0, len(tok), (BATCH, 32), device=device)
+    scores = torch.randn(BATCH, len(tok), device=device)
     proc(ids, scores)
     calls = 3000
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         proc(ids, scores)
+    synchronize(device)
     per_call = (time.perf_counter() - start) / calls
     step = p / NEW_TOKENS
     print(
