@@ -567,6 +567,44 @@ def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "line, message",
+    [
+        # before: one training step, a float step count, a TypeError traceback
+        ("max_steps: true", "field 'max_steps': Input should be a valid integer, got true"),
+        ("max_steps: 2.5", "field 'max_steps': Input should be a valid integer, got 2.5"),
+        ("output_dir: 2024", "field 'output_dir': Input should be a valid string, got 2024"),
+        ("use_lora: 3", "field 'use_lora': Input should be a valid boolean, got 3"),
+        ("paths: [a.jsonl, 3]", "field 'paths.1': Input should be a valid string, got"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_one_error_line(tmp_path, line, message):
+    from steiner.cli import parse_stage_config
+
+    config = tmp_path / "cpt.yaml"
+    config.write_text(f"model: runs/init\n{line}\n")
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        parse_stage_config(CPTStageConfig, ["--config", str(config)], "steiner train cpt")
+    assert (err.value.path, err.value.line) == (str(config), 2)
+
+
+def test_config_file_values_argparse_would_not_read_arrive_as_the_flags_give_them(tmp_path):
+    from steiner.cli import parse_stage_config
+
+    config = tmp_path / "cpt.yaml"
+    # before: paths was the string, read one file per character
+    config.write_text("model: runs/init\npaths: walks.jsonl\nlearning_rate: 1\nmax_steps: '7'\n")
+    cfg = parse_stage_config(CPTStageConfig, ["--config", str(config)], "steiner train cpt")
+    assert (cfg.paths, cfg.learning_rate, cfg.max_steps) == (["walks.jsonl"], 1, 7)
+    flagged = ["--config", str(config), "--paths", "a.jsonl", "b.jsonl", "--max_steps", "3"]
+    cfg = parse_stage_config(CPTStageConfig, flagged, "steiner train cpt")
+    assert (cfg.paths, cfg.max_steps) == (["a.jsonl", "b.jsonl"], 3)
+    config.write_bytes("max_steps: 10\n".encode("utf-16"))
+    with pytest.raises(InputError, match="not UTF-8 text") as err:
+        parse_stage_config(CPTStageConfig, ["--config", str(config)], "steiner train cpt")
+    assert err.value.path == str(config)
+
+
+@pytest.mark.parametrize(
     "record, message",
     [
         ({"messages": [{"content": "x"}]}, "field 'messages.0.role': Field required"),

@@ -505,7 +505,9 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
     classes = config_cls if isinstance(config_cls, tuple) else (config_cls,)
     # TRL finds the config file only as "--config FILE"; argparse users also write the "=" form
     args = [p for a in args for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
     try:
+        given = check_config_file_values(config, classes) if config else {}
         parsed = OneLineParser(classes, prog=prog).parse_args_and_config(args=args)
     except ImportError as exc:  # a setting that needs a package (--deepspeed, and the like)
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -514,6 +516,9 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
         # registered, every later from_pretrained in this process fails on it
         unset_hf_deepspeed_config()
         raise missing_package_error(str(exc), prog) from None
+    except UnicodeDecodeError:  # a ValueError too, which named neither the file nor the fix
+        message = "not UTF-8 text; expected a YAML mapping of config fields"
+        raise InputError(config, None, message) from None
     except ValueError as exc:  # unknown flags, bad YAML keys, settings that do not go together
         raise unknown_fields_error(str(exc), args, prog) from None
     except OSError as exc:  # the --config file
@@ -525,7 +530,87 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
         raise InputError(
             *where, f"invalid YAML: {problem}; expected a mapping of config fields"
         ) from None
+    one_item_lists(given, classes, parsed)
     return parsed if isinstance(config_cls, tuple) else parsed[0]
+
+
+def check_config_file_values(path: str, classes: tuple[type, ...]) -> dict[str, Any]:
+    """The --config file's fields, each checked against its annotation. TRL's parser hands the
+    YAML's values to argparse as defaults, and argparse converts and checks only string
+    defaults: ``max_steps: true`` trained one step, ``max_steps: 2.5`` went on as a float, and
+    ``output_dir: 2024`` ended in a TypeError traceback. A value of the wrong type is one error
+    line, with its line in the file."""
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    with open(path, "rb") as fh:  # yaml reads the encoding; its errors name the file
+        root = yaml.compose(fh)
+    given = yaml.safe_load(yaml.serialize(root)) if root is not None else None
+    if not isinstance(root, yaml.MappingNode) or not isinstance(given, dict):
+        return {}  # TRL's parser refuses it in its own words
+    lines = {k.value: k.start_mark.line + 1 for k, _ in root.value if hasattr(k, "value")}
+    for key, value in given.items():
+        hint = next((h[key] for h in map(_type_hints, classes) if key in h), None)
+        if isinstance(value, str) or not _plain(hint):  # argparse reads it, or not a value
+            continue
+        try:
+            TypeAdapter(hint).validate_python(value, strict=True)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in (key, *err["loc"]) if not isinstance(p, type))
+            got = json.dumps(value, default=str)
+            message = f"field '{where}': {err['msg']}, got {got}"
+            raise InputError(path, lines.get(key), message) from None
+    return given
+
+
+def one_item_lists(given: dict[str, Any], classes: tuple[type, ...], parsed: Any) -> None:
+    """A --config string for a list field is a one-item list, as the flag gives: argparse
+    left ``paths: walks.jsonl`` a string, read one file per character."""
+    import typing
+
+    for cls, config in zip(classes, parsed, strict=True):
+        hints = _type_hints(cls)
+        for key, value in given.items():
+            listed = key in hints and typing.get_origin(_without_none(hints[key])) is list
+            if listed and isinstance(value, str) and getattr(config, key, None) == value:
+                setattr(config, key, [value])
+
+
+def _plain(hint: Any) -> bool:
+    """Whether a field's annotation is made of plain values (numbers, strings, booleans, None,
+    lists and dicts of them, unions, literals): what a YAML value can be checked against.
+    Other fields (the RL stage's ``weights``, a dataclass) have their own checks."""
+    import types
+    import typing
+
+    if hint in (int, float, bool, str, type(None)):
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return True
+    if origin in (list, dict, typing.Union, types.UnionType):
+        return all(_plain(a) for a in typing.get_args(hint))
+    return False
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # annotations that do not resolve here: nothing to check
+        return {}
+
+
+def _without_none(hint: Any) -> Any:
+    """``list[str]`` of ``list[str] | None``; the hint itself otherwise."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else hint
 
 
 def missing_package_error(message: str, prog: str) -> InputError:
