@@ -86,10 +86,6 @@ class DemoSettings:
     # 3e-3 (and 1e-3) kept the micro model on the plateau before the edge look-up forms (an
     # induction-style copy); at 5e-4 it forms after ~700 steps (README, Results)
     learning_rate: float = 5e-4
-    # the two SFTs (the Steiner walks phase and the shortcut baseline): at 5e-4 the Steiner
-    # SFT's look-up did not form in its 2,000 walk steps at seeds 2 and 3 (still on the
-    # plateau at 3,500 at seed 3); at 3e-4 it formed by ~1,500 at seeds 0-3 (README, Results)
-    sft_learning_rate: float = 3e-4
     lr_scheduler_type: str = "constant_with_warmup"
     # random batches, not SFT's length-grouped default: grouped batches kept the edge
     # look-up from forming in 3,000 steps where random ones formed it at ~1,150 (README)
@@ -154,17 +150,14 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
             sft_steps=2000,
             verify_sft_steps=0,  # never tried on countdown
             rl_learning_rate=1e-4,  # the measured countdown recipe; 3e-5 never tried there
-            sft_learning_rate=5e-4,  # likewise; 3e-4 was measured on the graph quick profile
             # the baseline's rows are shorter (2,000 steps in 2,911 s beside the Steiner SFT's
             # ~1.9 s a step), so it ends when the Steiner SFT is about three quarters through
             solo_share=0.75,
         )
     if profile == "full":
         # larger held-out, CPT, RL and scaling sizes; the graph SFT keeps the quick profile's
-        # steps, countdown trains twice as long (its Steiner SFT learns slower)
+        # measured recipe, countdown trains twice as long (its Steiner SFT learns slower)
         s = replace(s, heldout_problems=500, cpt_documents=100000, cpt_steps=1000)
-        # its SFTs at 5e-4, as measured (99.0 vs 34.4 %); 3e-4 was measured on the quick one
-        s = replace(s, sft_learning_rate=5e-4)
         # RL at 1e-4: the full profile's measured recipe (3e-5 was measured on the quick one)
         s = replace(s, rl_steps=200, rl_learning_rate=1e-4, scale_limit=500, latency_requests=40)
         if domain == "countdown":
@@ -338,11 +331,11 @@ def run_synthesis(s: DemoSettings, root: Path, verify_phase: bool = False) -> di
     return {k: stats[k] for k in ("dags", "paths", "mean_steps", "mean_reasoning_tokens")}
 
 
-def train_kwargs(s: DemoSettings, steps: int, learning_rate: float | None = None) -> dict[str, Any]:
+def train_kwargs(s: DemoSettings, steps: int) -> dict[str, Any]:
     return dict(
         max_steps=steps,
         per_device_train_batch_size=s.batch_size,
-        learning_rate=s.learning_rate if learning_rate is None else learning_rate,
+        learning_rate=s.learning_rate,
         lr_scheduler_type=s.lr_scheduler_type,
         train_sampling_strategy=s.train_sampling_strategy,
         warmup_steps=min(100, steps // 10),
@@ -398,7 +391,7 @@ def run_training(
             output_dir=str(models / ("steiner-sft-walks" if verify else "steiner-sft")),
             model=str(models / "cpt"),
             data=str(root / "synth" / "paths.jsonl"),
-            **train_kwargs(s, s.sft_steps - verify, s.sft_learning_rate),
+            **train_kwargs(s, s.sft_steps - verify),
         )
         summary = run_sft(cfg, callbacks)
         if verify:
@@ -429,7 +422,7 @@ def run_training(
             model=str(models / "cpt"),
             data=str(root / "data" / "train.jsonl"),
             shortcut=True,
-            **train_kwargs(s, s.sft_steps, s.sft_learning_rate),
+            **train_kwargs(s, s.sft_steps),
         )
         summary = run_sft(cfg)
     return {k: summary[k] for k in ("steps", "tokens_seen", "tokens_per_s", "final_loss")}
@@ -449,7 +442,7 @@ def start_baseline(s: DemoSettings, root: Path) -> Any:
         "--shortcut", "true",
         "--output_dir", str(root / "models" / "shortcut-sft"),
     ]  # fmt: skip
-    for key, value in train_kwargs(s, s.sft_steps, s.sft_learning_rate).items():
+    for key, value in train_kwargs(s, s.sft_steps).items():
         args += [f"--{key}", str(value)]
     # it ends with the demo even when the demo is killed outright (io.end_with_parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
