@@ -544,11 +544,13 @@ def check_config_file_values(path: str, classes: tuple[type, ...]) -> dict[str, 
     from pydantic import TypeAdapter, ValidationError
 
     with open(path, "rb") as fh:  # yaml reads the encoding; its errors name the file
-        root = yaml.compose(fh)
-    given = yaml.safe_load(yaml.serialize(root)) if root is not None else None
-    if not isinstance(root, yaml.MappingNode) or not isinstance(given, dict):
+        given = yaml.safe_load(fh)
+    if not isinstance(given, dict):
         return {}  # TRL's parser refuses it in its own words
-    lines = {k.value: k.start_mark.line + 1 for k, _ in root.value if hasattr(k, "value")}
+    with open(path, "rb") as fh:  # again, for the line of each key
+        root = yaml.compose(fh)
+    scalar_keys = [k for k, _ in root.value if isinstance(k, yaml.ScalarNode)]
+    lines = {k.value: k.start_mark.line + 1 for k in scalar_keys}
     for key, value in given.items():
         hint = next((h[key] for h in map(_type_hints, classes) if key in h), None)
         if isinstance(value, str) or not _plain(hint):  # argparse reads it, or not a value
