@@ -7,6 +7,8 @@ import os
 import signal
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -506,8 +508,9 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
     # TRL finds the config file only as "--config FILE"; argparse users also write the "=" form
     args = [p for a in args for p in (a.split("=", 1) if a.startswith("--config=") else [a])]
     config = args[args.index("--config") + 1] if "--config" in args[:-1] else None
+    hints = [_type_hints(cls) for cls in classes] if config else []
     try:
-        given = check_config_file_values(config, classes) if config else {}
+        given = check_config_file_values(config, hints) if config else {}
         parsed = OneLineParser(classes, prog=prog).parse_args_and_config(args=args)
     except ImportError as exc:  # a setting that needs a package (--deepspeed, and the like)
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -530,12 +533,13 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
         raise InputError(
             *where, f"invalid YAML: {problem}; expected a mapping of config fields"
         ) from None
-    one_item_lists(given, classes, parsed)
+    one_item_lists(given, hints, parsed)
     return parsed if isinstance(config_cls, tuple) else parsed[0]
 
 
-def check_config_file_values(path: str, classes: tuple[type, ...]) -> dict[str, Any]:
-    """The --config file's fields, each checked against its annotation. TRL's parser hands the
+def check_config_file_values(path: str, hints: list[dict[str, Any]]) -> dict[str, Any]:
+    """The --config file's fields, each checked against its annotation (``hints``: each
+    config class's). TRL's parser hands the
     YAML's values to argparse as defaults, and argparse converts and checks only string
     defaults: ``max_steps: true`` trained one step, ``max_steps: 2.5`` went on as a float, and
     ``output_dir: 2024`` ended in a TypeError traceback. A value of the wrong type is one error
@@ -543,16 +547,21 @@ def check_config_file_values(path: str, classes: tuple[type, ...]) -> dict[str, 
     import yaml
     from pydantic import TypeAdapter, ValidationError
 
-    with open(path, "rb") as fh:  # yaml reads the encoding; its errors name the file
-        given = yaml.safe_load(fh)
+    # yaml.safe_load's own steps, keeping the node tree for each key's line; yaml reads the
+    # encoding, and its errors name the file
+    with open(path, "rb") as fh:
+        loader = yaml.SafeLoader(fh)
+        try:
+            root = loader.get_single_node()
+            given = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     if not isinstance(given, dict):
         return {}  # TRL's parser refuses it in its own words
-    with open(path, "rb") as fh:  # again, for the line of each key
-        root = yaml.compose(fh)
     scalar_keys = [k for k, _ in root.value if isinstance(k, yaml.ScalarNode)]
     lines = {k.value: k.start_mark.line + 1 for k in scalar_keys}
     for key, value in given.items():
-        hint = next((h[key] for h in map(_type_hints, classes) if key in h), None)
+        hint = next((h[key] for h in hints if key in h), None)
         if isinstance(value, str) or not _plain(hint):  # argparse reads it, or not a value
             continue
         try:
@@ -566,15 +575,14 @@ def check_config_file_values(path: str, classes: tuple[type, ...]) -> dict[str, 
     return given
 
 
-def one_item_lists(given: dict[str, Any], classes: tuple[type, ...], parsed: Any) -> None:
+def one_item_lists(given: dict[str, Any], hints: list[dict[str, Any]], parsed: Any) -> None:
     """A --config string for a list field is a one-item list, as the flag gives: argparse
     left ``paths: walks.jsonl`` a string, read one file per character."""
-    import typing
-
-    for cls, config in zip(classes, parsed, strict=True):
-        hints = _type_hints(cls)
+    if not given:  # no --config, or an empty one (and then no hints)
+        return
+    for fields, config in zip(hints, parsed, strict=True):
         for key, value in given.items():
-            listed = key in hints and typing.get_origin(_without_none(hints[key])) is list
+            listed = key in fields and typing.get_origin(_without_none(fields[key])) is list
             if listed and isinstance(value, str) and getattr(config, key, None) == value:
                 setattr(config, key, [value])
 
@@ -583,9 +591,6 @@ def _plain(hint: Any) -> bool:
     """Whether a field's annotation is made of plain values (numbers, strings, booleans, None,
     lists and dicts of them, unions, literals): what a YAML value can be checked against.
     Other fields (the RL stage's ``weights``, a dataclass) have their own checks."""
-    import types
-    import typing
-
     if hint in (int, float, bool, str, type(None)):
         return True
     origin = typing.get_origin(hint)
@@ -597,8 +602,6 @@ def _plain(hint: Any) -> bool:
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
-    import typing
-
     try:
         return typing.get_type_hints(cls)
     except Exception:  # annotations that do not resolve here: nothing to check
@@ -607,9 +610,6 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 def _without_none(hint: Any) -> Any:
     """``list[str]`` of ``list[str] | None``; the hint itself otherwise."""
-    import types
-    import typing
-
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     return args[0] if is_union and len(args) == 1 else hint
