@@ -515,6 +515,23 @@ def test_a_yes_no_answer_of_json_true_is_true_not_1(tmp_path):
     assert TextDomain().check_answer(no, "false")
 
 
+def test_a_json_number_answer_is_read_as_the_number_a_model_writes(tmp_path):
+    from steiner.domains import load_problems
+    from steiner.domains.text import TextDomain
+
+    # json.loads reads 1e20 and 72.0 as floats: "1e+20" matched no written-out answer
+    path = tmp_path / "numbers.jsonl"
+    path.write_text(
+        '{"question": "a", "answer": 1e20}\n{"question": "b", "answer": 72.0}\n'
+        '{"question": "c", "answer": 0.25}\n{"question": "d", "answer": -3}\n'
+    )
+    big, whole, part, negative = load_problems(path)
+    assert big["answer"] == "100000000000000000000"
+    assert TextDomain().check_answer(big, "The answer is 100,000,000,000,000,000,000.")
+    assert (whole["answer"], part["answer"], negative["answer"]) == ("72", "0.25", "-3")
+    assert TextDomain().check_answer(whole, "72") and TextDomain().check_answer(part, "1/4")
+
+
 def test_a_dataset_config_is_named_after_a_colon(tmp_path, monkeypatch):
     """GSM8K on the Hub has configs "main" and "socratic" and no default: it could not be
     read at all (a five-line datasets error). NAME:CONFIG names one, as load_dataset's

@@ -121,6 +121,11 @@ class _TextRecord(BaseModel):
         # a lax int read it as 1, and every "true" a model answered was marked wrong
         if isinstance(answer, bool):
             return str(answer).lower()
+        # a JSON number written 1e20 is a float, whose str is "1e+20": no model's
+        # "100000000000000000000" matched it. A whole float is written as its integer (up to
+        # canonical_answer's 40 digits); any other number as Python writes it
+        if isinstance(answer, float) and answer.is_integer() and abs(answer) < 1e40:
+            return str(int(answer))
         if isinstance(answer, int | float):
             return str(answer)
         if not isinstance(answer, str):
