@@ -80,10 +80,7 @@ class DemoSettings:
     # in half the CPT tokens, but a quick recipe built on it (1,500 CPT + 1,400 SFT steps)
     # took 20.3 minutes and lost RL and extend mode, so the profiles keep "fixed" (README)
     cpt_walk_sizes: str = "fixed"
-    # the CPT forms the edge look-up (its loss falls from ~2.8 to ~1.8) at ~550-900 steps; a
-    # 150-step CPT left the walks SFT to form it, which it did at ~1,000 steps at seeds 0 and 1
-    # and not in 2,000 at seeds 2 and 3 (README, Results)
-    cpt_steps: int = 1000
+    cpt_steps: int = 150
     sft_steps: int = 2500
     batch_size: int = 32
     # 3e-3 (and 1e-3) kept the micro model on the plateau before the edge look-up forms (an
@@ -152,7 +149,6 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
             train_problems=20000,
             sft_steps=2000,
             verify_sft_steps=0,  # never tried on countdown
-            cpt_steps=150,  # the measured countdown recipe (arithmetic facts, packed)
             rl_learning_rate=1e-4,  # the measured countdown recipe; 3e-5 never tried there
             # the baseline's rows are shorter (2,000 steps in 2,911 s beside the Steiner SFT's
             # ~1.9 s a step), so it ends when the Steiner SFT is about three quarters through
