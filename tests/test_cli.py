@@ -61,6 +61,9 @@ def test_solve_prints_solutions():
     proc = steiner("countdown", "solve", *map(str, range(1, 10)), "--target", "9999")
     assert proc.returncode == 2 and "expected 1 to 7 non-negative numbers" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # a negative number was taken for an unknown option ("No such option: -2")
+    proc = steiner("countdown", "solve", "1", "-2", "--target", "3")
+    assert proc.returncode == 2 and "expected 1 to 7 non-negative numbers" in proc.stderr
     # --limit -1 printed all but the last solution
     proc = steiner("countdown", "solve", "3", "7", "--target", "10", "--limit", "-1")
     assert proc.returncode == 2 and "'--limit': Input should be greater than or equal to 0" in (

@@ -129,7 +129,8 @@ def countdown_generate(
     )
 
 
-@countdown_app.command("solve")
+# a negative number is a bad number, not an unknown option: the solver's own check says why
+@countdown_app.command("solve", context_settings={"ignore_unknown_options": True})
 def countdown_solve(
     numbers: Annotated[list[int], typer.Argument(help="The numbers, e.g. 3 7 25 50.")],
     target: Annotated[int, typer.Option(help="The number to reach.")],
