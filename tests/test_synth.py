@@ -9,7 +9,7 @@ import pytest
 
 from steiner.dag import read_dags
 from steiner.domains import countdown as cd
-from steiner.domains import load_shortcuts
+from steiner.domains import load_problems, load_shortcuts
 from steiner.format import Decision, parse
 from steiner.io import InputError
 from steiner.synth.run import SynthConfig, run_synth
@@ -156,6 +156,39 @@ def test_text_domain_records_split_cot(tmp_path):
     assert (
         rec["domain"] == "text" and rec["steps"] == ["3*4=12", "2+12=14"] and rec["id"] == "text-1"
     )
+
+
+def test_records_without_ids_are_named_by_their_place_in_the_file(tmp_path):
+    # Hugging Face's countdown sets (e.g. Countdown-Tasks-3to4) are Parquet with only `nums`
+    # and `target`; the demo issue names graph files of `edges`/`start`/`goal`. Both were
+    # "field 'id': Field required"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"target": [29, 6], "nums": [[3, 7, 25], [1, 2, 3]]})
+    pq.write_table(table, tmp_path / "countdown.parquet")
+    problems = load_problems(tmp_path / "countdown.parquet")
+    assert [p["id"] for p in problems] == ["countdown-1", "countdown-2"]
+    assert problems[1]["domain"] == "countdown" and problems[1]["target"] == 6
+
+    graphs = tmp_path / "graphs.jsonl"
+    bare = {"edges": [[1, 2], [2, 3], [1, 4]], "start": 1}
+    graphs.write_text(
+        json.dumps({**bare, "goal": 3}) + "\n" + json.dumps({**bare, "goal": 4}) + "\n"
+    )
+    out = tmp_path / "synth"
+    run_synth(SynthConfig(shortcut=str(graphs), out=str(out), seed=0))
+    dags = [json.loads(line) for line in (out / "dags.jsonl").read_text().splitlines()]
+    assert [d["problem_id"] for d in dags] == ["graph-1", "graph-2"]
+    # an own id that is another record's derived one is one error line, not a silent merge
+    graphs.write_text(
+        json.dumps({**bare, "goal": 3, "id": "graph-2"})
+        + "\n"
+        + json.dumps({**bare, "goal": 4})
+        + "\n"
+    )
+    with pytest.raises(InputError, match=r"graphs\.jsonl:2: duplicate id 'graph-2'"):
+        load_problems(graphs)
 
 
 def test_a_teacher_that_cannot_synthesize_is_one_line_before_anything_is_written(tmp_path):

@@ -87,7 +87,7 @@ Id = Annotated[str, BeforeValidator(_id_as_text)]
 
 class _CountdownRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: Id
+    id: Id | None = None  # Hugging Face's countdown sets have only nums and target
     # the rules combine non-negative numbers (larger first), and the solver's cost bounds
     # how many: a negative number crashed synthesis, nine numbers ran for minutes
     nums: list[Count] = Field(min_length=1, max_length=MAX_NUMBERS)
@@ -97,7 +97,7 @@ class _CountdownRecord(BaseModel):
 
 class _GraphRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
-    id: Id
+    id: Id | None = None
     # answers are read as runs of digits (12>45>7), so a negative id could never be answered
     edges: list[tuple[Count, Count]]
     start: Count
@@ -154,6 +154,12 @@ def guess_domain(rec: dict[str, Any]) -> str:
     return "graph" if "edges" in rec else "text"
 
 
+def record_id(given: str | None, domain: str, line: int) -> str:
+    """A record's own id, or ``<domain>-<line>`` for a record without one: its place in the
+    file is what names it, so the DAGs, paths and eval outputs made from it join back to it."""
+    return given if given is not None else f"{domain}-{line}"
+
+
 def shortcut_from_record(
     rec: dict[str, Any],
     domain: str,
@@ -168,11 +174,12 @@ def shortcut_from_record(
         from steiner.domains import countdown
 
         r = validate(_CountdownRecord, rec, path, line)
+        pid = record_id(r.id, domain, line)
         try:
-            problem = countdown.make_problem(str(r.id), r.nums, r.target, rec.get("meta"))
+            problem = countdown.make_problem(pid, r.nums, r.target, rec.get("meta"))
         except ValueError:
             raise InputError(path, line, f"{r.nums} cannot reach {r.target}") from None
-        problem = {**rec, **problem, "id": str(r.id)}
+        problem = {**rec, **problem, "id": pid}
         if r.steps is None:
             return countdown.shortcut_record(problem)
         if not countdown.check_answer(r.nums, r.target, "\n".join(r.steps)):
@@ -195,12 +202,13 @@ def shortcut_from_record(
                 f"field 'edges': a cycle {graph.path_text(cycle)}; expected a directed "
                 "acyclic graph (a path-star or a DAG)",
             )
+        pid = record_id(r.id, domain, line)
         try:
-            problem = graph.make_problem(str(r.id), r.edges, r.start, r.goal, rec.get("meta"))
+            problem = graph.make_problem(pid, r.edges, r.start, r.goal, rec.get("meta"))
         except ValueError:
             raise InputError(path, line, f"goal {r.goal} is not reachable from {r.start}") from None
         # a record's own question (with its edge order) is kept; bare records get one
-        problem = {**problem, **rec, "id": str(r.id), "domain": "graph"}
+        problem = {**problem, **rec, "id": pid, "domain": "graph"}
         problem["edges"] = [[u, v] for u, v in r.edges]
         if r.steps is None:
             return graph.shortcut_record(problem)
@@ -223,7 +231,7 @@ def shortcut_from_record(
             )
         return {
             **rec,
-            "id": str(r.id if r.id is not None else f"text-{line}"),
+            "id": record_id(r.id, domain, line),
             "domain": "text",
             "question": r.question,
             "answer": answer,
