@@ -53,6 +53,12 @@ def test_a_gpqa_csv_needs_no_domain_flag(tmp_path):
     for name in ("gpqa.csv", "GPQA.CSV"):
         write_gpqa(tmp_path / name)
         assert load_problems(tmp_path / name) == load_mcq(tmp_path / "gpqa.csv")
+    # compressed, as Hugging Face's csv loader reads it
+    import gzip
+
+    packed = tmp_path / "gpqa.csv.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "gpqa.csv").read_bytes()))
+    assert load_problems(packed) == load_mcq(tmp_path / "gpqa.csv")
 
 
 def test_a_missing_or_non_utf8_gpqa_csv_is_one_error_line(tmp_path, monkeypatch):

@@ -8,10 +8,14 @@ Bottom layer like ``format``: imports nothing else from steiner.
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import hashlib
 import json
+import lzma
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -48,11 +52,40 @@ def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO[A
         raise InputError(path, None, f"cannot open: {exc.strerror}") from None
 
 
+# Hugging Face's json and text loaders read these compressed files as they are, by suffix
+DECOMPRESSORS: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# what a damaged or mislabelled compressed file raises while it is read
+DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+
+
+def data_suffix(path: str | os.PathLike) -> str:
+    """A file's suffix once a compression suffix is set aside: ``x.jsonl.gz`` is JSON Lines."""
+    p = Path(path)
+    return Path(p.stem).suffix if p.suffix in DECOMPRESSORS else p.suffix
+
+
+def open_decompressed(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """``open_input`` that decompresses a ``.gz``, ``.bz2`` or ``.xz`` file as it reads."""
+    opener = DECOMPRESSORS.get(Path(path).suffix)
+    if opener is None:
+        return open_input(path, mode, **kwargs)
+    open_input(path).close()  # a missing file: "cannot open", as for any other input
+    return opener(path, mode if "b" in mode else mode.replace("r", "rt"), **kwargs)
+
+
+def read_decompressed(fh: IO[Any], path: str | os.PathLike, size: int = -1) -> Any:
+    """``fh.read(size)``, with a damaged compressed file as one InputError."""
+    try:
+        return fh.read(size)
+    except DECOMPRESS_ERRORS as exc:
+        raise InputError(path, None, f"cannot decompress: {exc}") from None
+
+
 def read_text_input(path: str | os.PathLike) -> str:
-    """The whole of a UTF-8 text input file; one that is missing, unreadable or not UTF-8 is
-    one InputError (the same words as a JSON Lines file's)."""
-    with open_input(path) as fh:
-        return decode_input(fh.read(), path, None, first=True)
+    """The whole of a UTF-8 text input file (compressed too); one that is missing,
+    unreadable or not UTF-8 is one InputError (the same words as a JSON Lines file's)."""
+    with open_decompressed(path) as fh:
+        return decode_input(read_decompressed(fh, path), path, None, first=True)
 
 
 def decode_input(raw: bytes, path: str | os.PathLike, line: int | None, first: bool) -> str:
@@ -67,14 +100,82 @@ def decode_input(raw: bytes, path: str | os.PathLike, line: int | None, first: b
         raise InputError(path, line, f"invalid UTF-8 at byte {exc.start + skip}") from None
 
 
+def _lines(fh: IO[bytes], path: Path) -> Iterator[bytes]:
+    lineno = 0
+    try:
+        for raw in fh:
+            lineno += 1
+            yield raw
+    except DECOMPRESS_ERRORS as exc:
+        raise InputError(path, lineno + 1, f"cannot decompress: {exc}") from None
+
+
+_SPACE = re.compile(r"\s*")
+
+
+def _json_array(text: str, path: Path, first_line: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The objects of a file that is one JSON array (what ``json.dump`` of a list writes, and
+    what Hugging Face's json loader reads too), each with the line it starts on: json.loads
+    of the whole text would lose the lines that later errors name. ``text`` starts at the
+    "[", on the file's line ``first_line``."""
+    decoder, counted, line = json.JSONDecoder(), 0, first_line
+
+    def line_at(pos: int) -> int:  # positions only move forward: count each newline once
+        nonlocal counted, line
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    pos = _SPACE.match(text, 1).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            start = line_at(pos)
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                what = "truncated JSON" if exc.pos >= len(text.rstrip()) else "invalid JSON"
+                raise InputError(
+                    path, line_at(exc.pos), f"{what}: {exc.msg}; expected a JSON array of objects"
+                ) from None
+            if not isinstance(obj, dict):
+                raise InputError(path, start, f"expected a JSON object, got {type(obj).__name__}")
+            yield start, obj
+            pos = _SPACE.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = _SPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                what = "truncated JSON" if pos >= len(text) else "invalid JSON"
+                raise InputError(
+                    path, line_at(pos), f"{what}: expected ',' or ']' in the JSON array"
+                )
+    pos = _SPACE.match(text, pos).end()
+    if pos < len(text):
+        raise InputError(
+            path, line_at(pos), "invalid JSON: more after the JSON array's closing ']'"
+        )
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; InputError on the first bad one."""
+    """Yield (line number, object) for each non-blank line of a JSON Lines file, or for each
+    object of a file that is one JSON array (its first character is "["), compressed or not;
+    InputError on the first bad one."""
     path = Path(path)
-    with open_input(path) as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    with open_decompressed(path) as fh:
+        seen_any = False
+        for lineno, raw in enumerate(_lines(fh, path), start=1):
             line = decode_input(raw, path, lineno, first=lineno == 1)
             if not line.strip():
                 continue
+            if not seen_any and line.lstrip().startswith("["):
+                rest = decode_input(read_decompressed(fh, path), path, None, first=False)
+                yield from _json_array(line.lstrip() + rest, path, lineno)
+                return
+            seen_any = True
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -90,17 +191,23 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
 RECORD_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def is_record_suffix(path: str | os.PathLike) -> bool:
+    """Whether a file's name says it holds records (``x.jsonl.gz`` too), not plain text."""
+    return data_suffix(path) in RECORD_FILE_SUFFIXES
+
+
 def is_record_file(source: str | os.PathLike) -> bool:
     """Whether a problem source is read as a file rather than asked of ``datasets``: a missing
     path with a record-file suffix is "cannot open", not a dataset name looked up on the Hub
     (offline that was half a minute of huggingface_hub's retry lines above the error)."""
-    return Path(source).is_file() or Path(source).suffix in RECORD_FILE_SUFFIXES
+    return Path(source).is_file() or is_record_suffix(source)
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (row number, record) from a JSON Lines or Parquet file (rows count from 1)."""
+    """Yield (row number, record) from a JSON Lines, JSON array or Parquet file (rows count
+    from 1; lines for JSON)."""
     path = Path(path)
-    if path.suffix == ".parquet":
+    if data_suffix(path) == ".parquet":
         try:
             import pyarrow.parquet as pq
 

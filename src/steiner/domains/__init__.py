@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 from functools import partial
-from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
@@ -22,6 +21,7 @@ from steiner.domains.base import Domain
 from steiner.domains.countdown import MAX_NUMBERS
 from steiner.io import (
     InputError,
+    data_suffix,
     dataset_rows,
     is_record_file,
     iter_records,
@@ -55,7 +55,7 @@ def load_problems(source: str | os.PathLike, domain: str | None = None) -> list[
     problem needs no steps, only a question and its answer). An empty file is an error, not
     an accuracy of 0/0. A CSV is GPQA's (the other domains' records are JSON Lines or
     Parquet), so it needs no ``--domain mcq``: it was read as JSON Lines, "invalid JSON"."""
-    if domain is None and Path(source).suffix.lower() == ".csv":
+    if domain is None and data_suffix(source).lower() == ".csv":
         domain = "mcq"
     if domain == "mcq":
         from steiner.domains.mcq import load_mcq
@@ -154,10 +154,12 @@ def guess_domain(rec: dict[str, Any]) -> str:
     return "graph" if "edges" in rec else "text"
 
 
-def record_id(given: str | None, domain: str, line: int) -> str:
-    """A record's own id, or ``<domain>-<line>`` for a record without one: its place in the
-    file is what names it, so the DAGs, paths and eval outputs made from it join back to it."""
-    return given if given is not None else f"{domain}-{line}"
+def record_id(given: str | None, domain: str, place: int) -> str:
+    """A record's own id, or ``<domain>-<place>`` for a record without one (``place``: 1 for the
+    file's first record): its place in the file is what names it, so the DAGs, paths and
+    eval outputs made from it join back to it. Not its line: a JSON array may hold several
+    records on one."""
+    return given if given is not None else f"{domain}-{place}"
 
 
 def shortcut_from_record(
@@ -167,14 +169,18 @@ def shortcut_from_record(
     line: int,
     separator: str = "\n",
     steps_required: bool = True,
+    place: int | None = None,
 ) -> dict[str, Any]:
     """A shortcut record (DESIGN.md schema) from a full or bare record of the domain; with
-    ``steps_required=False``, a text record without steps is a problem record (for eval)."""
+    ``steps_required=False``, a text record without steps is a problem record (for eval).
+    ``place`` (the record's number in its file; ``line`` if not given) names a record
+    without an id."""
+    place = line if place is None else place
     if domain == "countdown":
         from steiner.domains import countdown
 
         r = validate(_CountdownRecord, rec, path, line)
-        pid = record_id(r.id, domain, line)
+        pid = record_id(r.id, domain, place)
         try:
             problem = countdown.make_problem(pid, r.nums, r.target, rec.get("meta"))
         except ValueError:
@@ -202,7 +208,7 @@ def shortcut_from_record(
                 f"field 'edges': a cycle {graph.path_text(cycle)}; expected a directed "
                 "acyclic graph (a path-star or a DAG)",
             )
-        pid = record_id(r.id, domain, line)
+        pid = record_id(r.id, domain, place)
         try:
             problem = graph.make_problem(pid, r.edges, r.start, r.goal, rec.get("meta"))
         except ValueError:
@@ -231,7 +237,7 @@ def shortcut_from_record(
             )
         return {
             **rec,
-            "id": record_id(r.id, domain, line),
+            "id": record_id(r.id, domain, place),
             "domain": "text",
             "question": r.question,
             "answer": answer,
@@ -255,14 +261,14 @@ def load_shortcuts(
         else dataset_rows(source, split, sole_split=split == "test")
     )
     out, ids = [], set()
-    for line, rec in rows:
+    for place, (line, rec) in enumerate(rows, start=1):
         if "messages" in rec and not any(k in rec for k in ("question", "nums", "edges")):
             # else the text domain's "field 'question': Field required"
             raise InputError(
                 source, line, "a chat record ('messages'); expected a problem or shortcut record"
             )
         rec = shortcut_from_record(
-            rec, domain or guess_domain(rec), source, line, separator, steps_required
+            rec, domain or guess_domain(rec), source, line, separator, steps_required, place
         )
         if rec["id"] in ids:
             raise InputError(source, line, f"duplicate id {rec['id']!r}")

@@ -72,13 +72,21 @@ def mmlu_pro_record(rec: dict[str, Any], index: int) -> dict[str, Any]:
 
 def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
     """GPQA-Diamond CSV, or MMLU-Pro JSONL/Parquet (or a `datasets` name)."""
-    from steiner.io import InputError, dataset_rows, is_record_file, iter_records, open_input
+    from steiner.io import (
+        DECOMPRESS_ERRORS,
+        InputError,
+        data_suffix,
+        dataset_rows,
+        is_record_file,
+        iter_records,
+        open_decompressed,
+    )
 
     path = Path(path)
     out = []
-    if path.suffix.lower() == ".csv":
+    if data_suffix(path).lower() == ".csv":
         # utf-8-sig: Excel's byte-order mark would be part of the first column's name
-        with open_input(path, "r", newline="", encoding="utf-8-sig") as fh:
+        with open_decompressed(path, "r", newline="", encoding="utf-8-sig") as fh:
             try:
                 for i, row in enumerate(csv.DictReader(fh), start=2):
                     try:
@@ -92,6 +100,8 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
             except UnicodeDecodeError:
                 # the reader decodes ahead in blocks, so the row is not known
                 raise InputError(path, None, "invalid UTF-8; expected a UTF-8 CSV") from None
+            except DECOMPRESS_ERRORS as exc:
+                raise InputError(path, None, f"cannot decompress: {exc}") from None
         return out
     rows = (
         iter_records(path) if is_record_file(path) else dataset_rows(path, "test", sole_split=True)

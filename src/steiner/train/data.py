@@ -12,9 +12,9 @@ from datasets import Dataset
 from steiner.domains import get_domain, load_shortcuts, shortcut_trace, trace_separator
 from steiner.format import render
 from steiner.io import (
-    RECORD_FILE_SUFFIXES,
     ChatRecord,
     InputError,
+    is_record_suffix,
     iter_records,
     read_text_input,
     validate,
@@ -93,7 +93,7 @@ def countdown_facts(n: int, seed: int = 0, max_number: int = 100) -> list[str]:
 def plain_texts(path: str) -> list[str]:
     """Documents of a plain-text file (blank-line separated) or "text" fields of JSONL."""
     p = Path(path)
-    if p.suffix in RECORD_FILE_SUFFIXES:
+    if is_record_suffix(p):
         docs = []
         for line, rec in iter_records(p):
             if not isinstance(rec.get("text"), str):
@@ -105,7 +105,7 @@ def plain_texts(path: str) -> list[str]:
     if not docs:  # else the stage trained on its other data alone, with no word of it
         expected = (
             "records with a non-empty 'text'"
-            if p.suffix in RECORD_FILE_SUFFIXES
+            if is_record_suffix(p)
             else "documents separated by blank lines"
         )
         raise InputError(p, None, f"no text; expected {expected}")

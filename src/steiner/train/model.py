@@ -31,10 +31,10 @@ from transformers import (
 
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
 from steiner.io import (
-    RECORD_FILE_SUFFIXES,
     InputError,
     check_model_dir,
     check_output_dir,
+    is_record_suffix,
     iter_records,
     read_text_input,
     write_json,
@@ -96,7 +96,7 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
 
 
 def _file_texts(path: Path) -> Iterator[str]:
-    if path.suffix in RECORD_FILE_SUFFIXES:
+    if is_record_suffix(path):
         for _, rec in iter_records(path):
             messages = rec.get("messages")
             for msg in messages if isinstance(messages, list) else []:

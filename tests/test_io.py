@@ -1,0 +1,84 @@
+"""Record files as Hugging Face's json loader reads them: JSON arrays and compressed files."""
+
+import bz2
+import gzip
+import json
+import lzma
+
+import pytest
+
+from steiner.io import InputError, is_record_file, iter_records, read_text_input
+
+RECORDS = [{"nums": [3, 7, 25], "target": 29}, {"nums": [1, 2, 3], "target": 6}]
+
+
+def test_a_json_array_is_read_with_the_line_each_record_starts_on(tmp_path):
+    # before: "expected a JSON object, got list" for what json.dump(list) writes
+    path = tmp_path / "problems.json"
+    path.write_text("\n" + json.dumps(RECORDS, indent=2) + "\n")
+    rows = list(iter_records(path))
+    assert [rec for _, rec in rows] == RECORDS
+    assert [line for line, _ in rows] == [3, 11]  # after a blank line and the "["
+    one_line = tmp_path / "one-line.json"
+    one_line.write_text(json.dumps(RECORDS))
+    assert list(iter_records(one_line)) == [(1, RECORDS[0]), (1, RECORDS[1])]
+    empty = tmp_path / "empty.json"
+    empty.write_text("[ ]\n")
+    assert list(iter_records(empty)) == []
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[\n  {"a": 1},\n  {"a": 2}\n', ":4: truncated JSON: expected ',' or ']'"),
+        ('[\n  {"a": 1}\n  {"a": 2}\n]', ":3: invalid JSON: expected ',' or ']'"),
+        (
+            '[\n  {"a": 1},\n  {"a": }\n]',
+            ":3: invalid JSON: Expecting value; expected a JSON array",
+        ),
+        ('[\n  {"a": 1},\n  7\n]', ":3: expected a JSON object, got int"),
+        ('[{"a": 1}]\n\n{"a": 2}\n', ":3: invalid JSON: more after the JSON array's closing ']'"),
+    ],
+)
+def test_a_bad_json_array_is_one_error_naming_its_line(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=rf"bad\.json{message}"):
+        list(iter_records(path))
+
+
+@pytest.mark.parametrize(
+    "suffix, opener", [(".gz", gzip.open), (".bz2", bz2.open), (".xz", lzma.open)]
+)
+def test_compressed_record_and_text_files_are_read_as_they_are(tmp_path, suffix, opener):
+    lines = tmp_path / f"problems.jsonl{suffix}"
+    with opener(lines, "wt") as fh:
+        fh.write("".join(json.dumps(rec) + "\n" for rec in RECORDS))
+    assert list(iter_records(lines)) == [(1, RECORDS[0]), (2, RECORDS[1])]
+    array = tmp_path / f"problems.json{suffix}"
+    with opener(array, "wt") as fh:
+        fh.write(json.dumps(RECORDS, indent=1))
+    assert [rec for _, rec in iter_records(array)] == RECORDS
+    text = tmp_path / f"walks.txt{suffix}"
+    with opener(text, "wb") as fh:
+        fh.write(b"\xef\xbb\xbfone walk\n\nanother\n")  # a byte-order mark is not text
+    assert read_text_input(text) == "one walk\n\nanother\n"
+    # a missing compressed record file is a missing file, not a dataset name for the Hub
+    assert is_record_file(tmp_path / "missing.jsonl.gz")
+
+
+def test_a_damaged_compressed_file_is_one_error_line(tmp_path):
+    # before: "invalid UTF-8 at byte 1" for any .gz, since its bytes were read as text
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_text(json.dumps(RECORDS[0]) + "\n")
+    with pytest.raises(InputError, match=r"plain\.jsonl\.gz:1: cannot decompress: Not a gzip"):
+        list(iter_records(plain))
+    cut = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(RECORDS[0]) + "\n" for _ in range(2000)).encode())
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.gz:\d+: cannot decompress"):
+        list(iter_records(cut))
+    with pytest.raises(InputError, match=r"cut\.jsonl\.gz: cannot decompress"):
+        read_text_input(cut)
+    with pytest.raises(InputError, match=r"missing\.txt\.gz: cannot open"):
+        read_text_input(tmp_path / "missing.txt.gz")
