@@ -175,6 +175,36 @@ def test_a_problems_file_of_graphs_is_asked_in_the_style_the_demos_models_read(t
         )
 
 
+def test_demo_problems_may_be_a_datasets_directory(tmp_path, monkeypatch):
+    # load_problems reads one; the settings record's digest said "cannot open: Is a directory"
+    from datasets import Dataset
+
+    import steiner.demo as demo
+    from steiner.domains import graph
+    from steiner.io import InputError
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    rows = [{k: p[k] for k in ("edges", "start", "goal")} for p in graph.generate_problems(3)]
+    Dataset.from_list(rows).save_to_disk(tmp_path / "mine")
+    monkeypatch.setattr(demo, "run_synthesis", stop)  # the stage after the problems
+    s = DemoSettings(train_problems=20, heldout_problems=5, cpt_documents=10)
+    with pytest.raises(Stop):
+        demo.run_stages(s, tmp_path / "run", "quick", str(tmp_path / "mine"), None)
+    rows_read = (tmp_path / "run" / "data" / "heldout.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in rows_read] == ["graph-1", "graph-2", "graph-3"]
+    record = json.loads((tmp_path / "run" / "demo_settings.json").read_text())
+    assert len(record["problems_sha256"]) == 16
+    # other graphs saved in its place: the run directory is refused, as for an edited file
+    Dataset.from_list(rows[:-1]).save_to_disk(tmp_path / "mine")
+    with pytest.raises(InputError, match="problems_sha256: "):
+        demo.run_stages(s, tmp_path / "run", "quick", str(tmp_path / "mine"), None)
+
+
 def test_cpt_walk_sizes_reach_the_cpt_text(tmp_path):
     from steiner.demo import make_problems
 

@@ -7,7 +7,13 @@ import lzma
 
 import pytest
 
-from steiner.io import InputError, is_record_file, iter_records, read_text_input
+from steiner.io import (
+    InputError,
+    is_record_file,
+    iter_records,
+    read_text_input,
+    source_digest,
+)
 
 RECORDS = [{"nums": [3, 7, 25], "target": 29}, {"nums": [1, 2, 3], "target": 6}]
 
@@ -82,3 +88,18 @@ def test_a_damaged_compressed_file_is_one_error_line(tmp_path):
         read_text_input(cut)
     with pytest.raises(InputError, match=r"missing\.txt\.gz: cannot open"):
         read_text_input(tmp_path / "missing.txt.gz")
+
+
+def test_a_datasets_directory_is_checked_by_its_files_and_a_name_by_its_name(tmp_path):
+    folder = tmp_path / "problems"
+    (folder / ".git").mkdir(parents=True)
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    (folder / ".git" / "index").write_bytes(b"a")
+    digest = source_digest(folder)
+    (folder / ".git" / "index").write_bytes(b"b")  # a clone's own bookkeeping is not data
+    assert source_digest(folder) == digest
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"other rows")
+    assert source_digest(folder) != digest
+    assert source_digest("openai/gsm8k") is None  # not on disk: the job compares the name
+    with pytest.raises(InputError, match="missing.jsonl: cannot open"):
+        source_digest(tmp_path / "missing.jsonl")

@@ -141,6 +141,25 @@ def small_rl_config(model, data, output_dir, **overrides) -> RLStageConfig:
     return RLStageConfig(**(settings | overrides))
 
 
+def test_rl_problems_may_be_a_datasets_directory(tmp_path, tiny_model_dir, small_countdown):
+    # load_problems reads one; the resume record's digest said "cannot open: Is a directory"
+    from datasets import Dataset
+
+    problems, dags = small_countdown
+    rows = [json.loads(line) for line in problems.read_text().splitlines()]
+    Dataset.from_list(rows).save_to_disk(tmp_path / "problems")
+    config = lambda steps: small_rl_config(  # noqa: E731
+        tiny_model_dir, (tmp_path / "problems", dags), tmp_path / "rl", steps=steps, save_steps=1
+    )
+    assert len(run_rl(config(1), log=lambda r: None)["history"]) == 1
+    settings = json.loads((tmp_path / "rl" / "rl_settings.json").read_text())
+    assert re.fullmatch("[0-9a-f]{16}", settings["problems_sha256"])
+    # other problems saved in its place are refused on resume, as an edited file is
+    Dataset.from_list(rows[:-1]).save_to_disk(tmp_path / "problems")
+    with pytest.raises(InputError, match="problems_sha256: "):
+        run_rl(config(2), log=lambda r: None)
+
+
 @pytest.mark.slow
 def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, small_countdown):
     def crash_at_3(record):

@@ -242,6 +242,21 @@ def test_resume_from_checkpoint_goes_on_from_that_checkpoint_into_output_dir(dat
     assert not (tmp_path / "third").exists()
 
 
+def test_shortcut_sft_data_may_be_a_datasets_directory_or_name(tmp_path):
+    # the baseline reads shortcut records from `datasets` too; the resume record's digest said
+    # "cannot open: Is a directory" (or "No such file" for a Hub name) before any work
+    from datasets import Dataset
+
+    from steiner.train.trainer import stage_inputs
+
+    Dataset.from_list([{"nums": [3, 4], "target": 7}]).save_to_disk(tmp_path / "ds")
+    config = lambda data: SFTStageConfig(model="m", data=data, shortcut=True)  # noqa: E731
+    inputs = stage_inputs(config(str(tmp_path / "ds")), "sft-shortcut")
+    assert inputs["data"] == str(tmp_path / "ds") and len(inputs["data_sha256"]) == 16
+    inputs = stage_inputs(config("someone/countdown"), "sft-shortcut")
+    assert inputs["data"] == "someone/countdown" and "data_sha256" not in inputs
+
+
 def test_a_record_from_before_data_digests_compares_paths():
     old = {"data": "/a/paths.jsonl"}
     moved = {"data": "/b/paths.jsonl", "data_sha256": "0123456789abcdef"}

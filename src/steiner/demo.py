@@ -24,8 +24,8 @@ from steiner.io import (
     PARENT_PID_ENV,
     InputError,
     check_resume_record,
-    file_digest,
     sole_writer,
+    source_digest,
     write_json,
     write_jsonl,
     write_lines,
@@ -687,8 +687,9 @@ def run_stages(
     """``run_demo`` holding its directory."""
     settings_path = root / "demo_settings.json"
     wanted = {"profile": profile, "problems": problems, **asdict(s)}
-    if problems:
-        wanted["problems_sha256"] = file_digest(problems)
+    digest = source_digest(problems) if problems else None  # a file or a `datasets` source
+    if digest is not None:
+        wanted["problems_sha256"] = digest
     check_resume_record(settings_path, wanted, asdict(DemoSettings()), "a demo", "use a new --out")
     import torch
 

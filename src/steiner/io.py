@@ -393,6 +393,28 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def source_digest(source: str | os.PathLike) -> str | None:
+    """What a resumed job checks a problem or data source by: a file's digest, a ``datasets``
+    directory's (``save_to_disk`` or a copy of a Hub repo: the names and bytes of its files,
+    hidden ones such as ``.git`` aside), or None for a dataset name, which the job's record
+    then compares by name. A directory was "cannot open: Is a directory" before any work."""
+    path = Path(source)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        files = [
+            f
+            for f in path.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        ]
+        for f in sorted(files):
+            digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+            digest.update(file_digest(f).encode())
+        return digest.hexdigest()[:16]
+    if path.exists() or is_record_suffix(path):
+        return file_digest(path)  # a missing file: "cannot open", as when it is read
+    return None
+
+
 def settings_differences(
     stored: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]
 ) -> str:

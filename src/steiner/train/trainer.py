@@ -33,6 +33,7 @@ from steiner.io import (
     last_checkpoint,
     local_path,
     sole_writer,
+    source_digest,
     write_json,
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
@@ -540,11 +541,15 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
     it: a stage's start model is a finished stage's output, which Steiner does not rewrite)."""
     inputs = {"stage": stage, "model": local_path(cfg.model)}
     if isinstance(cfg, SFTStageConfig):
-        return inputs | {
-            "data": local_path(cfg.data),
-            "data_sha256": file_digest(cfg.data),
-            "limit_problems": cfg.limit_problems,
-        }
+        digest = source_digest(cfg.data)  # shortcut records may be a `datasets` source
+        return (
+            inputs
+            | {
+                "data": local_path(cfg.data),
+                "limit_problems": cfg.limit_problems,
+            }
+            | ({"data_sha256": digest} if digest is not None else {})
+        )
     return inputs | {
         "paths": [local_path(p) for p in cfg.paths],
         "paths_sha256": [file_digest(p) for p in cfg.paths],
