@@ -257,6 +257,27 @@ def test_shortcut_sft_data_may_be_a_datasets_directory_or_name(tmp_path):
     assert inputs["data"] == "someone/countdown" and "data_sha256" not in inputs
 
 
+def test_sft_chat_data_may_be_a_datasets_directory_with_splits(tmp_path):
+    # as TRL's dataset_name: before, "cannot open: Is a directory"
+    from datasets import Dataset, DatasetDict
+
+    chat = lambda answer: {  # noqa: E731
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": answer}]
+    }
+    DatasetDict(
+        {"train": Dataset.from_list([chat("a"), chat("b")]), "test": Dataset.from_list([chat("c")])}
+    ).save_to_disk(tmp_path / "chats")
+    assert sft_dataset(str(tmp_path / "chats"))["messages"] == [
+        chat("a")["messages"],
+        chat("b")["messages"],
+    ]
+    assert sft_dataset(str(tmp_path / "chats"), split="test")["messages"] == [chat("c")["messages"]]
+    user_only = {"messages": [{"role": "user", "content": "q"}]}
+    Dataset.from_list([chat("a"), user_only]).save_to_disk(tmp_path / "bad")
+    with pytest.raises(InputError, match=r"bad:2: expected an 'assistant' message"):
+        sft_dataset(str(tmp_path / "bad"))
+
+
 def test_a_record_from_before_data_digests_compares_paths():
     old = {"data": "/a/paths.jsonl"}
     moved = {"data": "/b/paths.jsonl", "data_sha256": "0123456789abcdef"}

@@ -186,7 +186,11 @@ class SFTStageConfig(_StageMixin, _CPUDefaults):
     """``steiner train sft``: TRL SFT on chat paths, loss on the assistant part only."""
 
     data: str = field(
-        default="", metadata={"help": "paths.jsonl (or shortcut records with --shortcut)."}
+        default="",
+        metadata={
+            "help": "paths.jsonl, or a datasets name or directory of chat records (its train "
+            "split); shortcut records with --shortcut."
+        },
     )
     shortcut: bool = field(
         default=False, metadata={"help": "Baseline: train on shortcut solutions as straight paths."}

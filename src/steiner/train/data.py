@@ -14,6 +14,8 @@ from steiner.format import render
 from steiner.io import (
     ChatRecord,
     InputError,
+    dataset_rows,
+    is_record_file,
     is_record_suffix,
     iter_records,
     read_text_input,
@@ -21,11 +23,19 @@ from steiner.io import (
 )
 
 
-def chat_rows(path: str, assistant_required: bool = False) -> list[dict[str, Any]]:
-    """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet); with
+def chat_rows(
+    path: str, assistant_required: bool = False, split: str = "train"
+) -> list[dict[str, Any]]:
+    """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet, or a
+    ``datasets`` name or directory: its ``split``, as TRL's ``dataset_name``); with
     ``assistant_required`` each needs an assistant message (the loss is on those only)."""
     rows = []
-    for line, rec in iter_records(path):
+    records = (
+        iter_records(path)
+        if is_record_file(path)
+        else dataset_rows(path, split, sole_split=split == "test")
+    )
+    for line, rec in records:
         if "messages" not in rec and ("steps" in rec or "nums" in rec or "edges" in rec):
             raise InputError(
                 path, line, "expected a 'messages' list; shortcut records train with --shortcut"
@@ -47,10 +57,10 @@ def chat_rows(path: str, assistant_required: bool = False) -> list[dict[str, Any
     return rows
 
 
-def shortcut_rows(path: str) -> list[dict[str, Any]]:
+def shortcut_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
     """Shortcut records rendered as one straight path each, in the same format."""
     rows = []
-    for problem in load_shortcuts(path):
+    for problem in load_shortcuts(path, split=split):
         trace = shortcut_trace(get_domain(problem["domain"]), problem)
         rows.append(
             {
@@ -68,8 +78,11 @@ def sft_dataset(
     shortcut: bool = False,
     limit_problems: int | None = None,
     assistant_required: bool = True,
+    split: str = "train",
 ) -> Dataset:
-    rows = shortcut_rows(path) if shortcut else chat_rows(path, assistant_required)
+    """Chat rows (or, with ``shortcut``, straight paths of shortcut records) to train on; a
+    ``datasets`` source is read from its ``split``."""
+    rows = shortcut_rows(path, split) if shortcut else chat_rows(path, assistant_required, split)
     return Dataset.from_list(rows[:limit_problems] if limit_problems else rows)
 
 

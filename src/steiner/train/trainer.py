@@ -541,7 +541,7 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
     it: a stage's start model is a finished stage's output, which Steiner does not rewrite)."""
     inputs = {"stage": stage, "model": local_path(cfg.model)}
     if isinstance(cfg, SFTStageConfig):
-        digest = source_digest(cfg.data)  # shortcut records may be a `datasets` source
+        digest = source_digest(cfg.data)  # the data may be a `datasets` source
         return (
             inputs
             | {
@@ -602,7 +602,12 @@ def run_sft(cfg: SFTStageConfig, callbacks: list[TrainerCallback] | None = None)
             cfg.data, cfg.shortcut, cfg.limit_problems, assistant_required=cfg.assistant_only_loss
         )
         held_out = (
-            sft_dataset(cfg.eval_data, cfg.shortcut, assistant_required=cfg.assistant_only_loss)
+            sft_dataset(
+                cfg.eval_data,
+                cfg.shortcut,
+                assistant_required=cfg.assistant_only_loss,
+                split="test",
+            )
             if cfg.eval_data
             else None
         )
