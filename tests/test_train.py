@@ -1201,6 +1201,30 @@ def test_cpt_reasoning_ratio_keeps_that_share_of_path_documents(data, tmp_path):
             cpt_dataset(tok, paths, [str(texts), str(empty)], 0.5)
 
 
+def test_cpt_texts_and_paths_may_be_datasets(tmp_path):
+    # as TRL's dataset_name + dataset_text_field; before, "cannot open: Is a directory"
+    from datasets import Dataset
+
+    from steiner.train.data import plain_texts
+    from steiner.train.trainer import stage_inputs
+
+    Dataset.from_list([{"text": "one walk"}, {"text": "another"}]).save_to_disk(tmp_path / "docs")
+    assert plain_texts(str(tmp_path / "docs")) == ["one walk", "another"]
+    Dataset.from_list([{"text": "one"}, {"body": "x"}]).save_to_disk(tmp_path / "odd")
+    with pytest.raises(InputError, match=r"odd:2: expected a string field 'text'"):
+        plain_texts(str(tmp_path / "odd"))
+    # a missing text file stays a missing file, not a dataset name looked up on the Hub
+    with pytest.raises(InputError, match=r"walks\.txt: cannot open"):
+        plain_texts(str(tmp_path / "walks.txt"))
+    chats = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    ]
+    Dataset.from_list(chats).save_to_disk(tmp_path / "paths")
+    cfg = CPTStageConfig(model="m", paths=[str(tmp_path / "paths")], texts=[str(tmp_path / "docs")])
+    inputs = stage_inputs(cfg, "cpt")
+    assert [len(d) for d in inputs["paths_sha256"] + inputs["texts_sha256"]] == [16, 16]
+
+
 def test_a_run_shorter_than_its_logging_steps_shows_its_mean_loss():
     """Two steps under --logging_steps 10 log no loss: the summary said first_loss and
     final_loss None and showed no loss at all, though the trainer returns the mean."""

@@ -222,8 +222,14 @@ class SFTStageConfig(_StageMixin, _CPUDefaults):
 class CPTStageConfig(_StageMixin, _CPUDefaults):
     """``steiner train cpt``: language modelling on plain text mixed with reasoning paths."""
 
-    paths: list[str] = field(default_factory=list, metadata={"help": "Path records to mix in."})
-    texts: list[str] = field(default_factory=list, metadata={"help": "Plain text / JSONL 'text'."})
+    paths: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Path records to mix in (files, or datasets names or directories)."},
+    )
+    texts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Plain text, or records' 'text' (files, or datasets names/dirs)."},
+    )
     reasoning_ratio: float = field(
         default=0.5, metadata={"help": "Share of documents that are paths."}
     )

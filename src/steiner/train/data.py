@@ -14,6 +14,7 @@ from steiner.format import render
 from steiner.io import (
     ChatRecord,
     InputError,
+    data_suffix,
     dataset_rows,
     is_record_file,
     is_record_suffix,
@@ -103,25 +104,30 @@ def countdown_facts(n: int, seed: int = 0, max_number: int = 100) -> list[str]:
     return [" ".join(facts[i : i + 8]) for i in range(0, len(facts), 8)]
 
 
+# a missing path with one of these suffixes is a missing file, not a dataset name for the Hub
+TEXT_FILE_SUFFIXES = (".txt", ".text", ".md")
+
+
 def plain_texts(path: str) -> list[str]:
-    """Documents of a plain-text file (blank-line separated) or "text" fields of JSONL."""
+    """Documents of a plain-text file (blank-line separated), or the "text" fields of records:
+    a JSONL/JSON/Parquet file, or a ``datasets`` name or directory (its train split), as
+    TRL's ``dataset_text_field`` reads a pretraining set."""
     p = Path(path)
-    if is_record_suffix(p):
-        docs = []
-        for line, rec in iter_records(p):
-            if not isinstance(rec.get("text"), str):
-                raise InputError(p, line, "expected a string field 'text'")
-            docs.append(rec["text"])
-    else:
+    plain = not is_record_suffix(p) and (p.is_file() or data_suffix(p) in TEXT_FILE_SUFFIXES)
+    if plain:
         docs = [doc.strip() for doc in read_text_input(p).split("\n\n")]
+    else:
+        docs = []
+        for line, rec in iter_records(p) if is_record_file(p) else dataset_rows(path, "train"):
+            if not isinstance(rec.get("text"), str):
+                raise InputError(path, line, "expected a string field 'text'")
+            docs.append(rec["text"])
     docs = [doc for doc in docs if doc.strip()]
     if not docs:  # else the stage trained on its other data alone, with no word of it
         expected = (
-            "records with a non-empty 'text'"
-            if is_record_suffix(p)
-            else "documents separated by blank lines"
+            "documents separated by blank lines" if plain else "records with a non-empty 'text'"
         )
-        raise InputError(p, None, f"no text; expected {expected}")
+        raise InputError(path, None, f"no text; expected {expected}")
     return docs
 
 

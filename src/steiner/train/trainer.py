@@ -29,7 +29,6 @@ from steiner.io import (
     check_checkpoint_inputs,
     check_model_dir,
     check_resume_record,
-    file_digest,
     last_checkpoint,
     local_path,
     sole_writer,
@@ -552,9 +551,9 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
         )
     return inputs | {
         "paths": [local_path(p) for p in cfg.paths],
-        "paths_sha256": [file_digest(p) for p in cfg.paths],
+        "paths_sha256": [source_digest(p) for p in cfg.paths],
         "texts": [local_path(t) for t in cfg.texts],
-        "texts_sha256": [file_digest(t) for t in cfg.texts],
+        "texts_sha256": [source_digest(t) for t in cfg.texts],
         "reasoning_ratio": cfg.reasoning_ratio,
         "countdown_facts": cfg.countdown_facts,
     }
