@@ -1201,6 +1201,18 @@ def test_cpt_reasoning_ratio_keeps_that_share_of_path_documents(data, tmp_path):
             cpt_dataset(tok, paths, [str(texts), str(empty)], 0.5)
 
 
+def test_init_reads_the_tokenizers_text_from_a_datasets_directory(tmp_path):
+    # as every training stage's data may be one; before, "cannot open: Is a directory"
+    from datasets import Dataset
+
+    from steiner.train.model import corpus_texts
+
+    Dataset.from_list([{"question": "2+3?", "answer": "5"}]).save_to_disk(tmp_path / "qa")
+    assert list(corpus_texts([str(tmp_path / "qa")])) == ["2+3?", "5"]
+    with pytest.raises(InputError, match=r"notes\.md: cannot open"):  # a file, not a Hub name
+        list(corpus_texts([str(tmp_path / "notes.md")]))
+
+
 def test_cpt_texts_and_paths_may_be_datasets(tmp_path):
     # as TRL's dataset_name + dataset_text_field; before, "cannot open: Is a directory"
     from datasets import Dataset

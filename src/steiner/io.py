@@ -223,6 +223,26 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]
     yield from iter_jsonl(path)
 
 
+def source_rows(source: str | os.PathLike, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, record) of a record file, or of a ``datasets`` name or directory: its
+    ``split``, and for "test" (what evaluation reads) a dataset of one split whole."""
+    if is_record_file(source):
+        return iter_records(source)
+    return dataset_rows(source, split, sole_split=split == "test")
+
+
+# a missing path with one of these suffixes is a missing file, not a dataset name for the Hub
+TEXT_FILE_SUFFIXES = (".txt", ".text", ".md")
+
+
+def is_plain_text(source: str | os.PathLike) -> bool:
+    """Whether a text source is a plain-text file (not records, not a ``datasets`` source)."""
+    path = Path(source)
+    return not is_record_suffix(path) and (
+        path.is_file() or data_suffix(path) in TEXT_FILE_SUFFIXES
+    )
+
+
 def dataset_name_and_config(source: str | os.PathLike) -> tuple[str, str | None]:
     """``NAME:CONFIG`` names a dataset's config (``openai/gsm8k:main``), as ``load_dataset``'s
     second argument: a Hub dataset with several configs cannot be read without one. A path

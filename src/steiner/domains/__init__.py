@@ -22,10 +22,8 @@ from steiner.domains.countdown import MAX_NUMBERS
 from steiner.io import (
     InputError,
     data_suffix,
-    dataset_rows,
-    is_record_file,
-    iter_records,
     not_a_boolean,
+    source_rows,
     validate,
 )
 
@@ -255,11 +253,7 @@ def load_shortcuts(
 ) -> list[dict[str, Any]]:
     """Shortcut records from a JSONL/Parquet file, or a `datasets` name or directory (its
     ``split``; for "test", what eval reads, a dataset of one split is read whole)."""
-    rows = (
-        iter_records(source)
-        if is_record_file(source)
-        else dataset_rows(source, split, sole_split=split == "test")
-    )
+    rows = source_rows(source, split)
     out, ids = [], set()
     for place, (line, rec) in enumerate(rows, start=1):
         if "messages" in rec and not any(k in rec for k in ("question", "nums", "edges")):

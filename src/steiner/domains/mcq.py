@@ -76,10 +76,8 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
         DECOMPRESS_ERRORS,
         InputError,
         data_suffix,
-        dataset_rows,
-        is_record_file,
-        iter_records,
         open_decompressed,
+        source_rows,
     )
 
     path = Path(path)
@@ -103,10 +101,7 @@ def load_mcq(path: str | Path, seed: int = 0) -> list[dict[str, Any]]:
             except DECOMPRESS_ERRORS as exc:
                 raise InputError(path, None, f"cannot decompress: {exc}") from None
         return out
-    rows = (
-        iter_records(path) if is_record_file(path) else dataset_rows(path, "test", sole_split=True)
-    )
-    for line, rec in rows:
+    for line, rec in source_rows(path, "test"):
         try:
             out.append(mmlu_pro_record(rec, line))
         except (KeyError, ValueError, TypeError) as exc:

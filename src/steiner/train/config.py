@@ -45,7 +45,11 @@ class InitConfig:
         metadata={"help": "micro (~0.6M) | tiny (~1M) | small (~10M) | base (~50M)."},
     )
     data: list[str] = field(
-        default_factory=list, metadata={"help": "Files to train the tokenizer on (from scratch)."}
+        default_factory=list,
+        metadata={
+            "help": "Files (or datasets names/directories) to train the tokenizer on "
+            "(from scratch)."
+        },
     )
     from_pretrained: str | None = field(
         default=None,

@@ -4,7 +4,6 @@ mix of plain text and rendered reasoning paths."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
@@ -14,12 +13,9 @@ from steiner.format import render
 from steiner.io import (
     ChatRecord,
     InputError,
-    data_suffix,
-    dataset_rows,
-    is_record_file,
-    is_record_suffix,
-    iter_records,
+    is_plain_text,
     read_text_input,
+    source_rows,
     validate,
 )
 
@@ -31,12 +27,7 @@ def chat_rows(
     ``datasets`` name or directory: its ``split``, as TRL's ``dataset_name``); with
     ``assistant_required`` each needs an assistant message (the loss is on those only)."""
     rows = []
-    records = (
-        iter_records(path)
-        if is_record_file(path)
-        else dataset_rows(path, split, sole_split=split == "test")
-    )
-    for line, rec in records:
+    for line, rec in source_rows(path, split):
         if "messages" not in rec and ("steps" in rec or "nums" in rec or "edges" in rec):
             raise InputError(
                 path, line, "expected a 'messages' list; shortcut records train with --shortcut"
@@ -104,21 +95,16 @@ def countdown_facts(n: int, seed: int = 0, max_number: int = 100) -> list[str]:
     return [" ".join(facts[i : i + 8]) for i in range(0, len(facts), 8)]
 
 
-# a missing path with one of these suffixes is a missing file, not a dataset name for the Hub
-TEXT_FILE_SUFFIXES = (".txt", ".text", ".md")
-
-
 def plain_texts(path: str) -> list[str]:
     """Documents of a plain-text file (blank-line separated), or the "text" fields of records:
     a JSONL/JSON/Parquet file, or a ``datasets`` name or directory (its train split), as
     TRL's ``dataset_text_field`` reads a pretraining set."""
-    p = Path(path)
-    plain = not is_record_suffix(p) and (p.is_file() or data_suffix(p) in TEXT_FILE_SUFFIXES)
+    plain = is_plain_text(path)
     if plain:
-        docs = [doc.strip() for doc in read_text_input(p).split("\n\n")]
+        docs = [doc.strip() for doc in read_text_input(path).split("\n\n")]
     else:
         docs = []
-        for line, rec in iter_records(p) if is_record_file(p) else dataset_rows(path, "train"):
+        for line, rec in source_rows(path, "train"):
             if not isinstance(rec.get("text"), str):
                 raise InputError(path, line, "expected a string field 'text'")
             docs.append(rec["text"])

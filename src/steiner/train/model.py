@@ -34,9 +34,9 @@ from steiner.io import (
     InputError,
     check_model_dir,
     check_output_dir,
-    is_record_suffix,
-    iter_records,
+    is_plain_text,
     read_text_input,
+    source_rows,
     write_json,
 )
 
@@ -83,7 +83,7 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Every string a tokenizer should learn from: message contents, questions, steps and
     "text" fields of JSONL/Parquet records, or the lines of a plain-text file."""
     for path in paths:
-        texts = [t for t in _file_texts(Path(path)) if t.strip()]
+        texts = [t for t in _file_texts(path) if t.strip()]
         if not texts:
             # else a tokenizer of bytes alone, trained on nothing, with no word of it
             raise InputError(
@@ -95,21 +95,21 @@ def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
         yield from texts
 
 
-def _file_texts(path: Path) -> Iterator[str]:
-    if is_record_suffix(path):
-        for _, rec in iter_records(path):
-            messages = rec.get("messages")
-            for msg in messages if isinstance(messages, list) else []:
-                # any strings will do for a tokenizer; the training stages check the shape
-                content = msg.get("content") if isinstance(msg, dict) else msg
-                if isinstance(content, str):
-                    yield content
-            for key in ("text", "question", "answer"):
-                if isinstance(rec.get(key), str):
-                    yield rec[key]
-            yield from (s for s in rec.get("steps") or [] if isinstance(s, str))
-    else:
+def _file_texts(path: str | os.PathLike) -> Iterator[str]:
+    if is_plain_text(path):
         yield from read_text_input(path).splitlines()
+        return
+    for _, rec in source_rows(path, "train"):  # a record file, or a `datasets` source
+        messages = rec.get("messages")
+        for msg in messages if isinstance(messages, list) else []:
+            # any strings will do for a tokenizer; the training stages check the shape
+            content = msg.get("content") if isinstance(msg, dict) else msg
+            if isinstance(content, str):
+                yield content
+        for key in ("text", "question", "answer"):
+            if isinstance(rec.get(key), str):
+                yield rec[key]
+        yield from (s for s in rec.get("steps") or [] if isinstance(s, str))
 
 
 def train_tokenizer(
