@@ -96,6 +96,18 @@ def test_format_check_counts_and_passes(tmp_path):
     assert "│       2 │      2 │     4 │          2 │      0 │" in proc.stderr
 
 
+def test_format_check_reads_a_datasets_directory(tmp_path):
+    # before: "cannot open: Is a directory"
+    from datasets import Dataset
+
+    path = tmp_path / "paths.jsonl"
+    write_paths(path, [GOOD, GOOD.replace("42", "")])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    Dataset.from_list(rows).save_to_disk(tmp_path / "paths")
+    proc = steiner("format", "check", str(tmp_path / "paths"))
+    assert proc.returncode == 1 and f"{tmp_path / 'paths'}:2: empty final answer" in proc.stdout
+
+
 def test_format_check_lists_errors_with_line_numbers(tmp_path):
     path = tmp_path / "paths.jsonl"
     write_paths(path, [GOOD, GOOD.replace("<|reasoning_step_end|>", "", 1), GOOD.replace("42", "")])

@@ -27,7 +27,7 @@ from steiner.io import (
     check_output_dir,
     check_output_file,
     end_with_parent,
-    iter_records,
+    source_rows,
     validate,
     write_jsonl,
     write_lines,
@@ -207,14 +207,18 @@ def graph_generate(
 @format_app.command("check")
 def format_check(
     path: Annotated[
-        Path, typer.Argument(help="JSONL/Parquet file of chat records ({'messages': [...]}).")
+        str,
+        typer.Argument(
+            help="Chat records ({'messages': [...]}): a JSONL/JSON/Parquet file, or a datasets "
+            "name or directory (its train split)."
+        ),
     ],
     max_errors: Annotated[int, typer.Option(min=0, help="List at most this many errors.")] = 50,
 ) -> None:
     """Validate the reasoning format of every assistant message; exit 1 on any error."""
     traces = steps = backtracks = records = 0
     errors: list[str] = []
-    for line, rec in iter_records(path):
+    for line, rec in source_rows(path, "train"):
         records += 1
         chat = validate(ChatRecord, rec, path, line)
         for msg in chat.messages:
@@ -261,7 +265,10 @@ def unescape_separator(text: str) -> str:
 
 @app.command("synth")
 def synth(
-    shortcut: Annotated[str, typer.Option(help="Shortcut records: JSONL/Parquet or a dataset.")],
+    shortcut: Annotated[
+        str,
+        typer.Option(help="Shortcut records: a JSONL/JSON/Parquet file or a datasets name/dir."),
+    ],
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/synth"),
     teacher: Annotated[
         str, typer.Option(help="oracle (offline, needs a solver) or openai.")
@@ -921,7 +928,11 @@ def serve_cmd(
 def eval_cmd(
     model: ModelDirectory,
     problems: Annotated[
-        str, typer.Option(help="Problem file (countdown/graph/text JSONL, GPQA CSV, MMLU-Pro).")
+        str,
+        typer.Option(
+            help="Problems (countdown/graph/text records, GPQA CSV, MMLU-Pro): a file or a "
+            "datasets name/dir."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Output directory (outputs.jsonl, metrics.json).")],
     domain: EvalDomain = None,

@@ -81,7 +81,8 @@ PRESETS: dict[str, dict[str, int]] = {
 
 def corpus_texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Every string a tokenizer should learn from: message contents, questions, steps and
-    "text" fields of JSONL/Parquet records, or the lines of a plain-text file."""
+    "text" fields of records (a file or a ``datasets`` source), or the lines of a plain-text
+    file."""
     for path in paths:
         texts = [t for t in _file_texts(path) if t.strip()]
         if not texts:
