@@ -4,6 +4,7 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 
 import pytest
 
@@ -13,6 +14,7 @@ from steiner.io import (
     iter_records,
     read_text_input,
     source_digest,
+    write_lines,
 )
 
 RECORDS = [{"nums": [3, 7, 25], "target": 29}, {"nums": [1, 2, 3], "target": 6}]
@@ -103,3 +105,29 @@ def test_a_datasets_directory_is_checked_by_its_files_and_a_name_by_its_name(tmp
     assert source_digest("openai/gsm8k") is None  # not on disk: the job compares the name
     with pytest.raises(InputError, match="missing.jsonl: cannot open"):
         source_digest(tmp_path / "missing.jsonl")
+
+
+def test_a_stop_just_after_the_temp_file_is_made_leaves_nothing_behind(tmp_path, monkeypatch):
+    # a Ctrl-C that landed inside mkstemp, after the file was made and before its name came
+    # back, left the temp file (test_cli's stop test caught it about once in 16 runs)
+    real_open = os.open
+
+    def open_then_stop(path, flags, mode=0o777):
+        os.close(real_open(path, flags, mode))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "open", open_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        write_lines(tmp_path / "out.jsonl", ["x\n"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_writers_temp_file_of_the_same_name_is_left_alone(tmp_path, monkeypatch):
+    import secrets
+
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "same")
+    theirs = tmp_path / ".out.jsonl.same.tmp"
+    theirs.write_text("theirs")
+    with pytest.raises(FileExistsError):
+        write_lines(tmp_path / "out.jsonl", ["x\n"])
+    assert theirs.read_text() == "theirs"

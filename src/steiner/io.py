@@ -16,7 +16,7 @@ import json
 import lzma
 import os
 import re
-import tempfile
+import secrets
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -355,9 +355,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     without error: a crash never leaves half a file, and an old file stays whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # named before it exists (mkstemp's way, O_EXCL), so that a stop at any point can remove
+    # it: a Ctrl-C or SIGTERM landing inside mkstemp, after the file was made but before its
+    # name came back, left the temp file behind
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would (the old file's,
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # the file is 0600 so far; give it the mode a plain open() would (the old file's,
         # or what the umask allows), so colleagues on a shared cluster can read our outputs.
         os.fchmod(fd, _mode_for(path))
         encoding = None if "b" in mode else "utf-8"
@@ -367,8 +371,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
             os.replace(tmp, path)
         except OSError as exc:  # name the user's path (a directory, say), not our temp file
             raise OSError(exc.errno, exc.strerror, str(path)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        # one try from the file's creation on; another writer's file of the same name (the
+        # O_EXCL open refused) is not ours to remove
+        if not (isinstance(exc, FileExistsError) and exc.filename == str(tmp)):
+            tmp.unlink(missing_ok=True)
         raise
 
 
