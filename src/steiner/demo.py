@@ -25,7 +25,7 @@ from steiner.io import (
     InputError,
     check_resume_record,
     sole_writer,
-    source_digest,
+    source_digests,
     write_json,
     write_jsonl,
     write_lines,
@@ -687,9 +687,7 @@ def run_stages(
     """``run_demo`` holding its directory."""
     settings_path = root / "demo_settings.json"
     wanted = {"profile": profile, "problems": problems, **asdict(s)}
-    digest = source_digest(problems) if problems else None  # a file or a `datasets` source
-    if digest is not None:
-        wanted["problems_sha256"] = digest
+    wanted |= source_digests(problems=problems)  # a file or a `datasets` source
     check_resume_record(settings_path, wanted, asdict(DemoSettings()), "a demo", "use a new --out")
     import torch
 

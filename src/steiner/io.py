@@ -442,6 +442,14 @@ def source_digest(source: str | os.PathLike) -> str | None:
     return None
 
 
+def source_digests(**sources: str | os.PathLike | None) -> dict[str, str]:
+    """``NAME_sha256`` entries of a job's record for the sources given: those with a digest
+    (``source_digest``); a dataset name, or a source not given, has none and is compared by
+    its name (``settings_differences``)."""
+    digests = {f"{name}{DIGEST_SUFFIX}": source_digest(s) for name, s in sources.items() if s}
+    return {key: digest for key, digest in digests.items() if digest is not None}
+
+
 def settings_differences(
     stored: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]
 ) -> str:

@@ -167,13 +167,12 @@ def shortcut_from_record(
     line: int,
     separator: str = "\n",
     steps_required: bool = True,
-    place: int | None = None,
+    *,
+    place: int,
 ) -> dict[str, Any]:
     """A shortcut record (DESIGN.md schema) from a full or bare record of the domain; with
     ``steps_required=False``, a text record without steps is a problem record (for eval).
-    ``place`` (the record's number in its file; ``line`` if not given) names a record
-    without an id."""
-    place = line if place is None else place
+    ``place`` (the record's number in its file) names a record without an id."""
     if domain == "countdown":
         from steiner.domains import countdown
 
@@ -262,7 +261,7 @@ def load_shortcuts(
                 source, line, "a chat record ('messages'); expected a problem or shortcut record"
             )
         rec = shortcut_from_record(
-            rec, domain or guess_domain(rec), source, line, separator, steps_required, place
+            rec, domain or guess_domain(rec), source, line, separator, steps_required, place=place
         )
         if rec["id"] in ids:
             raise InputError(source, line, f"duplicate id {rec['id']!r}")

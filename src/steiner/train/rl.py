@@ -54,7 +54,7 @@ from steiner.io import (
     last_checkpoint,
     local_path,
     sole_writer,
-    source_digest,
+    source_digests,
     write_json,
 )
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
@@ -400,9 +400,8 @@ def train_rl(
     """``run_rl`` once its settings are checked, holding ``output_dir``."""
     # a checkpoint continues only from the same start (the KL term's reference too) and data
     inputs = {k: local_path(getattr(cfg, k)) for k in ("model", "problems", "dags")}
-    inputs["problems_sha256"] = source_digest(cfg.problems)  # a file or a `datasets` source
+    inputs |= source_digests(problems=cfg.problems)  # a file or a `datasets` source
     inputs["dags_sha256"] = file_digest(cfg.dags)
-    inputs = {k: v for k, v in inputs.items() if v is not None}
     # written whole to a temporary folder, then renamed: state.pt is there when the folder is
     last = last_checkpoint(cfg.output_dir, "state.pt") if cfg.resume else None
     record = Path(cfg.output_dir, SETTINGS_FILE)

@@ -33,6 +33,7 @@ from steiner.io import (
     local_path,
     sole_writer,
     source_digest,
+    source_digests,
     write_json,
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
@@ -540,14 +541,10 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
     it: a stage's start model is a finished stage's output, which Steiner does not rewrite)."""
     inputs = {"stage": stage, "model": local_path(cfg.model)}
     if isinstance(cfg, SFTStageConfig):
-        digest = source_digest(cfg.data)  # the data may be a `datasets` source
         return (
             inputs
-            | {
-                "data": local_path(cfg.data),
-                "limit_problems": cfg.limit_problems,
-            }
-            | ({"data_sha256": digest} if digest is not None else {})
+            | {"data": local_path(cfg.data), "limit_problems": cfg.limit_problems}
+            | source_digests(data=cfg.data)  # the data may be a `datasets` source
         )
     return inputs | {
         "paths": [local_path(p) for p in cfg.paths],
