@@ -197,6 +197,41 @@ def test_report_shows_each_rl_run_as_first_and_last_fifth_of_its_steps(tmp_path)
     )
 
 
+def test_report_rows_follow_the_order_the_run_wrote_them(tmp_path):
+    """The demo's accuracy table read shortcut, Steiner RL, Steiner SFT (the alphabet's
+    order) and its example trace came from whichever model sorted first; a synthesis run's
+    backtrack counts printed as a Python dict."""
+    import os
+
+    from steiner.evaluate.report import build_report
+
+    metrics = {"n": 4, "pass@1_ci95": [0.1, 0.9], "mean_steps": 2.0, "mean_backtracks": 1.0}
+    metrics |= {"mean_reasoning_tokens": 9.0, "format_error_rate": 0.0}
+    trace = {"name": "1", "thought": "t", "summary": "s", "reflection": "dead"}
+    written = [("shortcut-sft", 1), ("steiner-sft", 3), ("steiner-rl", 4)]  # pipeline order
+    for when, (name, correct) in enumerate(written):
+        run = tmp_path / "eval" / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(
+            json.dumps(metrics | {"correct": correct, "pass@1": correct / 4})
+        )
+        shown = {"steps": [trace | {"name": name}], "decisions": ["end"], "answer": "4"}
+        output = {"correct": True, "n_backtracks": 1, "trace": shown}
+        (run / "outputs.jsonl").write_text(json.dumps({"id": name, "outputs": [output]}) + "\n")
+        for f in run.iterdir():  # one second apart, in the pipeline's order
+            os.utime(f, ns=(10**18 + when * 10**9,) * 2)
+    (tmp_path / "synth").mkdir()
+    stats = {"dags": 15, "paths": 15, "mean_steps": 2.0, "mean_reasoning_tokens": 40.0}
+    stats["backtrack_histogram"] = {"0": 5, "1": 7, "2": 3}
+    (tmp_path / "synth" / "stats.json").write_text(json.dumps(stats))
+    report = build_report(tmp_path)["markdown"].read_text()
+    rows = [line.split(" | ")[0] for line in report.splitlines() if line.startswith("| eval/")]
+    assert rows == ["| eval/shortcut-sft", "| eval/steiner-sft", "| eval/steiner-rl"], report
+    # the example comes from the model evaluated last: the demo's final one
+    assert "## Example trace with a backtrack (eval/steiner-rl)" in report
+    assert "| 0: 5, 1: 7, 2: 3 | none |" in report, report
+
+
 def test_budget_labels_merge_points_that_would_print_on_each_other():
     from steiner.evaluate.scale import budget_labels
 

@@ -23,6 +23,14 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root))
 
 
+def _in_run_order(root: Path, pattern: str) -> list[Path]:
+    """The files named ``pattern`` under ``root``, oldest first: the order a pipeline wrote
+    them (the demo's CPT, then its SFTs, then RL; the shortcut's eval before the Steiner
+    models'), which reads better than the alphabet's (``steiner-rl`` before ``steiner-sft``).
+    Files written in the same instant keep their paths' order."""
+    return sorted(root.rglob(pattern), key=lambda p: (p.stat().st_mtime_ns, p))
+
+
 class _Record(BaseModel):
     # the fields the report reads; a file may hold more
     model_config = ConfigDict(extra="allow", strict=True)
@@ -192,13 +200,14 @@ class _ShownOutput(_Record):
 
 
 def example_trace(root: Path, skipped: list[tuple[Path, str]]) -> list[str]:
-    """A correct held-out answer whose reasoning backtracked, step by step (from the first
-    eval directory that has one, outside scaling sweeps). A file whose chosen output lacks
-    what is shown is listed in ``skipped`` and the next file is tried."""
+    """A correct held-out answer whose reasoning backtracked, step by step, from the eval
+    directory written last that has one, outside scaling sweeps (in a demo: the RL model,
+    its final one). A file whose chosen output lacks what is shown is listed in ``skipped``
+    and the one written before it is tried."""
     # here, not at the top: the eval module brings torch, which a report needs nowhere else
     from steiner.evaluate.accuracy import read_outputs
 
-    for path in sorted(root.rglob("outputs.jsonl")):
+    for path in reversed(_in_run_order(root, "outputs.jsonl")):
         if path.parent.name.split("-")[0] in ("cap", "extend"):
             continue
         for line, rec in read_outputs(path).values():
@@ -279,7 +288,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         found += 1
     synth = [
         (p, s)
-        for p in sorted(root.rglob("stats*.json"))
+        for p in _in_run_order(root, "stats*.json")
         if "teacher-cache" not in p.parts
         and (s := read_steiner_json(p, "stats.json", skipped)) is not None
     ]
@@ -294,7 +303,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
                     s["paths"],
                     s["mean_steps"],
                     s["mean_reasoning_tokens"],
-                    s["backtrack_histogram"],
+                    ", ".join(f"{k}: {v}" for k, v in s["backtrack_histogram"].items()),
                     s.get("teacher_faults") or "none",
                 ]
             )
@@ -313,7 +322,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         found += len(rows)
     training = [
         (p, s)
-        for p in sorted(root.rglob("training_summary.json"))
+        for p in _in_run_order(root, "training_summary.json")
         if (s := read_steiner_json(p, "training_summary.json", skipped)) is not None
     ]
     if training:
@@ -354,7 +363,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         found += len(rows)
     rl_runs = [
         (p, s)
-        for p in sorted(root.rglob("rl_summary.json"))
+        for p in _in_run_order(root, "rl_summary.json")
         if (s := read_steiner_json(p, "rl_summary.json", skipped)) is not None
     ]
     if rl_runs:
@@ -379,7 +388,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         found += len(rows)
     metrics = [
         (p, m)
-        for p in sorted(root.rglob("metrics.json"))
+        for p in _in_run_order(root, "metrics.json")
         if p.parent.name.split("-")[0] not in ("cap", "extend")
         and (m := read_steiner_json(p, "metrics.json", skipped)) is not None
     ]
@@ -423,7 +432,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
             rows,
         )
         found += len(rows)
-    for p in sorted(root.rglob("scale.json")):
+    for p in _in_run_order(root, "scale.json"):
         if (s := read_steiner_json(p, "scale.json", skipped)) is None:
             continue
         lines += [f"## Inference-time scaling ({_rel(p.parent, root)})", ""]
@@ -457,7 +466,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         if (p.parent / "scale.png").exists():
             lines += [f"![scaling]({_rel(p.parent / 'scale.png', root)})", ""]
         found += 1
-    for p in sorted(root.rglob("latency.json")):
+    for p in _in_run_order(root, "latency.json"):
         if (s := read_steiner_json(p, "latency.json", skipped)) is None:
             continue
         lines += [
