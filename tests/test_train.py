@@ -1237,6 +1237,35 @@ def test_cpt_texts_and_paths_may_be_datasets(tmp_path):
     assert [len(d) for d in inputs["paths_sha256"] + inputs["texts_sha256"]] == [16, 16]
 
 
+def test_cpt_reads_texts_from_the_dataset_text_field_it_is_given(data, tmp_path):
+    """As TRL's dataset_text_field names the text column of a pretraining set. Before, the
+    field was only the column of the dataset CPT built (always "text"): --texts records had
+    to have "text", and any other field name was a KeyError traceback once training began."""
+    from steiner.train.data import plain_texts
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"content": f"plain {i} + 1"}) + "\n" for i in range(20)))
+    assert plain_texts(str(docs), "content")[:2] == ["plain 0 + 1", "plain 1 + 1"]
+    with pytest.raises(InputError, match=r"docs\.jsonl:1: expected a string field 'text'"):
+        plain_texts(str(docs))
+    both = [{"content": f"plain {i} + 1", "text": f"other {i}"} for i in range(20)]
+    docs.write_text("".join(json.dumps(record) + "\n" for record in both))
+    out = tmp_path / "cpt"
+    settings = dict(model=str(data / "init"), texts=[str(docs)], max_steps=2)
+    cfg = quick(CPTStageConfig, tmp_path, "cpt", dataset_text_field="content", **settings)
+    assert run_cpt(cfg)["steps"] == 2
+    # the field decides the documents: a checkpoint of one is not continued with another
+    record = json.loads((out / "train_settings.json").read_text())
+    assert record["dataset_text_field"] == "content"
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(
+        InputError,
+        match=r"settings \(dataset_text_field: 'content' there, '\(not set\)' here\); use",
+    ):
+        run_cpt(quick(CPTStageConfig, tmp_path, "cpt", **settings))
+
+
 def test_a_run_shorter_than_its_logging_steps_shows_its_mean_loss():
     """Two steps under --logging_steps 10 log no loss: the summary said first_loss and
     final_loss None and showed no loss at all, though the trainer returns the mean."""

@@ -232,13 +232,18 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
     )
     texts: list[str] = field(
         default_factory=list,
-        metadata={"help": "Plain text, or records' 'text' (files, or datasets names/dirs)."},
+        metadata={
+            "help": "Plain text, or the --dataset_text_field of records (files, or datasets "
+            "names/dirs)."
+        },
     )
     reasoning_ratio: float = field(
         default=0.5, metadata={"help": "Share of documents that are paths."}
     )
     countdown_facts: int = field(default=0, metadata={"help": "Add N countdown arithmetic facts."})
-    dataset_text_field: str = "text"
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "The field of --texts records that holds the text."}
+    )
     completion_only_loss: bool | None = False
     packing: bool = True
     packing_strategy: str = "wrapped"

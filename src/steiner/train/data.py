@@ -95,8 +95,8 @@ def countdown_facts(n: int, seed: int = 0, max_number: int = 100) -> list[str]:
     return [" ".join(facts[i : i + 8]) for i in range(0, len(facts), 8)]
 
 
-def plain_texts(path: str) -> list[str]:
-    """Documents of a plain-text file (blank-line separated), or the "text" fields of records:
+def plain_texts(path: str, text_field: str = "text") -> list[str]:
+    """Documents of a plain-text file (blank-line separated), or the ``text_field`` of records:
     a JSONL/JSON/Parquet file, or a ``datasets`` name or directory (its train split), as
     TRL's ``dataset_text_field`` reads a pretraining set."""
     plain = is_plain_text(path)
@@ -105,13 +105,15 @@ def plain_texts(path: str) -> list[str]:
     else:
         docs = []
         for line, rec in source_rows(path, "train"):
-            if not isinstance(rec.get("text"), str):
-                raise InputError(path, line, "expected a string field 'text'")
-            docs.append(rec["text"])
+            if not isinstance(rec.get(text_field), str):
+                raise InputError(path, line, f"expected a string field {text_field!r}")
+            docs.append(rec[text_field])
     docs = [doc for doc in docs if doc.strip()]
     if not docs:  # else the stage trained on its other data alone, with no word of it
         expected = (
-            "documents separated by blank lines" if plain else "records with a non-empty 'text'"
+            "documents separated by blank lines"
+            if plain
+            else f"records with a non-empty {text_field!r}"
         )
         raise InputError(path, None, f"no text; expected {expected}")
     return docs
@@ -124,15 +126,18 @@ def cpt_dataset(
     reasoning_ratio: float = 0.5,
     countdown_fact_lines: int = 0,
     seed: int = 0,
+    text_field: str = "text",
 ) -> Dataset:
     """Plain text mixed with reasoning paths (rendered with the chat template) so that about
-    ``reasoning_ratio`` of the documents are paths; the larger side is subsampled."""
+    ``reasoning_ratio`` of the documents are paths; the larger side is subsampled.
+    ``text_field`` is the field read from records in ``texts`` and the column the documents
+    go in: TRL's ``dataset_text_field``, which the trainer reads them from."""
     reasoning = [
         tokenizer.apply_chat_template(row["messages"], tokenize=False)
         for path in paths
         for row in chat_rows(path)
     ]
-    plain = [doc for path in texts for doc in plain_texts(path)]
+    plain = [doc for path in texts for doc in plain_texts(path, text_field)]
     plain += countdown_facts(countdown_fact_lines, seed) if countdown_fact_lines else []
     rng = random.Random(seed)
     # the ends are all of one side: both sides were used whole there, as if unmixed
@@ -155,4 +160,4 @@ def cpt_dataset(
             raise InputError("--reasoning_ratio", None, "0 keeps --texts only; none given")
         raise InputError("steiner train cpt", None, "no data: give --paths and/or --texts")
     rng.shuffle(docs)
-    return Dataset.from_dict({"text": docs})
+    return Dataset.from_dict({text_field: docs})

@@ -553,6 +553,13 @@ def stage_inputs(cfg: SFTStageConfig | CPTStageConfig, stage: str) -> dict[str, 
         "texts_sha256": [source_digest(t) for t in cfg.texts],
         "reasoning_ratio": cfg.reasoning_ratio,
         "countdown_facts": cfg.countdown_facts,
+        # the field read from --texts records: named only when not "text", which every record
+        # written before it was read from, so those runs still resume
+        **(
+            {"dataset_text_field": cfg.dataset_text_field}
+            if cfg.dataset_text_field != "text"
+            else {}
+        ),
     }
 
 
@@ -615,6 +622,12 @@ def run_cpt(cfg: CPTStageConfig, callbacks: list[TrainerCallback] | None = None)
         check_model_dir(cfg.model, "--model", "steiner train init")
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         dataset = cpt_dataset(
-            tokenizer, cfg.paths, cfg.texts, cfg.reasoning_ratio, cfg.countdown_facts, cfg.seed
+            tokenizer,
+            cfg.paths,
+            cfg.texts,
+            cfg.reasoning_ratio,
+            cfg.countdown_facts,
+            cfg.seed,
+            cfg.dataset_text_field,
         )
         return run_stage(cfg, dataset, "cpt", callbacks)
