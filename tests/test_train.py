@@ -927,6 +927,12 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
         (SFTStageConfig, ["--limit_problems", "0"], "--limit_problems: expected >= 1, got 0"),
         # unknown or not installed: transformers' RuntimeError once model and data had loaded
         (CPTStageConfig, ["--report_to", "foo"], "--report_to: expected none, all or one of"),
+        # TRL then trained the records untokenized: a ValueError traceback after loading
+        (
+            SFTStageConfig,
+            ["--dataset_kwargs", '{"skip_prepare_dataset": true}'],
+            "--dataset_kwargs: skip_prepare_dataset is for an already tokenized dataset",
+        ),
     ],
 )
 def test_training_settings_out_of_range_are_one_error_line(config, flags, message):
@@ -962,6 +968,20 @@ def test_settings_transformers_refuses_are_one_error_line():
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         assert not is_deepspeed_zero3_enabled()
+
+
+def test_liger_kernels_that_are_not_installed_are_one_error_line(monkeypatch):
+    # before: transformers' ImportError traceback once the model and data had loaded
+    import transformers.utils
+
+    from steiner.cli import parse_stage_config
+
+    args = ["--output_dir", "unused", "--use_liger_kernel", "true"]
+    monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda: False)
+    with pytest.raises(InputError, match="--use_liger_kernel: liger-kernel is not installed"):
+        parse_stage_config(CPTStageConfig, args, "steiner train cpt")
+    monkeypatch.setattr(transformers.utils, "is_liger_kernel_available", lambda: True)
+    assert parse_stage_config(SFTStageConfig, args, "steiner train sft").use_liger_kernel
 
 
 def test_a_logging_integration_that_is_not_installed_is_one_error_line(monkeypatch):

@@ -161,6 +161,29 @@ class _CPUDefaults(SFTConfig):
             self.report_to = "none"
         super().__post_init__()
         check_report_to(self.report_to)
+        check_trainer_extras(self)
+
+
+def check_trainer_extras(config: SFTConfig) -> None:
+    """Trainer settings Steiner's stages cannot honour, or whose package is missing, are one
+    error line at parse time; each was a traceback once the model and data had loaded."""
+    from transformers.utils import is_liger_kernel_available
+
+    if config.use_liger_kernel and not is_liger_kernel_available():
+        raise InputError(
+            "--use_liger_kernel",
+            None,
+            "liger-kernel is not installed; pip install liger-kernel (it needs a GPU), or drop "
+            "the flag",
+        )
+    if (config.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        # TRL then trains the dataset as given, and a stage's dataset is records, not tokens
+        raise InputError(
+            "--dataset_kwargs",
+            None,
+            "skip_prepare_dataset is for an already tokenized dataset; a Steiner stage builds "
+            "its dataset from records and tokenizes it itself",
+        )
 
 
 def check_report_to(names: list[str]) -> None:
