@@ -927,6 +927,15 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
         (SFTStageConfig, ["--limit_problems", "0"], "--limit_problems: expected >= 1, got 0"),
         # unknown or not installed: transformers' RuntimeError once model and data had loaded
         (CPTStageConfig, ["--report_to", "foo"], "--report_to: expected none, all or one of"),
+        # each a traceback once the model had loaded (TRL's ValueError, or on CPU an
+        # AttributeError from its offloading)
+        (SFTStageConfig, ["--padding_free", "true"], "--padding_free: expected --packing true"),
+        pytest.param(
+            CPTStageConfig,
+            ["--activation_offloading", "true"],
+            "--activation_offloading: expected false: it needs a GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU can offload"),
+        ),
         # TRL then trained the records untokenized: a ValueError traceback after loading
         (
             SFTStageConfig,
@@ -968,6 +977,23 @@ def test_settings_transformers_refuses_are_one_error_line():
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         assert not is_deepspeed_zero3_enabled()
+
+
+def test_settings_trl_refuses_as_it_builds_the_trainer_are_one_error_line(data, tmp_path):
+    # before: TRL's ValueError traceback after the model and data had loaded
+    paths = str(data / "synth" / "paths.jsonl")
+    sft = quick(SFTStageConfig, tmp_path, "sft", model=str(data / "init"), data=paths)
+    sft.eos_token = "<not a token>"
+    with pytest.raises(InputError) as err:
+        run_sft(sft)
+    assert err.value.path == "steiner train sft"
+    assert err.value.message.startswith("The specified `eos_token` ('<not a token>') is not")
+    cpt = quick(CPTStageConfig, tmp_path, "cpt", model=str(data / "init"), paths=[paths])
+    cpt.assistant_only_loss = True  # CPT's documents are plain text
+    with pytest.raises(InputError, match="but the dataset is not conversational") as err:
+        run_cpt(cpt)
+    assert err.value.path == "steiner train cpt"
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "cpt").exists()
 
 
 def test_liger_kernels_that_are_not_installed_are_one_error_line(monkeypatch):

@@ -176,6 +176,16 @@ def check_trainer_extras(config: SFTConfig) -> None:
             "liger-kernel is not installed; pip install liger-kernel (it needs a GPU), or drop "
             "the flag",
         )
+    if config.activation_offloading and (config.use_cpu or not torch.cuda.is_available()):
+        # TRL's offloading moves activations from an accelerator to CPU memory: on CPU it was
+        # an AttributeError traceback once the model had loaded
+        raise InputError("--activation_offloading", None, "expected false: it needs a GPU")
+    if config.padding_free and not config.packing:
+        # TRL then cannot cut examples at max_length, which a stage always sets (to the
+        # model's positions when not given): its refusal came after the model had loaded
+        raise InputError(
+            "--padding_free", None, "expected --packing true with it (--packing_strategy bfd)"
+        )
     if (config.dataset_kwargs or {}).get("skip_prepare_dataset"):
         # TRL then trains the dataset as given, and a stage's dataset is records, not tokens
         raise InputError(

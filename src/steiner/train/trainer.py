@@ -404,6 +404,12 @@ def run_stage(
                 f"cannot create the Hub repo {cfg.hub_model_id or Path(cfg.output_dir).name} "
                 f"({error_line(exc)})",
             ) from None
+        if isinstance(exc, ValueError):
+            # TRL refuses, as it builds the trainer, settings that do not go together or do
+            # not fit the data (--eos_token not in the vocabulary, --assistant_only_loss on
+            # CPT's plain text): its message says which, and nothing has trained yet
+            command = "steiner train " + ("cpt" if stage == "cpt" else "sft")
+            raise InputError(command, None, " ".join(str(exc).split())) from None
         raise
     # packed rows are not examples (CPT's documents wrap across them), and none is dropped
     trained = len(dataset) if cfg.packing else len(trainer.train_dataset)
