@@ -936,6 +936,12 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
             "--activation_offloading: expected false: it needs a GPU",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU can offload"),
         ),
+        # TRL looked a missing template file up on the Hub ("couldn't connect to the Hub")
+        (
+            SFTStageConfig,
+            ["--chat_template_path", "no/such/template.jinja"],
+            "no/such/template.jinja: cannot open: no such file (--chat_template_path)",
+        ),
         # TRL then trained the records untokenized: a ValueError traceback after loading
         (
             SFTStageConfig,

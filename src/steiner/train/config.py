@@ -13,6 +13,7 @@ On GPUs pass ``--bf16`` and launch the same command under ``accelerate launch``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -186,6 +187,10 @@ def check_trainer_extras(config: SFTConfig) -> None:
         raise InputError(
             "--padding_free", None, "expected --packing true with it (--packing_strategy bfd)"
         )
+    template = config.chat_template_path
+    if template and template.endswith(".jinja") and not os.path.isfile(template):
+        # TRL took a missing template file for a Hub name: "couldn't connect to the Hub"
+        raise InputError(template, None, "cannot open: no such file (--chat_template_path)")
     if (config.dataset_kwargs or {}).get("skip_prepare_dataset"):
         # TRL then trains the dataset as given, and a stage's dataset is records, not tokens
         raise InputError(
