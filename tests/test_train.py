@@ -572,6 +572,37 @@ def test_train_cli_bad_flag_is_one_line(data):
     assert len(proc.stderr.strip().splitlines()) == 1 and "--bogus" in proc.stderr
 
 
+def test_flags_of_older_transformers_and_trl_say_what_takes_their_place(tmp_path):
+    # published recipes still write them; before, only "unknown option(s)"
+    from steiner.cli import parse_stage_config
+
+    with pytest.raises(InputError) as err:
+        args = ["--output_dir", "u", "--warmup_ratio", "0.1", "--max-seq-length", "64", "--x"]
+        parse_stage_config(SFTStageConfig, args, "steiner train sft")
+    assert err.value.message == (
+        "unknown option(s) --warmup_ratio, --max-seq-length, --x; for --warmup_ratio use "
+        "--warmup_steps (a value below 1 is a share of the steps); for --max-seq-length use "
+        "--max_length (newer transformers and TRL renamed or dropped them); "
+        "`steiner train sft --help` lists them"
+    )
+    old = tmp_path / "old.yaml"
+    old.write_text("output_dir: u\nevaluation_strategy: steps\n")
+    with pytest.raises(InputError) as err:
+        parse_stage_config(CPTStageConfig, ["--config", str(old)], "steiner train cpt")
+    assert (err.value.path, err.value.message) == (
+        str(old),
+        "unknown config field(s) evaluation_strategy; for evaluation_strategy use eval_strategy "
+        "(newer transformers and TRL renamed or dropped them); `steiner train cpt --help` "
+        "lists them",
+    )
+    # RL has no warmup at all: no field to point at
+    with pytest.raises(InputError) as err:
+        parse_stage_config(RLStageConfig, ["--warmup_ratio", "0.1"], "steiner train rl")
+    assert err.value.message == (
+        "unknown option(s) --warmup_ratio; `steiner train rl --help` lists them"
+    )
+
+
 def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
     from steiner.cli import parse_stage_config
 

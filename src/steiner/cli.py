@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -531,7 +532,8 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
         message = "not UTF-8 text; expected a YAML mapping of config fields"
         raise InputError(config, None, message) from None
     except ValueError as exc:  # unknown flags, bad YAML keys, settings that do not go together
-        raise unknown_fields_error(str(exc), args, prog) from None
+        fields = {f.name for cls in classes for f in dataclasses.fields(cls)}
+        raise unknown_fields_error(str(exc), args, prog, fields) from None
     except OSError as exc:  # the --config file
         raise InputError(exc.filename, None, f"cannot open: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -639,10 +641,29 @@ def missing_package_error(message: str, prog: str) -> InputError:
     )
 
 
-def unknown_fields_error(message: str, args: list[str], prog: str) -> InputError:
+# Flags of older transformers/TRL releases, still in many published recipes, and what takes
+# their place now: (the field that does, how to write it)
+RENAMED_FIELDS = {
+    "warmup_ratio": ("warmup_steps", "warmup_steps (a value below 1 is a share of the steps)"),
+    "evaluation_strategy": ("eval_strategy", "eval_strategy"),
+    "max_seq_length": ("max_length", "max_length"),
+    "group_by_length": ("train_sampling_strategy", "train_sampling_strategy group_by_length"),
+    "no_cuda": ("use_cpu", "use_cpu"),
+    "per_gpu_train_batch_size": ("per_device_train_batch_size", "per_device_train_batch_size"),
+    "overwrite_output_dir": (
+        "resume",
+        "no_resume (a stage goes on from the last checkpoint in output_dir by default)",
+    ),
+}
+
+
+def unknown_fields_error(
+    message: str, args: list[str], prog: str, fields: set[str] | None = None
+) -> InputError:
     """TRL's words for unknown fields name its parser and its own API (``Please ... set
     `fail_with_unknown_args=False``); say instead which fields, where, and where the list
-    is."""
+    is, and, for a field an older transformers or TRL had, what takes its place among
+    ``fields`` (the config's)."""
     import ast
     import re
 
@@ -653,11 +674,24 @@ def unknown_fields_error(message: str, args: list[str], prog: str) -> InputError
         return InputError(prog, None, " ".join(message.split()))
     words = [str(a) for a in ast.literal_eval(found.group(2))]  # a list literal of TRL's
     names = [a for a in words if a.startswith("--")] or words  # flags, not their values
+    in_file = found.group(1).startswith("Unknown")
     hint = f"`{prog} --help` lists them"
-    if found.group(1).startswith("Unknown"):
+    renamed = [
+        (name, RENAMED_FIELDS[key][1])
+        for name in names
+        if (key := name.lstrip("-").replace("-", "_")) in RENAMED_FIELDS
+        and RENAMED_FIELDS[key][0] in (fields or set())
+    ]
+    if renamed:
+        dashes = "" if in_file else "--"
+        uses = "; ".join(
+            f"for {n.lstrip('-') if in_file else n} use {dashes}{how}" for n, how in renamed
+        )
+        hint = f"{uses} (newer transformers and TRL renamed or dropped them); {hint}"
+    if in_file:
         config = args[args.index("--config") + 1] if "--config" in args[:-1] else prog
-        fields = ", ".join(n.lstrip("-") for n in names)
-        return InputError(config, None, f"unknown config field(s) {fields}; {hint}")
+        listed = ", ".join(n.lstrip("-") for n in names)
+        return InputError(config, None, f"unknown config field(s) {listed}; {hint}")
     return InputError(prog, None, f"unknown option(s) {', '.join(names)}; {hint}")
 
 
