@@ -259,6 +259,19 @@ def test_limit_synthesizes_the_first_problems_only(synth_run, tmp_path):
     assert steiner(*args, "--seed", "3", "--limit", "60").returncode != 0
 
 
+def test_a_run_that_keeps_no_path_says_why(synth_run, tmp_path):
+    # before: a summary with "paths 0" and exit 0, and "no records" only from `train sft`
+    tmp, _ = synth_run
+    args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(tmp_path / "o")]
+    result = steiner(*args, "--limit", "5", "--max-reasoning-tokens", "1")
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert "warning: no path was kept from 5 DAGs (" in said
+    assert " over --max-reasoning-tokens)" in said
+    kept = steiner(*args[:-1], str(tmp_path / "kept"), "--limit", "5")
+    assert kept.returncode == 0 and "warning" not in kept.stderr
+
+
 def half_finished_run(synth_run, out) -> list[dict]:
     """A run as it stands after its first chunk of 64 problems: a finished run whose journal is
     cut back to its first two lines (a re-run truncates the files to what they record)."""

@@ -428,6 +428,17 @@ def synth(
     table.add_row("wall time", f"{elapsed:.1f}s ({rate:.{digits}f} paths/s this run)")
     table.add_row("files", f"{files['dags'].name}, {files['paths'].name}, {files['stats'].name}")
     console.print(table)
+    if stats["dags"] and not stats["paths"]:
+        # else the first word of it was `train sft`'s "no records" a stage later
+        limits = {
+            "reasoning_tokens": "--max-reasoning-tokens",
+            "total_tokens": "--max-total-tokens",
+        }
+        over = [
+            f"{n} over {flag}" for key, flag in limits.items() if (n := stats["dropped"].get(key))
+        ]
+        why = f" ({', '.join(over)})" if over else ""
+        console.print(f"[bold yellow]warning:[/] no path was kept from {stats['dags']} DAGs{why}")
 
 
 dag_app = typer.Typer(help="Inspect step DAGs.", no_args_is_help=True)
