@@ -84,6 +84,104 @@ def test_per_row_budgets_and_reasoning_token_cap(model):
     assert outs[3].text.startswith(fmt.REASONING_START)
 
 
+class _CheckedBudget:
+    """The processor under test, with every mask it gives compared to a fresh automaton's over
+    the same row's generated tokens (the state from scratch, as no reordering can fool)."""
+
+    def __init__(self, tok, budget):
+        from steiner.infer.hf import StepBudgetLogitsProcessor
+
+        self.inner, self.budget = StepBudgetLogitsProcessor(tok, budget), budget
+        self.start: int | None = None
+        self.calls = self.wrong_rows = self.rewinds = 0
+        self.longest = 0
+
+    def __call__(self, input_ids, scores):
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        self.rewinds += input_ids.shape[1] <= self.longest
+        self.longest = max(self.longest, input_ids.shape[1])
+        masked = self.inner(input_ids, scores.clone())
+        rows = len(input_ids)
+        budgets = self.budget if isinstance(self.budget, list) else [self.budget]
+        per_row = [b for b in budgets for _ in range(rows // len(budgets))]
+        fresh = StepBudget(self.inner.ids, per_row, scores.device)
+        expected = fresh.step(None, scores.clone())
+        for position in range(self.start, input_ids.shape[1]):
+            expected = fresh.step(input_ids[:, position], scores.clone())
+        self.calls += 1
+        self.wrong_rows += int((masked.isinf() != expected.isinf()).any(1).sum())
+        return masked
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        {"num_beams": 3, "num_return_sequences": 2},  # beams reorder the rows at every step
+        {"prompt_lookup_num_tokens": 3},  # assisted decoding rewinds rejected candidates
+        {"do_sample": True, "num_return_sequences": 2},
+    ],
+)
+def test_the_budget_follows_rows_that_beam_search_and_assisted_decoding_move(model, decoding):
+    # before: each row kept the state of whatever row had its place in the last call, so
+    # beam search and assisted decoding got masks of other beams' or rejected tokens
+    m, tok = model
+    prompts = QUESTIONS[:1] if "prompt_lookup_num_tokens" in decoding else QUESTIONS[:3]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in prompts
+    ]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    budget = Budget(min_steps=2, max_steps=3, max_step_tokens=3)
+    checked = _CheckedBudget(tok, budget)
+    torch.manual_seed(0)
+    out = m.generate(**batch, max_new_tokens=60, logits_processor=[checked], **decoding)
+    assert checked.calls >= 30 and checked.wrong_rows == 0
+    if "prompt_lookup_num_tokens" in decoding:
+        assert checked.rewinds > 0  # the case under test did come up
+    for row in tok.batch_decode(out[:, batch["input_ids"].shape[1] :]):
+        trace, _ = fmt.parse(row.split("<|im_end|>")[0])
+        assert trace.n_steps <= 3, row
+
+
+def test_one_budget_per_prompt_holds_for_each_of_its_returned_sequences(model):
+    # generate repeats each prompt's row; a list of one budget per prompt was one per row
+    m, tok = model
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in QUESTIONS[:2]
+    ]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    budgets = [
+        Budget(min_steps=1, max_steps=1, max_step_tokens=3),
+        Budget(min_steps=3, max_steps=3, max_step_tokens=3),
+    ]
+    checked = _CheckedBudget(tok, budgets)
+    torch.manual_seed(1)
+    out = m.generate(
+        **batch,
+        max_new_tokens=80,
+        logits_processor=[checked],
+        do_sample=True,
+        num_return_sequences=2,
+    )
+    steps = [
+        fmt.parse(row)[0].n_steps for row in tok.batch_decode(out[:, batch["input_ids"].shape[1] :])
+    ]
+    assert steps == [1, 1, 3, 3] and checked.wrong_rows == 0
+    from steiner.infer.hf import StepBudgetLogitsProcessor
+
+    with pytest.raises(
+        ValueError, match="2 budgets for 3 rows; expected one per row, or one per prompt"
+    ):
+        StepBudgetLogitsProcessor(tok, budgets)(
+            torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, len(tok))
+        )
+
+
 def test_a_sampled_row_does_not_depend_on_its_batch(model):
     m, tok = model
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:5]]

@@ -342,6 +342,12 @@ class StepBudget:
         self.counters = self.counters * self.counter_keep[cls] + self.counter_inc[self.state, cls]
         self.state = self.T[self.state, cls]
 
+    def take_rows(self, rows: torch.Tensor) -> None:
+        """Row i goes on from row ``rows[i]``'s state (beam search reorders its beams); each
+        row keeps its own budget."""
+        self.state = self.state[rows]
+        self.counters = self.counters[rows]
+
     def prepare(self, logits: torch.Tensor) -> None:
         """Build the vocabulary-sized tables once the vocabulary size is known."""
         if self._masks is None or self._masks.shape[1] != logits.shape[-1]:

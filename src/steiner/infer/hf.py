@@ -12,18 +12,62 @@ from steiner.infer.budget import Budget, StepBudget, TokenIds
 
 class StepBudgetLogitsProcessor(LogitsProcessor):
     """Pass to ``model.generate(logits_processor=[...])``. One ``Budget`` for the whole batch,
-    or one per row. The state lives in this object: use a new one per ``generate`` call."""
+    or one per row, or one per prompt when ``num_return_sequences`` or ``num_beams`` repeat
+    each prompt's row. The state lives in this object: use a new one per ``generate`` call.
+
+    Each call advances every row by its newest token. Beam search reorders the rows between
+    calls (a row goes on from another row's beam), so when a row's tokens before the newest
+    are not the ones it had, the row takes the state of the row that had them; rows that
+    match none (a decoder that rewinds, as assisted decoding does) are scanned again."""
 
     def __init__(self, tokenizer: Any, budget: Budget | list[Budget]):
         self.ids = TokenIds.from_tokenizer(tokenizer)
         self.budget = budget
         self.core: StepBudget | None = None
+        self.budgets: list[Budget] = []
+        self.start = 0  # where the generated tokens begin in input_ids
+        self.seen: torch.Tensor | None = None  # each row's generated tokens at the last call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.core is None:
-            budgets = (
-                self.budget if isinstance(self.budget, list) else [self.budget] * len(input_ids)
-            )
-            self.core = StepBudget(self.ids, budgets, scores.device)
+            self.budgets = self._row_budgets(len(input_ids))
+            self.core = StepBudget(self.ids, self.budgets, scores.device)
+            self.start = input_ids.shape[1]
+            self.seen = input_ids[:, self.start :]
             return self.core.step(None, scores)
-        return self.core.step(input_ids[:, -1], scores)
+        generated = input_ids[:, self.start :]
+        # assisted decoding may ask again at the prompt's end, before any generated token
+        before = generated[:, :-1] if generated.shape[1] else generated
+        if not torch.equal(before, self.seen):
+            self._follow(before, scores)
+        self.seen = generated
+        return self.core.step(generated[:, -1] if generated.shape[1] else None, scores)
+
+    def _row_budgets(self, rows: int) -> list[Budget]:
+        if not isinstance(self.budget, list):
+            return [self.budget] * rows
+        if rows % len(self.budget):
+            raise ValueError(
+                f"{len(self.budget)} budgets for {rows} rows; expected one per row, or one per "
+                "prompt"
+            )
+        # generate repeats each prompt's row in place (repeat_interleave), as many times
+        return [b for b in self.budget for _ in range(rows // len(self.budget))]
+
+    def _follow(self, before: torch.Tensor, scores: torch.Tensor) -> None:
+        """The rows' states for tokens ``before`` that are not simply the last call's."""
+        assert self.core is not None and self.seen is not None
+        if len(before) != len(self.budgets):
+            raise ValueError(f"generate went from {len(self.budgets)} rows to {len(before)}")
+        if before.shape == self.seen.shape:
+            # the state is a function of the generated tokens alone (the budget only picks the
+            # mask), so any row with the same tokens hands over its state
+            same = (before[:, None, :] == self.seen[None, :, :]).all(-1)
+            if bool(same.any(1).all()):
+                self.core.take_rows(same.int().argmax(1))
+                return
+        core = StepBudget(self.ids, self.budgets, scores.device)
+        core.prepare(scores)
+        for position in range(before.shape[1]):
+            core.update(before[:, position])
+        self.core = core
