@@ -965,7 +965,7 @@ def test_the_demos_baseline_sft_ends_when_the_demo_is_killed_outright(data, tmp_
             CPTStageConfig,
             ["--activation_offloading", "true"],
             "--activation_offloading: expected false: it needs a GPU",
-            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU can offload"),
+            marks=pytest.mark.skipif(torch.accelerator.is_available(), reason="a GPU can offload"),
         ),
         # TRL looked a missing template file up on the Hub ("couldn't connect to the Hub")
         (

@@ -177,7 +177,7 @@ def check_trainer_extras(config: SFTConfig) -> None:
             "liger-kernel is not installed; pip install liger-kernel (it needs a GPU), or drop "
             "the flag",
         )
-    if config.activation_offloading and (config.use_cpu or not torch.cuda.is_available()):
+    if config.activation_offloading and (config.use_cpu or not torch.accelerator.is_available()):
         # TRL's offloading moves activations from an accelerator to CPU memory: on CPU it was
         # an AttributeError traceback once the model had loaded
         raise InputError("--activation_offloading", None, "expected false: it needs a GPU")
