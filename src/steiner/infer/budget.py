@@ -348,6 +348,12 @@ class StepBudget:
         self.state = self.state[rows]
         self.counters = self.counters[rows]
 
+    def restart(self) -> None:
+        """Every row back to its first position (its tables and budget kept), to be advanced
+        again from its tokens."""
+        self.state = torch.full_like(self.state, _BEGIN)
+        self.counters = torch.zeros_like(self.counters)
+
     def prepare(self, logits: torch.Tensor) -> None:
         """Build the vocabulary-sized tables once the vocabulary size is known."""
         if self._masks is None or self._masks.shape[1] != logits.shape[-1]:

@@ -39,7 +39,7 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
         # assisted decoding may ask again at the prompt's end, before any generated token
         before = generated[:, :-1] if generated.shape[1] else generated
         if not torch.equal(before, self.seen):
-            self._follow(before, scores)
+            self._follow(before)
         self.seen = generated
         return self.core.step(generated[:, -1] if generated.shape[1] else None, scores)
 
@@ -54,7 +54,7 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
         # generate repeats each prompt's row in place (repeat_interleave), as many times
         return [b for b in self.budget for _ in range(rows // len(self.budget))]
 
-    def _follow(self, before: torch.Tensor, scores: torch.Tensor) -> None:
+    def _follow(self, before: torch.Tensor) -> None:
         """The rows' states for tokens ``before`` that are not simply the last call's."""
         assert self.core is not None and self.seen is not None
         if len(before) != len(self.budgets):
@@ -66,8 +66,6 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
             if bool(same.any(1).all()):
                 self.core.take_rows(same.int().argmax(1))
                 return
-        core = StepBudget(self.ids, self.budgets, scores.device)
-        core.prepare(scores)
+        self.core.restart()
         for position in range(before.shape[1]):
-            core.update(before[:, position])
-        self.core = core
+            self.core.update(before[:, position])
