@@ -182,6 +182,30 @@ def test_one_budget_per_prompt_holds_for_each_of_its_returned_sequences(model):
         )
 
 
+def test_one_processor_serves_generate_calls_in_turn(model):
+    # before: the second call went on from the first call's state (its prompt length and
+    # rows), so its masks were the end of the first call's traces
+    m, tok = model
+
+    def batch(questions):
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+            for q in questions
+        ]
+        return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    checked = _CheckedBudget(tok, Budget(min_steps=2, max_steps=2, max_step_tokens=3))
+    for questions in (QUESTIONS[:3], QUESTIONS[3:5], QUESTIONS[3:5], QUESTIONS[:3]):
+        checked.start = None  # the checker's own reference starts over with each call
+        inputs = batch(questions)
+        out = m.generate(**inputs, max_new_tokens=40, logits_processor=[checked], do_sample=True)
+        assert checked.wrong_rows == 0, questions
+        for row in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :]):
+            assert fmt.parse(row.split("<|im_end|>")[0])[0].n_steps == 2, row
+
+
 def test_a_sampled_row_does_not_depend_on_its_batch(model):
     m, tok = model
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:5]]

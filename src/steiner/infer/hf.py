@@ -13,7 +13,8 @@ from steiner.infer.budget import Budget, StepBudget, TokenIds
 class StepBudgetLogitsProcessor(LogitsProcessor):
     """Pass to ``model.generate(logits_processor=[...])``. One ``Budget`` for the whole batch,
     or one per row, or one per prompt when ``num_return_sequences`` or ``num_beams`` repeat
-    each prompt's row. The state lives in this object: use a new one per ``generate`` call.
+    each prompt's row. One processor may serve several ``generate`` calls in turn: a call
+    whose prompts are not the last call's starts every row afresh.
 
     Each call advances every row by its newest token. Beam search reorders the rows between
     calls (a row goes on from another row's beam), so when a row's tokens before the newest
@@ -27,12 +28,16 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
         self.budgets: list[Budget] = []
         self.start = 0  # where the generated tokens begin in input_ids
         self.seen: torch.Tensor | None = None  # each row's generated tokens at the last call
+        self.prompts: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.core is None:
+        if self.core is None or not self._same_prompts(input_ids):
+            # a generate call's first position (a new call on the same prompts looks like a
+            # rewind to them, and restarts below)
             self.budgets = self._row_budgets(len(input_ids))
             self.core = StepBudget(self.ids, self.budgets, scores.device)
             self.start = input_ids.shape[1]
+            self.prompts = input_ids
             self.seen = input_ids[:, self.start :]
             return self.core.step(None, scores)
         generated = input_ids[:, self.start :]
@@ -42,6 +47,16 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
             self._follow(before)
         self.seen = generated
         return self.core.step(generated[:, -1] if generated.shape[1] else None, scores)
+
+    def _same_prompts(self, input_ids: torch.Tensor) -> bool:
+        """Whether ``input_ids`` go on from the prompts this processor started on (beam search
+        reorders rows only among one prompt's beams, so each row keeps its prompt)."""
+        assert self.prompts is not None
+        return (
+            input_ids.shape[0] == self.prompts.shape[0]
+            and input_ids.shape[1] >= self.start
+            and torch.equal(input_ids[:, : self.start], self.prompts)
+        )
 
     def _row_budgets(self, rows: int) -> list[Budget]:
         if not isinstance(self.budget, list):
@@ -57,8 +72,6 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
     def _follow(self, before: torch.Tensor) -> None:
         """The rows' states for tokens ``before`` that are not simply the last call's."""
         assert self.core is not None and self.seen is not None
-        if len(before) != len(self.budgets):
-            raise ValueError(f"generate went from {len(self.budgets)} rows to {len(before)}")
         if before.shape == self.seen.shape:
             # the state is a function of the generated tokens alone (the budget only picks the
             # mask), so any row with the same tokens hands over its state
