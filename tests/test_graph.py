@@ -94,6 +94,28 @@ def test_bare_records_work_everywhere(tmp_path):
     assert r.returncode == 2 and "bad.jsonl:1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_problem_of_the_other_built_in_domain_says_so(tmp_path):
+    # before: "field 'edges': Field required" for countdown problems given to a graph run
+    # (the demo's default domain), which did not say what the file was
+    from steiner.io import InputError
+
+    graphs, numbers = tmp_path / "g.jsonl", tmp_path / "c.jsonl"
+    graphs.write_text("".join(json.dumps(p) + "\n" for p in gr.generate_problems(2, seed=1)))
+    numbers.write_text(json.dumps({"nums": [1, 2], "target": 3}) + "\n")
+    with pytest.raises(InputError, match=r"c\.jsonl:1: a countdown problem; expected a graph one"):
+        load_problems(numbers, "graph")
+    with pytest.raises(InputError) as err:
+        load_shortcuts(graphs, "countdown")
+    assert err.value.message == (
+        "a graph problem; expected a countdown one (for graph problems: --domain graph)"
+    )
+    assert [p["domain"] for p in load_problems(numbers, "countdown")] == ["countdown"]
+    assert len(load_problems(graphs)) == 2  # no domain given: each record names its own
+    r = steiner("demo", "--out", str(tmp_path / "d"), "--problems", str(numbers))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "(for countdown problems: --domain countdown)" in " ".join(r.stderr.split())
+
+
 @pytest.mark.parametrize(
     "edges, message",
     [

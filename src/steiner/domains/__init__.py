@@ -260,6 +260,16 @@ def load_shortcuts(
             raise InputError(
                 source, line, "a chat record ('messages'); expected a problem or shortcut record"
             )
+        looks = "countdown" if "nums" in rec else "graph" if "edges" in rec else None
+        if domain in ("countdown", "graph") and looks not in (None, domain):
+            # else "field 'edges': Field required", which did not say the file was of the
+            # other built-in domain
+            raise InputError(
+                source,
+                line,
+                f"a {looks} problem; expected a {domain} one (for {looks} problems: "
+                f"--domain {looks})",
+            )
         rec = shortcut_from_record(
             rec, domain or guess_domain(rec), source, line, separator, steps_required, place=place
         )
