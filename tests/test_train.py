@@ -1320,6 +1320,45 @@ def test_cpt_texts_and_paths_may_be_datasets(tmp_path):
     assert [len(d) for d in inputs["paths_sha256"] + inputs["texts_sha256"]] == [16, 16]
 
 
+def test_sft_reads_trls_prompt_completion_records_as_their_chat(data, tmp_path):
+    # TRL's other dataset format; before: "field 'messages': Field required"
+    paths = data / "synth" / "paths.jsonl"
+    chats = [json.loads(line) for line in paths.read_text().splitlines()[:12]]
+    split = tmp_path / "pc.jsonl"
+    as_text = tmp_path / "pc_text.jsonl"
+    split.write_text(
+        "".join(
+            json.dumps({"prompt": c["messages"][:-1], "completion": c["messages"][-1:]}) + "\n"
+            for c in chats
+        )
+    )
+    as_text.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": c["messages"][0]["content"], "completion": c["messages"][1]["content"]}
+            )
+            + "\n"
+            for c in chats
+        )
+    )
+    expected = [{"messages": c["messages"]} for c in chats]
+    assert all(len(c["messages"]) == 2 for c in chats)  # user, assistant: both forms the same
+    for source in (split, as_text):
+        assert sft_dataset(str(source)).to_list() == expected
+    summary = run_sft(
+        quick(
+            SFTStageConfig, tmp_path, "sft", model=str(data / "init"), data=str(split), max_steps=1
+        )
+    )
+    assert summary["examples"] == 12
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "completion": 7}) + "\n")
+    with pytest.raises(
+        InputError, match="bad.jsonl:1: field 'completion': expected text or a list"
+    ):
+        sft_dataset(str(bad))
+
+
 def test_cpt_reads_texts_from_the_dataset_text_field_it_is_given(data, tmp_path):
     """As TRL's dataset_text_field names the text column of a pretraining set. Before, the
     field was only the column of the dataset CPT built (always "text"): --texts records had

@@ -25,13 +25,18 @@ def chat_rows(
 ) -> list[dict[str, Any]]:
     """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet, or a
     ``datasets`` name or directory: its ``split``, as TRL's ``dataset_name``); with
-    ``assistant_required`` each needs an assistant message (the loss is on those only)."""
+    ``assistant_required`` each needs an assistant message (the loss is on those only).
+    TRL's prompt-completion records are read as the chat they stand for: the prompt's
+    messages, then the completion's (a text prompt is a user message, a text completion an
+    assistant one), so the loss falls on the completion as TRL's completion-only loss puts it."""
     rows = []
     for line, rec in source_rows(path, split):
         if "messages" not in rec and ("steps" in rec or "nums" in rec or "edges" in rec):
             raise InputError(
                 path, line, "expected a 'messages' list; shortcut records train with --shortcut"
             )
+        if "messages" not in rec and "prompt" in rec and "completion" in rec:
+            rec = {"messages": _prompt_completion_messages(rec, path, line)}
         chat = validate(ChatRecord, rec, path, line)
         if not chat.messages:
             raise InputError(path, line, "expected a non-empty 'messages' list")
@@ -47,6 +52,18 @@ def chat_rows(
     if not rows:
         raise InputError(path, None, "no records")
     return rows
+
+
+def _prompt_completion_messages(rec: dict[str, Any], path: str, line: int) -> list[Any]:
+    messages = []
+    for field, role in (("prompt", "user"), ("completion", "assistant")):
+        part = rec[field]
+        if isinstance(part, str):
+            part = [{"role": role, "content": part}]
+        if not isinstance(part, list):
+            raise InputError(path, line, f"field '{field}': expected text or a list of messages")
+        messages += part
+    return messages
 
 
 def shortcut_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
