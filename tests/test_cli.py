@@ -232,7 +232,10 @@ def test_demo_rejects_bad_options_in_one_line(tmp_path):
     assert steiner("graph", "generate", "--count", "2", "--out", str(graph)).returncode == 0
     for args, expected in (
         (["--domain", "chess"], "--domain: expected graph or countdown, got 'chess'"),
-        (["--domain", "countdown", "--problems", str(graph)], "graph.jsonl:1: field 'nums'"),
+        (
+            ["--domain", "countdown", "--problems", str(graph)],
+            "graph.jsonl:1: a graph problem; expected a countdown one",
+        ),
         # named like a file, so not a dataset name asked of the Hub (offline: a minute of
         # huggingface_hub's retry lines)
         (["--domain", "graph", "--problems", "missing.jsonl"], "missing.jsonl: cannot open"),

@@ -1345,6 +1345,8 @@ def test_sft_reads_trls_prompt_completion_records_as_their_chat(data, tmp_path):
     assert all(len(c["messages"]) == 2 for c in chats)  # user, assistant: both forms the same
     for source in (split, as_text):
         assert sft_dataset(str(source)).to_list() == expected
+    checked = steiner("format", "check", str(split))  # the format checker reads them too
+    assert checked.returncode == 0 and "│      12 │     12 │" in checked.stderr, checked.stderr
     summary = run_sft(
         quick(
             SFTStageConfig, tmp_path, "sft", model=str(data / "init"), data=str(split), max_steps=1

@@ -22,14 +22,13 @@ from steiner import format as fmt
 from steiner.domains import countdown
 from steiner.io import (
     MAX_SEED,
-    ChatRecord,
     InputError,
+    chat_record,
     check_http_url,
     check_output_dir,
     check_output_file,
     end_with_parent,
     source_rows,
-    validate,
     write_jsonl,
     write_lines,
 )
@@ -210,8 +209,8 @@ def format_check(
     path: Annotated[
         str,
         typer.Argument(
-            help="Chat records ({'messages': [...]}): a JSONL/JSON/Parquet file, or a datasets "
-            "name or directory (its train split)."
+            help="Chat records ({'messages': [...]}, or TRL's prompt/completion): a "
+            "JSONL/JSON/Parquet file, or a datasets name or directory (its train split)."
         ),
     ],
     max_errors: Annotated[int, typer.Option(min=0, help="List at most this many errors.")] = 50,
@@ -221,7 +220,7 @@ def format_check(
     errors: list[str] = []
     for line, rec in source_rows(path, "train"):
         records += 1
-        chat = validate(ChatRecord, rec, path, line)
+        chat = chat_record(rec, path, line)
         for msg in chat.messages:
             if msg.role != "assistant":
                 continue

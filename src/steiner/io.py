@@ -313,6 +313,25 @@ class ChatRecord(BaseModel):
     messages: list[ChatMessage]
 
 
+def chat_record(record: dict[str, Any], path: str | os.PathLike, line: int) -> ChatRecord:
+    """A chat record, or TRL's prompt-completion record read as the chat it stands for: the
+    prompt's messages, then the completion's (a text prompt is a user message, a text
+    completion an assistant one)."""
+    if "messages" not in record and "prompt" in record and "completion" in record:
+        messages: list[Any] = []
+        for field, role in (("prompt", "user"), ("completion", "assistant")):
+            part = record[field]
+            if isinstance(part, str):
+                part = [{"role": role, "content": part}]
+            if not isinstance(part, list):
+                raise InputError(
+                    path, line, f"field '{field}': expected text or a list of messages"
+                )
+            messages += part
+        record = {"messages": messages}
+    return validate(ChatRecord, record, path, line)
+
+
 def not_a_boolean(value: Any, expected: str) -> Any:
     """``value`` as it is, unless it is JSON's true or false where a number belongs: pydantic's
     lax int and float read true as 1 (``"target": true`` was a problem reaching 1, and a

@@ -11,12 +11,11 @@ from datasets import Dataset
 from steiner.domains import get_domain, load_shortcuts, shortcut_trace, trace_separator
 from steiner.format import render
 from steiner.io import (
-    ChatRecord,
     InputError,
+    chat_record,
     is_plain_text,
     read_text_input,
     source_rows,
-    validate,
 )
 
 
@@ -26,18 +25,15 @@ def chat_rows(
     """``{"messages": [...]}`` rows from path records (or any chat JSONL/Parquet, or a
     ``datasets`` name or directory: its ``split``, as TRL's ``dataset_name``); with
     ``assistant_required`` each needs an assistant message (the loss is on those only).
-    TRL's prompt-completion records are read as the chat they stand for: the prompt's
-    messages, then the completion's (a text prompt is a user message, a text completion an
-    assistant one), so the loss falls on the completion as TRL's completion-only loss puts it."""
+    TRL's prompt-completion records are read as the chat they stand for (``chat_record``), so
+    the loss falls on the completion, as TRL's completion-only loss puts it."""
     rows = []
     for line, rec in source_rows(path, split):
         if "messages" not in rec and ("steps" in rec or "nums" in rec or "edges" in rec):
             raise InputError(
                 path, line, "expected a 'messages' list; shortcut records train with --shortcut"
             )
-        if "messages" not in rec and "prompt" in rec and "completion" in rec:
-            rec = {"messages": _prompt_completion_messages(rec, path, line)}
-        chat = validate(ChatRecord, rec, path, line)
+        chat = chat_record(rec, path, line)
         if not chat.messages:
             raise InputError(path, line, "expected a non-empty 'messages' list")
         if assistant_required and all(m.role != "assistant" for m in chat.messages):
@@ -52,18 +48,6 @@ def chat_rows(
     if not rows:
         raise InputError(path, None, "no records")
     return rows
-
-
-def _prompt_completion_messages(rec: dict[str, Any], path: str, line: int) -> list[Any]:
-    messages = []
-    for field, role in (("prompt", "user"), ("completion", "assistant")):
-        part = rec[field]
-        if isinstance(part, str):
-            part = [{"role": role, "content": part}]
-        if not isinstance(part, list):
-            raise InputError(path, line, f"field '{field}': expected text or a list of messages")
-        messages += part
-    return messages
 
 
 def shortcut_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
