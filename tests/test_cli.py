@@ -391,6 +391,13 @@ except (Terminated, KeyboardInterrupt) as exc:
     assert "Exception ignored" not in proc.stderr, proc.stderr
 
 
+def test_generate_refuses_an_empty_question_before_loading_the_model(tiny_model_dir):
+    # before: the model answered an empty user message (an unset shell variable, most likely)
+    for question in ("", "  \n"):
+        proc = steiner("generate", "--model", str(tiny_model_dir), question)
+        assert_one_line_error(proc, "QUESTION: expected a question, got empty text")
+
+
 def test_a_directory_without_a_model_is_one_line_for_every_command(tmp_path):
     run_dir = tmp_path / "run"  # a run directory given for the model inside it
     (run_dir / "models").mkdir(parents=True)

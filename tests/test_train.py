@@ -1069,6 +1069,11 @@ def test_init_and_rl_settings_out_of_range_are_one_error_line(data, tmp_path):
         (["--max_positions", "0"], "--max_positions: expected >= 1, got 0"),
         # 0 was read as unset: the preset's vocabulary
         (["--vocab_size", "0"], "--vocab_size: expected >= 1, got 0"),
+        # passed over without a word: a pretrained model keeps its own tokenizer
+        (
+            ["--from", "pre", "--data", "a.jsonl", "--vocab_size", "300"],
+            "--from: expected no --data or --vocab_size with it: the pretrained model keeps",
+        ),
     ):
         with pytest.raises(InputError, match=re.escape(message)):
             parse_stage_config(InitConfig, ["--out", str(tmp_path), *flags], "steiner train init")

@@ -891,6 +891,8 @@ def generate_cmd(
     from steiner.infer.budget import Budget
     from steiner.infer.generate import count_prompt_tokens, generate, load, position_limit
 
+    if not question.strip():  # an unset shell variable, most likely: not worth a model load
+        raise InputError("QUESTION", None, "expected a question, got empty text")
     budget = Budget.from_flags(min_steps, max_steps, max_reasoning_tokens, extend_with)
     m, tok = load(model)
     messages = [{"role": "user", "content": question}]

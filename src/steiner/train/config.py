@@ -73,6 +73,15 @@ class InitConfig:
         check_seed(self.seed)
         # vocab_size 0 read as unset once, and positions <= 0 made a model nothing can run
         check_at_least(self, (("vocab_size", 1, ""), ("max_positions", 1, "")))
+        given = [f"--{n}" for n in ("data", "vocab_size") if getattr(self, n) not in (None, [])]
+        if self.from_pretrained and given:
+            # they were passed over without a word: the model keeps its own tokenizer
+            raise InputError(
+                "--from",
+                None,
+                f"expected no {' or '.join(given)} with it: the pretrained model keeps its "
+                "own tokenizer",
+            )
 
 
 @dataclass
