@@ -667,9 +667,7 @@ RENAMED_FIELDS = {
 }
 
 
-def unknown_fields_error(
-    message: str, args: list[str], prog: str, fields: set[str] | None = None
-) -> InputError:
+def unknown_fields_error(message: str, args: list[str], prog: str, fields: set[str]) -> InputError:
     """TRL's words for unknown fields name its parser and its own API (``Please ... set
     `fail_with_unknown_args=False``); say instead which fields, where, and where the list
     is, and, for a field an older transformers or TRL had, what takes its place among
@@ -690,7 +688,7 @@ def unknown_fields_error(
         (name, RENAMED_FIELDS[key][1])
         for name in names
         if (key := name.lstrip("-").replace("-", "_")) in RENAMED_FIELDS
-        and RENAMED_FIELDS[key][0] in (fields or set())
+        and RENAMED_FIELDS[key][0] in fields
     ]
     if renamed:
         dashes = "" if in_file else "--"

@@ -144,12 +144,18 @@ def gsm8k_answer(answer: str) -> tuple[str, str]:
     return final.strip(), _GSM8K_CALCULATOR.sub("", solution)
 
 
+def built_in_domain_by_fields(rec: dict[str, Any]) -> str | None:
+    """The built-in domain a record's fields make it (countdown's ``nums``, graph's
+    ``edges``), whatever it says it is."""
+    if "nums" in rec:
+        return "countdown"
+    return "graph" if "edges" in rec else None
+
+
 def guess_domain(rec: dict[str, Any]) -> str:
     if rec.get("domain"):
         return str(rec["domain"])
-    if "nums" in rec:
-        return "countdown"
-    return "graph" if "edges" in rec else "text"
+    return built_in_domain_by_fields(rec) or "text"
 
 
 def record_id(given: str | None, domain: str, place: int) -> str:
@@ -260,7 +266,7 @@ def load_shortcuts(
             raise InputError(
                 source, line, "a chat record ('messages'); expected a problem or shortcut record"
             )
-        looks = "countdown" if "nums" in rec else "graph" if "edges" in rec else None
+        looks = built_in_domain_by_fields(rec)
         if domain in ("countdown", "graph") and looks not in (None, domain):
             # else "field 'edges': Field required", which did not say the file was of the
             # other built-in domain

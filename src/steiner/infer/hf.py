@@ -26,9 +26,8 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
         self.budget = budget
         self.core: StepBudget | None = None
         self.budgets: list[Budget] = []
-        self.start = 0  # where the generated tokens begin in input_ids
+        self.prompts: torch.Tensor | None = None  # the rows as the first call saw them
         self.seen: torch.Tensor | None = None  # each row's generated tokens at the last call
-        self.prompts: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.core is None or not self._same_prompts(input_ids):
@@ -36,11 +35,10 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
             # rewind to them, and restarts below)
             self.budgets = self._row_budgets(len(input_ids))
             self.core = StepBudget(self.ids, self.budgets, scores.device)
-            self.start = input_ids.shape[1]
             self.prompts = input_ids
-            self.seen = input_ids[:, self.start :]
+            self.seen = input_ids[:, input_ids.shape[1] :]
             return self.core.step(None, scores)
-        generated = input_ids[:, self.start :]
+        generated = input_ids[:, self.prompts.shape[1] :]
         # assisted decoding may ask again at the prompt's end, before any generated token
         before = generated[:, :-1] if generated.shape[1] else generated
         if not torch.equal(before, self.seen):
@@ -52,10 +50,11 @@ class StepBudgetLogitsProcessor(LogitsProcessor):
         """Whether ``input_ids`` go on from the prompts this processor started on (beam search
         reorders rows only among one prompt's beams, so each row keeps its prompt)."""
         assert self.prompts is not None
+        rows, length = self.prompts.shape
         return (
-            input_ids.shape[0] == self.prompts.shape[0]
-            and input_ids.shape[1] >= self.start
-            and torch.equal(input_ids[:, : self.start], self.prompts)
+            input_ids.shape[0] == rows
+            and input_ids.shape[1] >= length
+            and torch.equal(input_ids[:, :length], self.prompts)
         )
 
     def _row_budgets(self, rows: int) -> list[Budget]:
