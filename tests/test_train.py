@@ -603,6 +603,40 @@ def test_flags_of_older_transformers_and_trl_say_what_takes_their_place(tmp_path
     )
 
 
+def test_a_trl_script_recipe_is_told_the_stages_names_for_its_fields(tmp_path):
+    # a `trl sft|grpo --config` YAML names the model and dataset its own way; before, only
+    # "unknown config field(s)"
+    from steiner.cli import parse_stage_config
+
+    recipe = tmp_path / "trl.yaml"
+    recipe.write_text(
+        "model_name_or_path: m\ndataset_name: d\nuse_peft: true\nnum_generations: 8\n"
+        "max_completion_length: 64\n"
+    )
+    listed = (
+        "unknown config field(s) model_name_or_path, dataset_name, use_peft, num_generations, "
+        "max_completion_length; "
+    )
+    with pytest.raises(InputError) as err:
+        parse_stage_config(RLStageConfig, ["--config", str(recipe)], "steiner train rl")
+    assert (err.value.path, err.value.message) == (
+        str(recipe),
+        listed + "for model_name_or_path use model; for dataset_name use problems; for "
+        "num_generations use group_size; for max_completion_length use max_new_tokens "
+        "(Steiner's names for fields of TRL's scripts); `steiner train rl --help` lists them",
+    )
+    with pytest.raises(InputError) as err:
+        args = ["--model_name_or_path", "m", "--dataset_config", "main", "--warmup_ratio", "0.1"]
+        parse_stage_config(SFTStageConfig, args, "steiner train sft")
+    assert err.value.message == (
+        "unknown option(s) --model_name_or_path, --dataset_config, --warmup_ratio; for "
+        "--warmup_ratio use --warmup_steps (a value below 1 is a share of the steps) (newer "
+        "transformers and TRL renamed or dropped them); for --model_name_or_path use --model; "
+        "for --dataset_config use --data NAME:CONFIG (Steiner's names for fields of TRL's "
+        "scripts); `steiner train sft --help` lists them"
+    )
+
+
 def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
     from steiner.cli import parse_stage_config
 

@@ -666,12 +666,28 @@ RENAMED_FIELDS = {
     ),
 }
 
+# Fields of TRL's own scripts (`trl sft|grpo --config`: ModelConfig, ScriptArguments,
+# GRPOConfig) that a stage names its own way, so a TRL recipe's YAML says what to rename:
+# (a field a stage may have, how to write it), the first the stage has
+TRL_SCRIPT_FIELDS = {
+    "model_name_or_path": (("model", "model"),),
+    "dataset_name": (("data", "data"), ("texts", "texts"), ("problems", "problems")),
+    "dataset_config": (
+        ("data", "data NAME:CONFIG"),
+        ("texts", "texts NAME:CONFIG"),
+        ("problems", "problems NAME:CONFIG"),
+    ),
+    "use_peft": (("use_lora", "use_lora"),),
+    "num_generations": (("group_size", "group_size"),),
+    "max_completion_length": (("max_new_tokens", "max_new_tokens"),),
+}
+
 
 def unknown_fields_error(message: str, args: list[str], prog: str, fields: set[str]) -> InputError:
     """TRL's words for unknown fields name its parser and its own API (``Please ... set
     `fail_with_unknown_args=False``); say instead which fields, where, and where the list
-    is, and, for a field an older transformers or TRL had, what takes its place among
-    ``fields`` (the config's)."""
+    is, and, for a field an older transformers or TRL had or a TRL script names otherwise,
+    what takes its place among ``fields`` (the config's)."""
     import ast
     import re
 
@@ -683,19 +699,27 @@ def unknown_fields_error(message: str, args: list[str], prog: str, fields: set[s
     words = [str(a) for a in ast.literal_eval(found.group(2))]  # a list literal of TRL's
     names = [a for a in words if a.startswith("--")] or words  # flags, not their values
     in_file = found.group(1).startswith("Unknown")
-    hint = f"`{prog} --help` lists them"
-    renamed = [
-        (name, RENAMED_FIELDS[key][1])
-        for name in names
-        if (key := name.lstrip("-").replace("-", "_")) in RENAMED_FIELDS
-        and RENAMED_FIELDS[key][0] in fields
-    ]
-    if renamed:
-        dashes = "" if in_file else "--"
-        uses = "; ".join(
-            f"for {n.lstrip('-') if in_file else n} use {dashes}{how}" for n, how in renamed
+    dashes = "" if in_file else "--"
+
+    def uses(table: dict[str, tuple[tuple[str, str], ...]]) -> str:
+        said = []
+        for name in names:
+            ours = table.get(name.lstrip("-").replace("-", "_"), ())
+            how = next((how for field, how in ours if field in fields), None)
+            if how:
+                said.append(f"for {name.lstrip('-') if in_file else name} use {dashes}{how}")
+        return "; ".join(said)
+
+    old_names = {key: ((field, how),) for key, (field, how) in RENAMED_FIELDS.items()}
+    hints = [
+        f"{text} ({why})"
+        for text, why in (
+            (uses(old_names), "newer transformers and TRL renamed or dropped them"),
+            (uses(TRL_SCRIPT_FIELDS), "Steiner's names for fields of TRL's scripts"),
         )
-        hint = f"{uses} (newer transformers and TRL renamed or dropped them); {hint}"
+        if text
+    ]
+    hint = "; ".join([*hints, f"`{prog} --help` lists them"])
     if in_file:
         config = args[args.index("--config") + 1] if "--config" in args[:-1] else prog
         listed = ", ".join(n.lstrip("-") for n in names)
