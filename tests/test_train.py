@@ -1108,6 +1108,12 @@ def test_init_and_rl_settings_out_of_range_are_one_error_line(data, tmp_path):
             ["--from", "pre", "--data", "a.jsonl", "--vocab_size", "300"],
             "--from: expected no --data or --vocab_size with it: the pretrained model keeps",
         ),
+        # so were these: the model keeps its own shape and context length
+        (
+            ["--from", "pre", "--preset", "micro", "--max_positions", "2048"],
+            "--from: expected no --preset or --max_positions with it: the pretrained model "
+            "keeps its own tokenizer, size and context length",
+        ),
     ):
         with pytest.raises(InputError, match=re.escape(message)):
             parse_stage_config(InitConfig, ["--out", str(tmp_path), *flags], "steiner train init")

@@ -41,9 +41,10 @@ class InitConfig:
     output_dir: str = field(
         metadata={"help": "Where to save the model and tokenizer.", "aliases": ["--out"]}
     )
-    preset: str = field(
-        default="tiny",
-        metadata={"help": "micro (~0.6M) | tiny (~1M) | small (~10M) | base (~50M)."},
+    # None: tiny. Unset rather than "tiny" so that a preset given with --from is seen
+    preset: str | None = field(
+        default=None,
+        metadata={"help": "micro (~0.6M) | tiny (~1M, the default) | small (~10M) | base (~50M)."},
     )
     data: list[str] = field(
         default_factory=list,
@@ -66,22 +67,28 @@ class InitConfig:
         default=True,
         metadata={"help": "One token per digit (off: one token per number, e.g. node ids)."},
     )
-    max_positions: int = field(default=8192, metadata={"help": "Context length of a new model."})
+    max_positions: int | None = field(
+        default=None, metadata={"help": "Context length of a new model (default 8192)."}
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
         # vocab_size 0 read as unset once, and positions <= 0 made a model nothing can run
         check_at_least(self, (("vocab_size", 1, ""), ("max_positions", 1, "")))
-        given = [f"--{n}" for n in ("data", "vocab_size") if getattr(self, n) not in (None, [])]
+        names = ("data", "vocab_size", "preset", "max_positions")
+        given = [f"--{n}" for n in names if getattr(self, n) not in (None, [])]
         if self.from_pretrained and given:
-            # they were passed over without a word: the model keeps its own tokenizer
+            # they were passed over without a word: the model keeps its own tokenizer, shape
+            # and positions
             raise InputError(
                 "--from",
                 None,
                 f"expected no {' or '.join(given)} with it: the pretrained model keeps its "
-                "own tokenizer",
+                "own tokenizer, size and context length",
             )
+        self.preset = self.preset or "tiny"
+        self.max_positions = self.max_positions or 8192
 
 
 @dataclass
