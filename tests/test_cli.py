@@ -518,3 +518,21 @@ def test_an_error_inside_a_progress_bar_is_still_one_line(tmp_path, tiny_model_d
         "eval", "--model", str(tiny_model_dir), "--problems", str(missing), "--out", str(tmp_path)
     )
     assert_one_line_error(proc, f"{missing}: ")
+
+
+def test_generate_takes_the_budgets_step_length_cap(tiny_model_dir):
+    # serve and the processors had max_step_tokens; generate had no flag for it
+    def trace(*flags: str) -> dict:
+        args = ["--min-steps", "2", "--max-steps", "2", "--max-new-tokens", "200", "--json"]
+        proc = steiner("generate", "--model", str(tiny_model_dir), "2+2?", *args, *flags)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    free, capped = trace(), trace("--max-step-tokens", "3")
+    assert len(capped["steps"]) == 2 and capped["decisions"][-1] == "end"
+    # two steps of at most 3 tokens, each closed by at most 10 forced ones, and the decisions
+    assert capped["reasoning_tokens"] <= 2 * (3 + 10) + 4 < free["reasoning_tokens"]
+    assert_one_line_error(
+        steiner("generate", "--model", str(tiny_model_dir), "2+2?", "--max-step-tokens", "0"),
+        "--max-step-tokens",
+    )

@@ -2,6 +2,7 @@ import functools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -628,3 +629,46 @@ def test_a_plot_that_fails_midway_leaves_the_last_one_whole(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         plot_scale(rows[:1], png)
     assert png.read_bytes() == whole and list(tmp_path.iterdir()) == [png]
+
+
+def test_eval_and_scale_take_the_budgets_step_length_cap(tiny_model_dir, problems, tmp_path):
+    from steiner.evaluate.accuracy import evaluate
+    from steiner.io import InputError
+
+    def run(command: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
+        args = ["--model", str(tiny_model_dir), "--problems", str(problems), "--out", str(out)]
+        proc = steiner(command, *args, "--max-new-tokens", "120", "--limit", "2", *flags)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    run("eval", tmp_path / "free", "--min-steps", "2", "--max-steps", "2")
+    run(
+        "eval",
+        tmp_path / "capped",
+        "--min-steps",
+        "2",
+        "--max-steps",
+        "2",
+        "--max-step-tokens",
+        "3",
+    )
+    run("scale", tmp_path / "scale", "--budgets", "2", "--mode", "cap", "--max-step-tokens", "3")
+
+    def tokens(out: Path) -> list[int]:
+        records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+        return [r["outputs"][0]["reasoning_tokens"] for r in records]
+
+    assert max(tokens(tmp_path / "capped")) <= 2 * (3 + 10) + 4 < max(tokens(tmp_path / "free"))
+    assert max(tokens(tmp_path / "scale" / "cap-2")) <= 2 * (3 + 10) + 4
+    settings = json.loads((tmp_path / "capped" / "eval_settings.json").read_text())
+    assert settings["max_step_tokens"] == 3
+    # another cap would answer otherwise: not resumed from these outputs
+    with pytest.raises(InputError, match="max_step_tokens: 3 there, 5 here"):
+        kw = dict(limit=2, min_steps=2, max_steps=2, max_step_tokens=5)
+        evaluate(_eval_config(tiny_model_dir, problems, tmp_path / "capped", **kw))
+    # an eval begun before the flag existed had no cap: it resumes without one
+    old = tmp_path / "free" / "eval_settings.json"
+    stored = json.loads(old.read_text())
+    del stored["max_step_tokens"]
+    old.write_text(json.dumps(stored))
+    run("eval", tmp_path / "free", "--min-steps", "2", "--max-steps", "2")

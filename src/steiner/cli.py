@@ -891,6 +891,12 @@ ModelDirectory = Annotated[
 ]
 
 
+MaxStepTokens = Annotated[
+    int | None,
+    typer.Option(min=1, help="Close a step that grew this many tokens (the rest of it empty)."),
+]
+
+
 @app.command("generate")
 def generate_cmd(
     model: ModelDirectory,
@@ -898,6 +904,7 @@ def generate_cmd(
     min_steps: Annotated[int, typer.Option(min=0)] = 0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
     max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    max_step_tokens: MaxStepTokens = None,
     extend_with: Annotated[str, typer.Option(help="model | proceed | backtrack")] = "model",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     temperature: Annotated[float, typer.Option(min=0)] = 0.0,
@@ -915,7 +922,9 @@ def generate_cmd(
 
     if not question.strip():  # an unset shell variable, most likely: not worth a model load
         raise InputError("QUESTION", None, "expected a question, got empty text")
-    budget = Budget.from_flags(min_steps, max_steps, max_reasoning_tokens, extend_with)
+    budget = Budget.from_flags(
+        min_steps, max_steps, max_reasoning_tokens, extend_with, max_step_tokens
+    )
     m, tok = load(model)
     messages = [{"role": "user", "content": question}]
     # as serve refuses it: past the model's positions the answer was silently empty
@@ -1008,6 +1017,7 @@ def eval_cmd(
     min_steps: Annotated[int, typer.Option(min=0)] = 0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
     max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
+    max_step_tokens: MaxStepTokens = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0, help="For the k samples.")] = 0.7,
@@ -1032,6 +1042,7 @@ def eval_cmd(
         batch_size,
         seed,
         limit,
+        max_step_tokens,
     )
     with progress_bar() as bar:
         task = bar.add_task("eval", total=None)
@@ -1068,6 +1079,7 @@ def scale_cmd(
     budgets: Annotated[str, typer.Option(help="Comma-separated step budgets.")] = "1,2,4,8,16",
     mode: Annotated[str, typer.Option(help="cap | extend | both")] = "both",
     domain: EvalDomain = None,
+    max_step_tokens: MaxStepTokens = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
@@ -1095,6 +1107,7 @@ def scale_cmd(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         limit=limit,
+        max_step_tokens=max_step_tokens,
     )
     with progress_bar() as bar:
         task = bar.add_task("scale", total=len(levels) * len(modes))

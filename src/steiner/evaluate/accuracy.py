@@ -48,6 +48,7 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     limit: int | None = None
+    max_step_tokens: int | None = None
 
 
 SETTINGS_FILE = "eval_settings.json"
@@ -145,7 +146,7 @@ def evaluate_records(
     """``evaluate``, with the output records of this run's problems, in their order."""
     # before any file is written or the model loaded
     budget = Budget.from_flags(
-        cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, cfg.extend_with
+        cfg.min_steps, cfg.max_steps, cfg.max_reasoning_tokens, cfg.extend_with, cfg.max_step_tokens
     )
     if cfg.samples > 1 and cfg.temperature == 0:
         # k greedy samples are k copies of pass@1: maj@k and pass@k would only repeat it

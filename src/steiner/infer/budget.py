@@ -78,6 +78,7 @@ class Budget:
         max_steps: int | None,
         max_reasoning_tokens: int | None,
         extend_with: str = "model",
+        max_step_tokens: int | None = None,
     ) -> Budget:
         """From a command's flags: a bad combination is one InputError naming the flags, where
         ``Budget``'s own ValueError names the fields of a server request."""
@@ -88,7 +89,7 @@ class Budget:
             raise InputError(
                 "--min-steps", None, f"expected at most --max-steps {max_steps}, got {min_steps}"
             )
-        return cls(min_steps, max_steps, max_reasoning_tokens, None, extend_with)
+        return cls(min_steps, max_steps, max_reasoning_tokens, max_step_tokens, extend_with)
 
 
 @dataclass(frozen=True)
