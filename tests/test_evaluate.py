@@ -631,7 +631,9 @@ def test_a_plot_that_fails_midway_leaves_the_last_one_whole(tmp_path, monkeypatc
     assert png.read_bytes() == whole and list(tmp_path.iterdir()) == [png]
 
 
-def test_eval_and_scale_take_the_budgets_step_length_cap(tiny_model_dir, problems, tmp_path):
+def test_eval_and_scale_take_the_budgets_step_length_cap_and_extend_with(
+    tiny_model_dir, problems, tmp_path
+):
     from steiner.evaluate.accuracy import evaluate
     from steiner.io import InputError
 
@@ -653,6 +655,9 @@ def test_eval_and_scale_take_the_budgets_step_length_cap(tiny_model_dir, problem
         "3",
     )
     run("scale", tmp_path / "scale", "--budgets", "2", "--mode", "cap", "--max-step-tokens", "3")
+    # and the decision below the minimum, which eval had fixed to the model's choice
+    flags = ("--min-steps", "3", "--extend-with", "backtrack", "--max-step-tokens", "3")
+    run("eval", tmp_path / "back", *flags)
 
     def tokens(out: Path) -> list[int]:
         records = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
@@ -660,6 +665,9 @@ def test_eval_and_scale_take_the_budgets_step_length_cap(tiny_model_dir, problem
 
     assert max(tokens(tmp_path / "capped")) <= 2 * (3 + 10) + 4 < max(tokens(tmp_path / "free"))
     assert max(tokens(tmp_path / "scale" / "cap-2")) <= 2 * (3 + 10) + 4
+    for line in (tmp_path / "back" / "outputs.jsonl").read_text().splitlines():
+        decisions = json.loads(line)["outputs"][0]["trace"]["decisions"]
+        assert decisions[:2] == ["backtrack", "backtrack"], decisions
     settings = json.loads((tmp_path / "capped" / "eval_settings.json").read_text())
     assert settings["max_step_tokens"] == 3
     # another cap would answer otherwise: not resumed from these outputs

@@ -895,6 +895,13 @@ MaxStepTokens = Annotated[
     int | None,
     typer.Option(min=1, help="Close a step that grew this many tokens (the rest of it empty)."),
 ]
+ExtendWith = Annotated[
+    str,
+    typer.Option(
+        help="Below --min-steps: model (its choice of proceed or backtrack) | proceed | "
+        "backtrack (forced)."
+    ),
+]
 
 
 @app.command("generate")
@@ -905,7 +912,7 @@ def generate_cmd(
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
     max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
     max_step_tokens: MaxStepTokens = None,
-    extend_with: Annotated[str, typer.Option(help="model | proceed | backtrack")] = "model",
+    extend_with: ExtendWith = "model",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     temperature: Annotated[float, typer.Option(min=0)] = 0.0,
     seed: Seed = 0,
@@ -1018,6 +1025,7 @@ def eval_cmd(
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
     max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
     max_step_tokens: MaxStepTokens = None,
+    extend_with: ExtendWith = "model",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0, help="For the k samples.")] = 0.7,
@@ -1037,7 +1045,7 @@ def eval_cmd(
         min_steps,
         max_steps,
         max_reasoning_tokens,
-        "model",
+        extend_with,
         max_new_tokens,
         batch_size,
         seed,
