@@ -654,7 +654,8 @@ def test_eval_and_scale_take_the_budgets_step_length_cap_and_extend_with(
         "--max-step-tokens",
         "3",
     )
-    run("scale", tmp_path / "scale", "--budgets", "2", "--mode", "cap", "--max-step-tokens", "3")
+    flags = ("--budgets", "2", "--max-step-tokens", "3", "--extend-with", "backtrack")
+    run("scale", tmp_path / "scale", *flags)
     # and the decision below the minimum, which eval had fixed to the model's choice
     flags = ("--min-steps", "3", "--extend-with", "backtrack", "--max-step-tokens", "3")
     run("eval", tmp_path / "back", *flags)
@@ -665,15 +666,22 @@ def test_eval_and_scale_take_the_budgets_step_length_cap_and_extend_with(
 
     assert max(tokens(tmp_path / "capped")) <= 2 * (3 + 10) + 4 < max(tokens(tmp_path / "free"))
     assert max(tokens(tmp_path / "scale" / "cap-2")) <= 2 * (3 + 10) + 4
-    for line in (tmp_path / "back" / "outputs.jsonl").read_text().splitlines():
-        decisions = json.loads(line)["outputs"][0]["trace"]["decisions"]
-        assert decisions[:2] == ["backtrack", "backtrack"], decisions
+    for out, forced in ((tmp_path / "back", 2), (tmp_path / "scale" / "extend-2", 1)):
+        for line in (out / "outputs.jsonl").read_text().splitlines():
+            decisions = json.loads(line)["outputs"][0]["trace"]["decisions"]
+            assert decisions[:forced] == ["backtrack"] * forced, decisions
     settings = json.loads((tmp_path / "capped" / "eval_settings.json").read_text())
     assert settings["max_step_tokens"] == 3
     # another cap would answer otherwise: not resumed from these outputs
     with pytest.raises(InputError, match="max_step_tokens: 3 there, 5 here"):
         kw = dict(limit=2, min_steps=2, max_steps=2, max_step_tokens=5)
         evaluate(_eval_config(tiny_model_dir, problems, tmp_path / "capped", **kw))
+    for command in ("eval", "scale"):
+        args = ["--model", str(tiny_model_dir), "--problems", str(problems), "--out"]
+        proc = steiner(command, *args, str(tmp_path / "x"), "--extend-with", "forward")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "--extend-with: expected model, proceed or backtrack, got 'forward'" in proc.stderr
+        assert not (tmp_path / "x").exists()
     # an eval begun before the flag existed had no cap: it resumes without one
     old = tmp_path / "free" / "eval_settings.json"
     stored = json.loads(old.read_text())

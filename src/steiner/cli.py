@@ -1088,6 +1088,13 @@ def scale_cmd(
     mode: Annotated[str, typer.Option(help="cap | extend | both")] = "both",
     domain: EvalDomain = None,
     max_step_tokens: MaxStepTokens = None,
+    extend_with: Annotated[
+        str,
+        typer.Option(
+            help="In extend mode, below the budget: model (its choice of proceed or "
+            "backtrack) | proceed | backtrack (forced)."
+        ),
+    ] = "model",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
@@ -1095,6 +1102,7 @@ def scale_cmd(
     """Accuracy and reasoning tokens per step budget; Control, Scaling, Performance; a plot."""
     from steiner.evaluate.accuracy import EvalConfig
     from steiner.evaluate.scale import MODES, run_scale
+    from steiner.infer.budget import Budget
 
     try:
         levels = sorted({int(b) for b in budgets.split(",") if b.strip()})
@@ -1107,6 +1115,7 @@ def scale_cmd(
     modes = list(MODES) if mode == "both" else [mode]
     if any(m not in MODES for m in modes):
         raise typer.BadParameter(f"--mode expects cap, extend or both, got {mode!r}")
+    Budget.from_flags(0, None, None, extend_with)  # a bad --extend-with before the model loads
     base = EvalConfig(
         str(model),
         problems,
@@ -1116,6 +1125,7 @@ def scale_cmd(
         batch_size=batch_size,
         limit=limit,
         max_step_tokens=max_step_tokens,
+        extend_with=extend_with,
     )
     with progress_bar() as bar:
         task = bar.add_task("scale", total=len(levels) * len(modes))
