@@ -536,3 +536,30 @@ def test_generate_takes_the_budgets_step_length_cap(tiny_model_dir):
         steiner("generate", "--model", str(tiny_model_dir), "2+2?", "--max-step-tokens", "0"),
         "--max-step-tokens",
     )
+
+
+def test_generate_and_eval_take_top_p(tiny_model_dir, tmp_path):
+    # serve had top_p; the commands sampled from the whole distribution
+    def text(*flags: str) -> str:
+        args = ["--max-steps", "1", "--max-step-tokens", "4", "--max-new-tokens", "40", "--json"]
+        proc = steiner("generate", "--model", str(tiny_model_dir), "2+2?", *args, *flags)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout  # the parsed trace and the answer
+
+    greedy = text()
+    hot = ("--temperature", "1.5", "--seed", "1")
+    # a nucleus this small holds the most likely token only: greedy, however hot
+    assert text(*hot, "--top-p", "0.001") == greedy != text(*hot)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"nums": [3, 4], "target": 7}) + "\n")
+    args = ["--model", str(tiny_model_dir), "--problems", str(problems), "--samples", "2"]
+    out = tmp_path / "eval"
+    flags = ("--max-new-tokens", "30", "--temperature", "1.5", "--top-p", "0.001")
+    assert steiner("eval", *args, "--out", str(out), *flags).returncode == 0
+    [record] = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert [s["text"] for s in record["samples"]] == [record["outputs"][0]["text"]] * 2
+    assert json.loads((out / "eval_settings.json").read_text())["top_p"] == 0.001
+    generate = ["generate", "--model", str(tiny_model_dir), "2+2?"]
+    for command in (generate, ["eval", *args, "--out", str(out)]):
+        proc = steiner(*command, "--top-p", "0")
+        assert_one_line_error(proc, "--top-p")

@@ -895,6 +895,21 @@ MaxStepTokens = Annotated[
     int | None,
     typer.Option(min=1, help="Close a step that grew this many tokens (the rest of it empty)."),
 ]
+
+
+def top_p_share(value: float) -> float:
+    # (0, 1] as serve, vLLM and the OpenAI API take it: 0 would keep no token
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"expected a share above 0 and at most 1, got {value}")
+    return value
+
+
+TopP = Annotated[
+    float,
+    typer.Option(
+        callback=top_p_share, help="Nucleus sampling: the most likely tokens of this mass."
+    ),
+]
 ExtendWith = Annotated[
     str,
     typer.Option(
@@ -915,6 +930,7 @@ def generate_cmd(
     extend_with: ExtendWith = "model",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     temperature: Annotated[float, typer.Option(min=0)] = 0.0,
+    top_p: TopP = 1.0,
     seed: Seed = 0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the parsed trace as JSON.")
@@ -951,6 +967,7 @@ def generate_cmd(
         [budget],
         max_new_tokens,
         temperature,
+        top_p,
         seed=seed,
     )
     if as_json:
@@ -1029,6 +1046,7 @@ def eval_cmd(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     temperature: Annotated[float, typer.Option(min=0, help="For the k samples.")] = 0.7,
+    top_p: TopP = 1.0,
     limit: Annotated[int | None, typer.Option(min=1, help="First N problems only.")] = None,
     seed: Seed = 0,
 ) -> None:
@@ -1051,6 +1069,7 @@ def eval_cmd(
         seed,
         limit,
         max_step_tokens,
+        top_p,
     )
     with progress_bar() as bar:
         task = bar.add_task("eval", total=None)

@@ -49,6 +49,7 @@ class EvalConfig:
     seed: int = 0
     limit: int | None = None
     max_step_tokens: int | None = None
+    top_p: float = 1.0  # for the k samples, as temperature
 
 
 SETTINGS_FILE = "eval_settings.json"
@@ -64,6 +65,7 @@ def output_settings(cfg: EvalConfig) -> dict[str, Any]:
         d.pop(key)
     if cfg.samples <= 1:  # greedy only: the sampling settings are unused
         d.pop("temperature")
+        d.pop("top_p")
         d.pop("seed")
     d["model"] = local_path(cfg.model)
     return d
@@ -219,6 +221,7 @@ def answer_problems(
                     [budget] * len(batch),
                     cfg.max_new_tokens,
                     cfg.temperature,
+                    cfg.top_p,
                     # from the problem, not its place in a batch: a resumed run, another
                     # --batch-size or --limit draw the same samples
                     seed=[derived_seed(cfg.seed, p["id"], k) for p in batch],
