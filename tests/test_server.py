@@ -461,3 +461,23 @@ def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch):
             f"{url}/chat/completions", json={**body, "max_tokens": 8}, timeout=60
         ).json()
         assert reply["usage"]["completion_tokens"] <= 8
+
+
+def test_health_is_200_while_the_batch_loop_runs_and_503_after(tiny_model_dir):
+    # vLLM's readiness route, which load balancers and Kubernetes probes poll; before, a 404
+    from fastapi.testclient import TestClient
+
+    app = create_app(ServerSettings(str(tiny_model_dir), model_name="m", max_tokens_limit=64))
+    with TestClient(app) as client:
+        up = client.get("/health")
+        assert (up.status_code, up.content) == (200, b"")
+        client.portal.call(app.state.batcher.cancel)
+        while not client.portal.call(app.state.batcher.done):
+            time.sleep(0.01)
+        down = client.get("/health")
+        assert down.status_code == 503
+        assert down.json()["error"]["message"] == "the batch loop has ended"
+        # a request is refused at once, where it waited for a loop that would never take it
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        refused = client.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "503"

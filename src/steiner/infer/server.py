@@ -196,9 +196,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(batcher())
+        app.state.batcher = asyncio.create_task(batcher())
         yield
-        task.cancel()
+        app.state.batcher.cancel()
 
     app = FastAPI(title="steiner serve", lifespan=lifespan)
 
@@ -308,6 +308,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail), code=str(exc.status_code))
 
+    @app.get("/health", response_model=None)
+    async def health(request: Request) -> Response | JSONResponse:
+        """vLLM's readiness check, which load balancers and Kubernetes probes poll: 200 with
+        no body while requests can be answered, 503 once the batch loop has ended."""
+        if request.app.state.batcher.done():
+            return error(503, "the batch loop has ended", kind="server_error", code="503")
+        return Response(status_code=200)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {
@@ -367,6 +375,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             budget = Budget.from_extra(body.model_dump())
         except ValueError as exc:
             return error(400, str(exc), param="min_steps")
+        if request.app.state.batcher.done():  # nothing would take the job: it would hang
+            return error(503, "the batch loop has ended", kind="server_error", code="503")
         job = _Job(body, budget, max_tokens)
         await queue.put(job)
         done = await finished_or_left(job, request)
