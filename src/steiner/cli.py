@@ -1013,8 +1013,7 @@ def serve_cmd(
     max_batch: Annotated[int, typer.Option(min=1, help="Requests batched into one generate.")] = 16,
     max_tokens_limit: Annotated[int, typer.Option(min=1)] = 4096,
 ) -> None:
-    """OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions (stream too),
-    GET /health."""
+    """OpenAI-compatible server: POST /v1/chat/completions (stream too), GET /v1/models, /health."""
     from steiner.infer.server import ServerSettings, check_address, serve
 
     check_address(host, port)
