@@ -637,6 +637,40 @@ def test_a_trl_script_recipe_is_told_the_stages_names_for_its_fields(tmp_path):
     )
 
 
+def test_a_schedule_missing_or_given_a_wrong_setting_is_one_error_line():
+    # each was a traceback at the first training step, after the model and data had loaded
+    from steiner.cli import parse_stage_config
+
+    for config, flags, said in (
+        (
+            SFTStageConfig,
+            ["--lr_scheduler_type", "cosine_with_min_lr"],
+            "cosine_with_min_lr: expected min_lr or min_lr_rate in it",
+        ),
+        (
+            CPTStageConfig,
+            ["--lr_scheduler_type", "warmup_stable_decay"],
+            "warmup_stable_decay: expected num_decay_steps in it",
+        ),
+        (
+            SFTStageConfig,
+            ["--lr_scheduler_kwargs", '{"min_lr_ratio": 0.1}'],
+            "cosine: min_lr_ratio is not a setting of it",
+        ),
+    ):
+        with pytest.raises(InputError) as err:
+            parse_stage_config(config, ["--output_dir", "u", *flags], "steiner train")
+        assert (err.value.path, err.value.message) == (
+            "--lr_scheduler_kwargs",
+            f"for --lr_scheduler_type {said} (a JSON object of its settings)",
+        )
+    given = ["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs"]
+    cfg = parse_stage_config(
+        SFTStageConfig, ["--output_dir", "u", *given, '{"min_lr_rate": 0.1}'], "x"
+    )
+    assert cfg.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
 def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
     from steiner.cli import parse_stage_config
 

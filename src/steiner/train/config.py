@@ -179,6 +179,7 @@ class _CPUDefaults(SFTConfig):
         super().__post_init__()
         check_report_to(self.report_to)
         check_trainer_extras(self)
+        check_lr_scheduler(self)
 
 
 def check_trainer_extras(config: SFTConfig) -> None:
@@ -215,6 +216,39 @@ def check_trainer_extras(config: SFTConfig) -> None:
             "skip_prepare_dataset is for an already tokenized dataset; a Steiner stage builds "
             "its dataset from records and tokenizes it itself",
         )
+
+
+def check_lr_scheduler(config: SFTConfig) -> None:
+    """The schedule and its ``lr_scheduler_kwargs`` are built once, on a one-parameter
+    optimizer, so a schedule that needs a setting (``cosine_with_min_lr``: min_lr or
+    min_lr_rate; ``warmup_stable_decay``: num_decay_steps) or is given one it does not take is
+    one error line now: the Trainer builds it at its first step, a traceback after the model
+    and data had loaded. transformers' own builder, so its rules are the ones checked."""
+    import re
+
+    from transformers.optimization import get_scheduler
+
+    name = str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    kwargs = config.lr_scheduler_kwargs or {}
+    try:
+        get_scheduler(name, optimizer, 1, 10, scheduler_specific_kwargs=dict(kwargs))
+    except (TypeError, ValueError) as exc:
+        said = str(exc)
+        missing = re.search(r"missing \d+ required .*?: (.*)", said)
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", said)
+        if missing:
+            names = missing.group(1).replace("'", "")
+            said = f"expected {names} in it"
+        elif unexpected:
+            said = f"{unexpected.group(1)} is not a setting of it"
+        elif "min_lr or min_lr_rate" in said:
+            said = "expected min_lr or min_lr_rate in it"
+        raise InputError(
+            "--lr_scheduler_kwargs",
+            None,
+            f"for --lr_scheduler_type {name}: {said} (a JSON object of its settings)",
+        ) from None
 
 
 def check_report_to(names: list[str]) -> None:
