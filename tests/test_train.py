@@ -671,6 +671,41 @@ def test_a_schedule_missing_or_given_a_wrong_setting_is_one_error_line():
     assert cfg.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
 
 
+def test_an_optimizer_without_its_package_or_an_unreported_best_metric_is_one_error_line():
+    # a traceback at the first step, and at the first evaluation, before
+    from transformers.utils import is_bitsandbytes_available
+
+    from steiner.cli import parse_stage_config
+
+    def refusal(config: type, *flags: str) -> tuple[str, str]:
+        with pytest.raises(InputError) as err:
+            parse_stage_config(config, ["--output_dir", "u", *flags], "steiner train")
+        return err.value.path, err.value.message
+
+    if not is_bitsandbytes_available():
+        assert refusal(CPTStageConfig, "--optim", "adamw_bnb_8bit") == (
+            "--optim",
+            "adamw_bnb_8bit: You need to install `bitsandbytes` in order to use bitsandbytes "
+            "optimizers: `pip install -U bitsandbytes`",
+        )
+    evaluated = ["--eval_data", "held.jsonl", "--eval_strategy", "steps"]
+    best = ["--load_best_model_at_end", "true", "--metric_for_best_model"]
+    assert refusal(SFTStageConfig, *evaluated, *best, "eval_accuracy") == (
+        "--metric_for_best_model",
+        "expected one of loss, mean_token_accuracy, entropy, num_tokens (what a stage's "
+        "evaluation reports), got 'eval_accuracy'",
+    )
+    for metric in ("eval_mean_token_accuracy", "loss"):
+        cfg = parse_stage_config(
+            SFTStageConfig, ["--output_dir", "u", *evaluated, *best, metric], "x"
+        )
+        assert cfg.metric_for_best_model == metric
+    assert (
+        parse_stage_config(SFTStageConfig, ["--output_dir", "u", "--optim", "sgd"], "x").optim
+        == "sgd"
+    )
+
+
 def test_a_missing_or_broken_config_file_is_one_error_line(tmp_path):
     from steiner.cli import parse_stage_config
 

@@ -182,6 +182,11 @@ class _CPUDefaults(SFTConfig):
         check_lr_scheduler(self)
 
 
+# the metrics a stage's evaluation (SFT's --eval_data) reports, less timings: SteinerTrainer
+# logs TRL's token metrics on either loss path
+EVAL_METRICS = ("loss", "mean_token_accuracy", "entropy", "num_tokens")
+
+
 def check_trainer_extras(config: SFTConfig) -> None:
     """Trainer settings Steiner's stages cannot honour, or whose package is missing, are one
     error line at parse time; each was a traceback once the model and data had loaded."""
@@ -208,6 +213,24 @@ def check_trainer_extras(config: SFTConfig) -> None:
     if template and template.endswith(".jinja") and not os.path.isfile(template):
         # TRL took a missing template file for a Hub name: "couldn't connect to the Hub"
         raise InputError(template, None, "cannot open: no such file (--chat_template_path)")
+    from transformers import Trainer
+
+    try:
+        # the optimizer's class and package, as the Trainer looks them up at its first step:
+        # a missing package (bitsandbytes, galore_torch, torchao, ...) was a traceback there
+        Trainer.get_optimizer_cls_and_kwargs(config)
+    except (ImportError, ValueError) as exc:
+        optim = getattr(config.optim, "value", config.optim)
+        raise InputError("--optim", None, f"{optim}: {' '.join(str(exc).split())}") from None
+    metric = config.metric_for_best_model
+    if metric and metric.removeprefix("eval_") not in EVAL_METRICS:
+        # a KeyError traceback at the first evaluation, after training up to it
+        raise InputError(
+            "--metric_for_best_model",
+            None,
+            f"expected one of {', '.join(EVAL_METRICS)} (what a stage's evaluation reports), "
+            f"got {metric!r}",
+        )
     if (config.dataset_kwargs or {}).get("skip_prepare_dataset"):
         # TRL then trains the dataset as given, and a stage's dataset is records, not tokens
         raise InputError(
