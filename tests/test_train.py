@@ -440,6 +440,25 @@ def checkpointed_sft(data, out: Path, **kw) -> SFTStageConfig:
     )
 
 
+def test_lora_target_modules_choose_where_the_adapters_go(data, tmp_path):
+    # TRL's ModelConfig field: before, every linear layer, and the flag was unknown
+    out = tmp_path / "qv"
+    run_sft(
+        checkpointed_sft(
+            data, out, max_steps=1, use_lora=True, lora_target_modules=["q_proj", "v_proj"]
+        )
+    )
+    adapter = json.loads((out / "checkpoint-1" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    with pytest.raises(InputError, match="Target modules {'qq_proj'} not found") as err:
+        run_sft(
+            checkpointed_sft(data, tmp_path / "qq", use_lora=True, lora_target_modules=["qq_proj"])
+        )
+    assert err.value.path == "--lora_target_modules"
+    with pytest.raises(InputError, match="expected --use_lora true with it"):
+        checkpointed_sft(data, tmp_path / "plain", lora_target_modules=["q_proj"])
+
+
 def test_a_lora_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(data, tmp_path):
     """The 14 token rows train outside the adapter, so a checkpoint held the adapter alone: a
     resumed run went on from the initial rows, and a re-run of a finished stage saved a model

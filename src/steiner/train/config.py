@@ -116,6 +116,13 @@ class _StageMixin:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    # TRL's ModelConfig name, so its recipes carry over
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules the adapters go on, by name (q_proj v_proj ...); default all-linear."
+        },
+    )
 
     def __post_init__(self) -> None:
         # checked here, at parse time, not after the model is loaded and the data tokenized:
@@ -136,6 +143,8 @@ class _StageMixin:
             ),
         )
         check_share(self, ("lora_dropout",))
+        if self.lora_target_modules and not self.use_lora:  # it would be passed over
+            raise InputError("--lora_target_modules", None, "expected --use_lora true with it")
         # transformers trains -1 (unset) by epochs, and max_steps 0 not at all
         if self.max_steps == 0 or self.max_steps < -1:
             raise InputError(

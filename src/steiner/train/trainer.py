@@ -294,16 +294,19 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
         # the adapter's initial weights are drawn here, before the Trainer seeds itself: an
         # unseeded draw gave every run of one command another model
         set_seed(cfg.seed)
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
-                target_modules="all-linear",
-                task_type="CAUSAL_LM",
-            ),
+        targets = cfg.lora_target_modules or ["all-linear"]
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            # peft reads "all-linear" as a string only (in a list it is a module's name)
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
         )
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:  # a module name the model does not have
+            raise InputError("--lora_target_modules", None, " ".join(str(exc).split())) from None
         new_ids = reasoning_token_ids(tokenizer)
         for weight in _token_row_weights(model).values():
             train_rows_only(weight, new_ids)
