@@ -630,19 +630,21 @@ def test_a_trl_script_recipe_is_told_the_stages_names_for_its_fields(tmp_path):
     recipe = tmp_path / "trl.yaml"
     recipe.write_text(
         "model_name_or_path: m\ndataset_name: d\nuse_peft: true\nnum_generations: 8\n"
-        "max_completion_length: 64\n"
+        "max_completion_length: 64\nper_device_train_batch_size: 16\n"
     )
     listed = (
         "unknown config field(s) model_name_or_path, dataset_name, use_peft, num_generations, "
-        "max_completion_length; "
+        "max_completion_length, per_device_train_batch_size; "
     )
     with pytest.raises(InputError) as err:
         parse_stage_config(RLStageConfig, ["--config", str(recipe)], "steiner train rl")
     assert (err.value.path, err.value.message) == (
         str(recipe),
         listed + "for model_name_or_path use model; for dataset_name use problems; for "
-        "num_generations use group_size; for max_completion_length use max_new_tokens "
-        "(Steiner's names for fields of TRL's scripts); `steiner train rl --help` lists them",
+        "num_generations use group_size; for max_completion_length use max_new_tokens; for "
+        "per_device_train_batch_size use prompts_per_step (a step samples it times group_size "
+        "completions) (Steiner's names for fields of TRL's scripts); `steiner train rl --help` "
+        "lists them",
     )
     with pytest.raises(InputError) as err:
         args = ["--model_name_or_path", "m", "--dataset_config", "main", "--warmup_ratio", "0.1"]

@@ -679,6 +679,10 @@ TRL_SCRIPT_FIELDS = {
     ),
     "use_peft": (("use_lora", "use_lora"),),
     "num_generations": (("group_size", "group_size"),),
+    # GRPO's batch counts completions; RL's step samples prompts_per_step x group_size
+    "per_device_train_batch_size": (
+        ("prompts_per_step", "prompts_per_step (a step samples it times group_size completions)"),
+    ),
     "max_completion_length": (("max_new_tokens", "max_new_tokens"),),
 }
 
