@@ -21,6 +21,7 @@ from steiner.infer.vllm_budget import VLLM_PROCESSOR, request_processor, token_i
 from steiner.io import InputError
 from steiner.train import rl
 from steiner.train.config import SFTStageConfig
+from steiner.train.rewards import RewardWeights
 from steiner.train.rl import RLStageConfig, run_rl
 from steiner.train.trainer import run_sft
 
@@ -514,3 +515,59 @@ def test_colocated_vllm_engine_gets_the_step_budget(
     assert kwargs["logits_processors"] == [VLLM_PROCESSOR]
     assert kwargs["model"] == model.name_or_path and kwargs["gpu_memory_utilization"] == 0.3
     assert trl_vllm.LLM is RecordingLLM
+
+
+def test_rl_reports_each_step_to_the_trackers_report_to_names(
+    tmp_path, tiny_model_dir, small_countdown, monkeypatch
+):
+    # GRPOConfig's report_to; before, RL logged to the console and its checkpoints only
+    from accelerate import tracking
+    from accelerate.utils import LoggerType
+
+    logged: dict[str, list] = {"config": [], "steps": [], "finished": []}
+
+    class Recorder(tracking.GeneralTracker):  # stands in for tensorboard, not installed here
+        name = "tensorboard"
+        requires_logging_directory = True
+
+        def __init__(self, run_name: str, logging_dir: str, **kwargs):
+            super().__init__()
+            logged["run"] = (run_name, str(logging_dir))
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values: dict) -> None:
+            logged["config"].append(values)
+
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            logged["steps"].append((step, values))
+
+        def finish(self) -> None:
+            logged["finished"].append(True)
+
+    with pytest.raises(InputError, match="--report_to: tensorboard is not installed"):
+        run_rl(
+            small_rl_config(
+                tiny_model_dir, small_countdown, tmp_path / "a", report_to=["tensorboard"]
+            )
+        )
+    monkeypatch.setattr(tracking, "get_available_trackers", lambda: [LoggerType.TENSORBOARD])
+    monkeypatch.setitem(tracking.LOGGER_TYPE_TO_CLASS, "tensorboard", Recorder)
+    out = tmp_path / "rl"
+    cfg = small_rl_config(tiny_model_dir, small_countdown, out, steps=2, report_to=["tensorboard"])
+    history = run_rl(cfg, log=lambda r: None)["history"]
+    assert logged["run"] == ("steiner-rl", str(out))
+    [config] = logged["config"]  # flat scalars, as tensorboard's hparams take them
+    assert config["group_size"] == 2 and config["correct"] == RewardWeights().correct
+    assert all(isinstance(v, (int, float, str, bool)) for v in config.values())
+    assert [step for step, _ in logged["steps"]] == [1, 2]
+    for (_, values), record in zip(logged["steps"], history, strict=True):
+        assert values["mean_reward"] == record["mean_reward"] and values["loss"] == record["loss"]
+        assert {f"terms/{k}" for k in record["terms"]} <= set(values)
+    assert logged["finished"] == [True]
+    with pytest.raises(InputError, match="expected none, all or one of aim, "):
+        run_rl(
+            small_rl_config(tiny_model_dir, small_countdown, tmp_path / "b", report_to=["wandbb"])
+        )

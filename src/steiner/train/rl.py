@@ -84,6 +84,12 @@ class RLStageConfig:
     loss_type: str = "grpo"
     max_grad_norm: float = 1.0
     save_steps: int = 50  # checkpoint (model, optimizer, RNG states, history) every N steps
+    # each step's record to experiment trackers, as GRPOConfig's report_to (accelerate's
+    # trackers: wandb, tensorboard, trackio, mlflow, ...; "all": every one installed)
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Trackers to log each step to: wandb, tensorboard, trackio, ... or all."},
+    )
     resume: bool = True  # continue from the last checkpoint in output_dir
     seed: int = 0
     # generation through vLLM on GPUs; the names and defaults are those of TRL's GRPOConfig
@@ -353,7 +359,8 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         raise InputError("--forced_min_share", None, "expected 0 with --use_vllm")
     if cfg.forced_min_steps < 2:
         raise InputError("--forced_min_steps", None, f"expected >= 2, got {cfg.forced_min_steps}")
-    accelerator = Accelerator()
+    trackers = check_trackers(cfg.report_to)
+    accelerator = Accelerator(log_with=trackers or None, project_dir=cfg.output_dir)
     if cfg.prompts_per_step % accelerator.num_processes:
         raise InputError(
             "--prompts_per_step",
@@ -363,6 +370,41 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
         )
     with sole_writer(cfg.output_dir, "--output_dir", main_process=accelerator.is_main_process):
         return train_rl(cfg, accelerator, rng, log)
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """The trackers ``report_to`` names, each known to accelerate and installed: accelerate
+    passes over one that is not installed with a debug line, so a run asked to log to wandb
+    would log nowhere without a word."""
+    from accelerate import tracking
+
+    installed = [str(t) for t in tracking.get_available_trackers()]
+    wanted = [n for n in names if n != "none"]
+    if "all" in wanted:
+        return installed
+    for name in wanted:
+        if name not in tracking.LOGGER_TYPE_TO_CLASS:
+            known = ", ".join(sorted(tracking.LOGGER_TYPE_TO_CLASS))
+            raise InputError(
+                "--report_to", None, f"expected none, all or one of {known}; got {name!r}"
+            )
+        if name not in installed:
+            raise InputError(
+                "--report_to",
+                None,
+                f"{name} is not installed; pip install it, or use --report_to none",
+            )
+    return list(dict.fromkeys(wanted))
+
+
+def tracker_config(cfg: RLStageConfig) -> dict[str, Any]:
+    """The settings as flat scalars: tensorboard's hparams take no None, list or mapping."""
+    flat: dict[str, Any] = {}
+    for key, value in asdict(cfg).items():
+        for name, v in value.items() if isinstance(value, dict) else [(key, value)]:
+            if v is not None:
+                flat[name] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
 
 
 def question_prompt(tokenizer: Any, problem: dict[str, Any]) -> str:
@@ -451,6 +493,8 @@ def train_rl(
     if cfg.use_vllm:
         vllm = vllm_generation(cfg, policy, accelerator, tok)
         vllm.sync_weights()  # the engine loaded cfg.model; a resumed run has moved on
+    # tensorboard writes under output_dir/steiner-rl; a resumed run logs on from its step
+    accelerator.init_trackers("steiner-rl", config=tracker_config(cfg))
     start = time.perf_counter()
     for step in range(first_step, cfg.steps + 1):
         batch = rng.sample(problems, min(cfg.prompts_per_step, len(problems)))
@@ -531,6 +575,8 @@ def train_rl(
         }
         history.append(record)
         log(record)
+        scalars = {k: v for k, v in record.items() if k not in ("step", "terms")}
+        accelerator.log(scalars | {f"terms/{k}": v for k, v in record["terms"].items()}, step=step)
         # the last step too, as Trainer does: a re-run of a finished run then trains nothing
         # (it redid the steps after the last multiple of save_steps), and a longer --steps goes
         # on from it with the optimiser's state
@@ -541,6 +587,7 @@ def train_rl(
                     Path(cfg.output_dir), step, policy, tok, opt, rng, history, process_rng
                 )
             accelerator.wait_for_everyone()
+    accelerator.end_training()
     summary = {
         "config": asdict(cfg),
         "resumed_from": str(last) if last is not None else None,
