@@ -733,3 +733,21 @@ def derived_seed(*parts: Any) -> int:
     """A seed from a job's seed and a record's identity (``seed, problem id, ...``), so each
     record draws the same numbers whatever else is processed with it."""
     return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+def check_logger_names(names: list[str], known: Iterable[str], installed: list[str]) -> None:
+    """Each of ``names`` (``--report_to``) among ``known`` and ``installed``, or one error line."""
+    known = sorted(known)
+    for name in names:
+        if name not in known:
+            raise InputError(
+                "--report_to",
+                None,
+                f"expected none, all or one of {', '.join(known)}; got {name!r}",
+            )
+        if name not in installed:
+            raise InputError(
+                "--report_to",
+                None,
+                f"{name} is not installed; pip install it, or use --report_to none",
+            )

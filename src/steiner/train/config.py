@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from steiner.io import InputError, check_at_least, check_seed, check_share
+from steiner.io import InputError, check_at_least, check_logger_names, check_seed, check_share
 
 _NO_GPU = not torch.cuda.is_available()
 
@@ -199,6 +199,8 @@ EVAL_METRICS = ("loss", "mean_token_accuracy", "entropy", "num_tokens")
 def check_trainer_extras(config: SFTConfig) -> None:
     """Trainer settings Steiner's stages cannot honour, or whose package is missing, are one
     error line at parse time; each was a traceback once the model and data had loaded."""
+    import re
+
     from transformers.utils import is_liger_kernel_available
 
     if config.use_liger_kernel and not is_liger_kernel_available():
@@ -229,8 +231,11 @@ def check_trainer_extras(config: SFTConfig) -> None:
         # a missing package (bitsandbytes, galore_torch, torchao, ...) was a traceback there
         Trainer.get_optimizer_cls_and_kwargs(config)
     except (ImportError, ValueError) as exc:
-        optim = getattr(config.optim, "value", config.optim)
-        raise InputError("--optim", None, f"{optim}: {' '.join(str(exc).split())}") from None
+        # GaLore, APOLLO and LOMO pick their parameters from the model, which is not loaded
+        # yet: past their package and settings checks, that is theirs to ask for
+        if not re.search(r"pass a `?model", str(exc)):
+            optim = getattr(config.optim, "value", config.optim)
+            raise InputError("--optim", None, f"{optim}: {' '.join(str(exc).split())}") from None
     metric = config.metric_for_best_model
     if metric and metric.removeprefix("eval_") not in EVAL_METRICS:
         # a KeyError traceback at the first evaluation, after training up to it
@@ -290,19 +295,7 @@ def check_report_to(names: list[str]) -> None:
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    installed = get_available_reporting_integrations()
-    for name in names:
-        if name not in INTEGRATION_TO_CALLBACK:
-            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
-            raise InputError(
-                "--report_to", None, f"expected none, all or one of {known}; got {name!r}"
-            )
-        if name not in installed:
-            raise InputError(
-                "--report_to",
-                None,
-                f"{name} is not installed; pip install it, or use --report_to none",
-            )
+    check_logger_names(names, INTEGRATION_TO_CALLBACK, get_available_reporting_integrations())
 
 
 @dataclass

@@ -47,6 +47,7 @@ from steiner.io import (
     InputError,
     check_at_least,
     check_checkpoint_inputs,
+    check_logger_names,
     check_model_dir,
     check_seed,
     check_share,
@@ -382,18 +383,7 @@ def check_trackers(names: list[str]) -> list[str]:
     wanted = [n for n in names if n != "none"]
     if "all" in wanted:
         return installed
-    for name in wanted:
-        if name not in tracking.LOGGER_TYPE_TO_CLASS:
-            known = ", ".join(sorted(tracking.LOGGER_TYPE_TO_CLASS))
-            raise InputError(
-                "--report_to", None, f"expected none, all or one of {known}; got {name!r}"
-            )
-        if name not in installed:
-            raise InputError(
-                "--report_to",
-                None,
-                f"{name} is not installed; pip install it, or use --report_to none",
-            )
+    check_logger_names(wanted, tracking.LOGGER_TYPE_TO_CLASS, installed)
     return list(dict.fromkeys(wanted))
 
 
