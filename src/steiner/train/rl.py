@@ -577,7 +577,9 @@ def train_rl(
                     Path(cfg.output_dir), step, policy, tok, opt, rng, history, process_rng
                 )
             accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # not end_training(), which also ends the process group the saves below still wait on
+    for tracker in accelerator.trackers:
+        tracker.finish()
     summary = {
         "config": asdict(cfg),
         "resumed_from": str(last) if last is not None else None,
