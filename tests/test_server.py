@@ -481,3 +481,42 @@ def test_health_is_200_while_the_batch_loop_runs_and_503_after(tiny_model_dir):
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         refused = client.post("/v1/chat/completions", json=chat)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "503"
+
+
+def test_fields_that_would_change_the_completion_are_refused_unless_at_their_default(server):
+    # they were accepted and left out: a client asking for JSON, tool calls or a penalty got
+    # a completion it had not asked for, with a 200
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+    for field, value, unused in (
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "[]"),
+        ("response_format", {"type": "json_object"}, '{"type": "text"}'),
+        ("logit_bias", {"5": 100}, "{}"),
+        ("presence_penalty", 0.5, "0"),
+        ("frequency_penalty", -1.0, "0"),
+        ("top_k", 5, "0"),
+        ("repetition_penalty", 1.2, "1"),
+    ):
+        for stream in (False, True):
+            reply = httpx.post(
+                f"{server}/chat/completions", json=chat | {field: value, "stream": stream}
+            )
+            assert reply.status_code == 400, (field, reply.text)
+            said = f"{field} is not supported by this server; leave it out or give {unused}"
+            assert reply.json()["error"] == {
+                "message": said,
+                "type": "invalid_request_error",
+                "param": field,
+                "code": None,
+            }
+    # what clients send by default is accepted, and so is a field this list does not name
+    defaults = {
+        "tools": [],
+        "response_format": {"type": "text"},
+        "logit_bias": {},
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "top_k": -1,
+        "repetition_penalty": 1.0,
+        "user": "me",
+    }
+    assert httpx.post(f"{server}/chat/completions", json=chat | defaults).status_code == 200

@@ -80,8 +80,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields of OpenAI's API and vLLM's that would change the completion, which this server does
+# not implement: at their default (as many clients send them) they are accepted; otherwise a
+# 400, as for logprobs, where they were left out and the client got another completion than
+# it asked for. The values each may take, unused (the first after None is the one named).
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "top_k": (None, 0, -1),
+    "min_p": (None, 0),
+    "repetition_penalty": (None, 1),
+}
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted, unused
+    # unknown OpenAI fields are accepted, unused (kept, so UNSUPPORTED_FIELDS can be checked)
+    model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -371,6 +389,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if body.logprobs or body.top_logprobs:
             # refused, not left out: a client reading choice.logprobs would get None
             return error(400, "logprobs are not supported by this server", param="logprobs")
+        for given, value in (body.model_extra or {}).items():
+            if given in UNSUPPORTED_FIELDS and value not in UNSUPPORTED_FIELDS[given]:
+                unused = json.dumps(UNSUPPORTED_FIELDS[given][1])
+                return error(
+                    400,
+                    f"{given} is not supported by this server; leave it out or give {unused}",
+                    param=given,
+                )
         try:
             budget = Budget.from_extra(body.model_dump())
         except ValueError as exc:
