@@ -14,6 +14,7 @@ from steiner.io import (
     iter_records,
     read_text_input,
     source_digest,
+    source_rows,
     write_lines,
 )
 
@@ -90,6 +91,19 @@ def test_a_damaged_compressed_file_is_one_error_line(tmp_path):
         read_text_input(cut)
     with pytest.raises(InputError, match=r"missing\.txt\.gz: cannot open"):
         read_text_input(tmp_path / "missing.txt.gz")
+
+
+def test_a_missing_data_file_of_a_format_datasets_reads_is_a_missing_file(tmp_path, monkeypatch):
+    # before: a Hub look-up of "missing.csv", offline half a minute of retries and then
+    # "Couldn't reach 'missing.csv' on the Hub"
+    monkeypatch.chdir(tmp_path)  # a bare name, as typed: what datasets takes for a Hub id
+    for name in ("missing.csv", "missing.tsv.gz", "missing.arrow"):
+        with pytest.raises(InputError) as err:
+            list(source_rows(name, "train"))
+        assert (err.value.path, err.value.message) == (
+            name,
+            "cannot open: No such file or directory",
+        )
 
 
 def test_a_datasets_directory_is_checked_by_its_files_and_a_name_by_its_name(tmp_path):

@@ -254,6 +254,14 @@ def dataset_name_and_config(source: str | os.PathLike) -> tuple[str, str | None]
     return name, config
 
 
+def data_file_suffixes() -> set[str]:
+    """The file suffixes ``datasets`` loads by their format (csv, tsv, txt, arrow, ...): its own
+    table, so the list follows its releases."""
+    from datasets.packaged_modules import _EXTENSION_TO_MODULE
+
+    return set(_EXTENSION_TO_MODULE)
+
+
 def dataset_rows(
     source: str | os.PathLike, split: str, sole_split: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -266,6 +274,10 @@ def dataset_rows(
 
     path = Path(source)
     name, config = dataset_name_and_config(source)
+    if not path.exists() and data_suffix(path) in data_file_suffixes():
+        # a missing x.csv is a missing file, not a Hub name: offline, the look-up was half a
+        # minute of huggingface_hub's retries before "Couldn't reach 'x.csv' on the Hub"
+        open_input(path).close()
     try:
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             ds = datasets.load_from_disk(str(path))
