@@ -652,17 +652,16 @@ def missing_package_error(message: str, prog: str) -> InputError:
 
 
 # Flags of older transformers/TRL releases, still in many published recipes, and what takes
-# their place now: (the field that does, how to write it)
+# their place now: (the field that does, how to write it), as TRL_SCRIPT_FIELDS below
 RENAMED_FIELDS = {
-    "warmup_ratio": ("warmup_steps", "warmup_steps (a value below 1 is a share of the steps)"),
-    "evaluation_strategy": ("eval_strategy", "eval_strategy"),
-    "max_seq_length": ("max_length", "max_length"),
-    "group_by_length": ("train_sampling_strategy", "train_sampling_strategy group_by_length"),
-    "no_cuda": ("use_cpu", "use_cpu"),
-    "per_gpu_train_batch_size": ("per_device_train_batch_size", "per_device_train_batch_size"),
+    "warmup_ratio": (("warmup_steps", "warmup_steps (a value below 1 is a share of the steps)"),),
+    "evaluation_strategy": (("eval_strategy", "eval_strategy"),),
+    "max_seq_length": (("max_length", "max_length"),),
+    "group_by_length": (("train_sampling_strategy", "train_sampling_strategy group_by_length"),),
+    "no_cuda": (("use_cpu", "use_cpu"),),
+    "per_gpu_train_batch_size": (("per_device_train_batch_size", "per_device_train_batch_size"),),
     "overwrite_output_dir": (
-        "resume",
-        "no_resume (a stage goes on from the last checkpoint in output_dir by default)",
+        ("resume", "no_resume (a stage goes on from the last checkpoint in output_dir by default)"),
     ),
 }
 
@@ -714,11 +713,10 @@ def unknown_fields_error(message: str, args: list[str], prog: str, fields: set[s
                 said.append(f"for {name.lstrip('-') if in_file else name} use {dashes}{how}")
         return "; ".join(said)
 
-    old_names = {key: ((field, how),) for key, (field, how) in RENAMED_FIELDS.items()}
     hints = [
         f"{text} ({why})"
         for text, why in (
-            (uses(old_names), "newer transformers and TRL renamed or dropped them"),
+            (uses(RENAMED_FIELDS), "newer transformers and TRL renamed or dropped them"),
             (uses(TRL_SCRIPT_FIELDS), "Steiner's names for fields of TRL's scripts"),
         )
         if text

@@ -326,13 +326,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail), code=str(exc.status_code))
 
+    def loop_ended(request: Request) -> JSONResponse | None:
+        """A 503 once the batch loop has ended: nothing would answer a request."""
+        if request.app.state.batcher.done():
+            return error(503, "the batch loop has ended", kind="server_error", code="503")
+        return None
+
     @app.get("/health", response_model=None)
     async def health(request: Request) -> Response | JSONResponse:
         """vLLM's readiness check, which load balancers and Kubernetes probes poll: 200 with
         no body while requests can be answered, 503 once the batch loop has ended."""
-        if request.app.state.batcher.done():
-            return error(503, "the batch loop has ended", kind="server_error", code="503")
-        return Response(status_code=200)
+        return loop_ended(request) or Response(status_code=200)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -401,8 +405,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             budget = Budget.from_extra(body.model_dump())
         except ValueError as exc:
             return error(400, str(exc), param="min_steps")
-        if request.app.state.batcher.done():  # nothing would take the job: it would hang
-            return error(503, "the batch loop has ended", kind="server_error", code="503")
+        if ended := loop_ended(request):  # else the job would wait for it forever
+            return ended
         job = _Job(body, budget, max_tokens)
         await queue.put(job)
         done = await finished_or_left(job, request)

@@ -294,13 +294,13 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
         # the adapter's initial weights are drawn here, before the Trainer seeds itself: an
         # unseeded draw gave every run of one command another model
         set_seed(cfg.seed)
-        targets = cfg.lora_target_modules or ["all-linear"]
+        targets = cfg.lora_target_modules
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             # peft reads "all-linear" as a string only (in a list it is a module's name)
-            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            target_modules=targets if targets and targets != ["all-linear"] else "all-linear",
             task_type="CAUSAL_LM",
         )
         try:
