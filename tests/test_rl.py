@@ -308,6 +308,10 @@ def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
         # a negative norm turned the gradient round (clip_grad_norm_ scales by it)
         ({"max_grad_norm": -1.0}, "--max_grad_norm: expected >= 0 (0: no clipping), got -1.0"),
         ({"vllm_gpu_memory_utilization": 1.5}, "expected a share from 0 to 1, got 1.5"),
+        ({"top_p": 0}, "--top_p: expected > 0 and <= 1 (1: off), got 0"),
+        ({"top_p": 1.5}, "--top_p: expected > 0 and <= 1 (1: off), got 1.5"),
+        ({"top_k": -1}, "--top_k: expected >= 0 (0: off), got -1"),
+        ({"min_p": 2.0}, "--min_p: expected a share from 0 to 1, got 2.0"),
     ):
         cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, **bad)
         with pytest.raises(InputError, match=re.escape(message)):
@@ -319,6 +323,29 @@ def test_rl_settings_are_checked(tmp_path, tiny_model_dir, small_countdown):
         cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path, use_vllm=True)
         with pytest.raises(InputError, match="vLLM is not installed"):
             run_rl(cfg, log=lambda r: None)
+
+
+@pytest.mark.parametrize("sampling_filter", [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}])
+def test_rl_sampling_filters_reach_the_sampler(tiny_model_dir, sampling_filter):
+    """GRPOConfig's top_p, top_k and min_p: each at its tightest keeps the most likely token
+    only, so a group's completions are the same at a temperature whose plain samples differ;
+    vLLM gets them too."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    eos = TokenIds.from_tokenizer(tok).eos
+    enc = tok(["Using 3 4 5, reach 12."] * 6, return_tensors="pt", add_special_tokens=False)
+
+    def samples(**settings):
+        cfg = RLStageConfig(temperature=2.0, max_new_tokens=16, group_size=6, **settings)
+        torch.manual_seed(0)
+        return rl.sample_completions(model, tok, enc, cfg, eos)
+
+    assert len({tuple(c) for c in samples()}) > 1
+    assert len({tuple(c) for c in samples(**sampling_filter)}) == 1
+    cfg = RLStageConfig(**sampling_filter)
+    kwargs = rl.vllm_generation_kwargs(cfg, None, None, tok)
+    assert {k: kwargs[k] for k in sampling_filter} == sampling_filter
 
 
 def test_train_rl_ends_with_a_summary_table_and_says_when_it_resumed(

@@ -78,6 +78,11 @@ class RLStageConfig:
     # and weighing every token the same let the long failed samples push the sampled tokens
     # down overall. temperature 0.7 + beta 0.04 + per-sample averaging: +1.0 to +5.7 points.
     temperature: float = 0.7
+    # sampling filters, GRPOConfig's names and defaults (1.0, 0 and 0: off). As in TRL, they
+    # shape the samples only: the loss's log-probabilities are the temperature-scaled ones
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     learning_rate: float = 1e-4
     beta: float = 0.04  # k3 KL to the starting model; 0 drops the reference model
     # how token losses are averaged (TRL's names): "grpo" weighs every sample the same
@@ -137,6 +142,9 @@ def vllm_generation_kwargs(
         tensor_parallel_size=cfg.vllm_tensor_parallel_size,
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        min_p=cfg.min_p,
         max_completion_length=cfg.max_new_tokens,
         logprobs=None,  # the loop recomputes log-probabilities with the training model
         generation_kwargs={
@@ -207,8 +215,10 @@ def sample_completions(
             max_new_tokens=cfg.max_new_tokens,
             do_sample=True,
             temperature=cfg.temperature,
-            top_k=None,
-            top_p=None,
+            # transformers' off values: None (its 0 for top_k is off too; min_p 0 is a no-op)
+            top_k=cfg.top_k or None,
+            top_p=cfg.top_p if cfg.top_p < 1 else None,
+            min_p=cfg.min_p or None,
             logits_processor=[processor],
             eos_token_id=list(eos),
             pad_token_id=tokenizer.pad_token_id,
@@ -346,9 +356,12 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             # clipping to 0 zeroed every update, and a negative norm turned the gradient round
             ("max_grad_norm", 0, " (0: no clipping)"),
             ("vllm_tensor_parallel_size", 1, ""),
+            ("top_k", 0, " (0: off)"),
         ),
     )
-    check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization"))
+    check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization", "min_p"))
+    if not 0 < cfg.top_p <= 1:
+        raise InputError("--top_p", None, f"expected > 0 and <= 1 (1: off), got {cfg.top_p}")
     # each weight is a size: the formula gives its sign, so a negative one would reward what it
     # is there to punish (a wrong answer, a dead end) without a word
     weights = [(f.name, 0, "") for f in fields(cfg.weights) if f.name != "similarity"]
