@@ -563,3 +563,45 @@ def test_generate_and_eval_take_top_p(tiny_model_dir, tmp_path):
     for command in (generate, ["eval", *args, "--out", str(out)]):
         proc = steiner(*command, "--top-p", "0")
         assert_one_line_error(proc, "--top-p")
+
+
+def test_synth_eval_scale_and_serve_take_option_values_from_a_config_file(tmp_path):
+    """--config FILE.yaml, as the train stages take one: keys are option names (either
+    spelling), a flag on the command line wins, and every value is checked as the flag is,
+    with its line in the file."""
+    problems = tmp_path / "p.jsonl"
+    made = steiner("countdown", "generate", "--count", "3", "--out", str(problems), "--shortcut")
+    assert made.returncode == 0, made.stderr
+    recipe = tmp_path / "synth.yaml"
+    recipe.write_text(
+        f"shortcut: {problems}\nattempts: 2\nmax-forward: 3\npaths_per_dag: 1\nlimit: 3\n"
+    )
+    by_file = steiner("synth", "--config", str(recipe), "--out", f"{tmp_path}/a", "--limit", "2")
+    assert by_file.returncode == 0, by_file.stderr
+    by_flags = steiner(
+        "synth", "--shortcut", str(problems), "--attempts", "2", "--max-forward", "3",
+        "--paths-per-dag", "1", "--limit", "2", "--out", str(tmp_path / "b"),
+    )  # fmt: skip
+    assert by_flags.returncode == 0, by_flags.stderr
+    for name in ("dags.jsonl", "paths.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    settings = json.loads((tmp_path / "a" / ".journal.jsonl").read_text().splitlines()[0])
+    assert settings["settings"]["attempts"] == 2 and settings["settings"]["limit"] == 2
+
+    bad = tmp_path / "bad.yaml"
+    for command, text, needles in (
+        ("synth", "attempts: 2\natempts: 2\n", [":2: unknown option 'atempts'", "'attempts'?"]),
+        # typer would read true as 1 and 2.5 as 2
+        ("synth", "attempts: true\n", [":1: option 'attempts': expected an integer, got true"]),
+        ("synth", "attempts: 2.5\n", ["option 'attempts': expected an integer, got 2.5"]),
+        ("synth", "shortcut: [a, b]\n", ["option 'shortcut': expected a string"]),
+        ("synth", "attempts: 0\n", [":1: option 'attempts':", "greater than or equal to 1"]),
+        ("synth", "- attempts\n", ["expected a mapping of options, got list"]),
+        ("eval", "model: no-such-dir\n", ["bad.yaml:1: option 'model':", "does not exist"]),
+        ("scale", "limit: 0\n", ["bad.yaml:1: option 'limit':"]),
+        ("serve", "port: 70000\n", ["bad.yaml:1: option 'port':"]),
+    ):
+        bad.write_text(text)
+        assert_one_line_error(steiner(command, "--config", str(bad)), "bad.yaml", *needles)
+    missing = steiner("eval", "--config", str(tmp_path / "none.yaml"))
+    assert_one_line_error(missing, "none.yaml: cannot open")

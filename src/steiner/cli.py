@@ -81,6 +81,88 @@ def progress_bar() -> Progress:
     )
 
 
+def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
+    """``--config FILE.yaml`` for a command's options, as the train stages take one: each key
+    is an option's name (``max_forward`` or ``max-forward``) and gives it a value where the
+    command line does not (click's ``default_map``: flag > file > default). Each value is
+    checked here, strictly and with its line in the file: typer's own conversion would take
+    ``true`` as 1, 2.5 as 2 and a list as its text."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        given, lines = read_yaml_with_lines(path)
+    except OSError as exc:
+        raise InputError(path, None, f"cannot open: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(path, None, "not UTF-8 text; expected a YAML mapping of options") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark else None
+        message = f"invalid YAML: {problem}; expected a mapping of options"
+        raise InputError(path, line, message) from None
+    if given is None:
+        return path  # an empty file sets nothing
+    if not isinstance(given, dict):
+        raise InputError(path, None, f"expected a mapping of options, got {type(given).__name__}")
+    params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
+    defaults: dict[str, Any] = {}
+    for key, value in given.items():
+        line = lines.get(key)
+        name = str(key).replace("-", "_")
+        param = params.get(name)
+        if param is None:
+            import difflib
+
+            near = difflib.get_close_matches(name, params, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise InputError(
+                path, line, f"unknown option '{key}'; {hint}`{ctx.command_path} --help` lists them"
+            )
+        if value is None:
+            continue  # null: the option's default
+        kind = param.type_descriptor.annotation
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:  # text and paths: a YAML number is its text
+            ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+            value = str(value) if ok else value
+        if not ok:
+            expected = {bool: "true or false", int: "an integer", float: "a number"}
+            raise InputError(
+                path,
+                line,
+                f"option '{key}': expected {expected.get(kind, 'a string')}, "
+                f"got {json.dumps(value, default=str)}",
+            )
+        try:
+            param.process_value(ctx, value)  # the flag's own checks: ranges, paths, callbacks
+        except typer.TyperException as exc:  # BadParameter's message, without its flag
+            message = getattr(exc, "message", None) or str(exc)
+            raise InputError(path, line, f"option '{key}': {message}") from None
+        defaults[name] = value
+    ctx.default_map = (ctx.default_map or {}) | defaults
+    return path
+
+
+# each command with a recipe's worth of options takes its values from a YAML file as well
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        is_eager=True,  # read before the other options, so that they find its values
+        callback=options_from_config,
+        help="YAML file of option values (max_forward: 4); a flag given here overrides it.",
+    ),
+]
+
+
 def write_generated(
     out_path: Path, problems: Any, count: int, to_shortcut: Any, shortcut: bool
 ) -> int:
@@ -338,6 +420,7 @@ def synth(
     retry_failed: Annotated[
         bool, typer.Option(help="openai teacher: re-ask cached failures.")
     ] = False,
+    config: ConfigFile = None,
 ) -> None:
     """Truncate-and-recomplete synthesis: DAGs, backtracking paths and stats (resumable)."""
     from steiner.synth.paths import PathSettings
@@ -557,18 +640,12 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
     return parsed if isinstance(config_cls, tuple) else parsed[0]
 
 
-def check_config_file_values(path: str, hints: list[dict[str, Any]]) -> dict[str, Any]:
-    """The --config file's fields, each checked against its annotation (``hints``: each
-    config class's). TRL's parser hands the
-    YAML's values to argparse as defaults, and argparse converts and checks only string
-    defaults: ``max_steps: true`` trained one step, ``max_steps: 2.5`` went on as a float, and
-    ``output_dir: 2024`` ended in a TypeError traceback. A value of the wrong type is one error
-    line, with its line in the file."""
+def read_yaml_with_lines(path: str | Path) -> tuple[Any, dict[str, int]]:
+    """A YAML file's document and, if it is a mapping, each key's line (1-based), for error
+    lines that point into the file. yaml.safe_load's own steps, keeping the node tree; yaml
+    reads the encoding, and its errors name the file."""
     import yaml
-    from pydantic import TypeAdapter, ValidationError
 
-    # yaml.safe_load's own steps, keeping the node tree for each key's line; yaml reads the
-    # encoding, and its errors name the file
     with open(path, "rb") as fh:
         loader = yaml.SafeLoader(fh)
         try:
@@ -577,9 +654,23 @@ def check_config_file_values(path: str, hints: list[dict[str, Any]]) -> dict[str
         finally:
             loader.dispose()
     if not isinstance(given, dict):
+        return given, {}
+    keys = [k for k, _ in root.value if isinstance(k, yaml.ScalarNode)]
+    return given, {k.value: k.start_mark.line + 1 for k in keys}
+
+
+def check_config_file_values(path: str, hints: list[dict[str, Any]]) -> dict[str, Any]:
+    """The --config file's fields, each checked against its annotation (``hints``: each
+    config class's). TRL's parser hands the
+    YAML's values to argparse as defaults, and argparse converts and checks only string
+    defaults: ``max_steps: true`` trained one step, ``max_steps: 2.5`` went on as a float, and
+    ``output_dir: 2024`` ended in a TypeError traceback. A value of the wrong type is one error
+    line, with its line in the file."""
+    from pydantic import TypeAdapter, ValidationError
+
+    given, lines = read_yaml_with_lines(path)
+    if not isinstance(given, dict):
         return {}  # TRL's parser refuses it in its own words
-    scalar_keys = [k for k, _ in root.value if isinstance(k, yaml.ScalarNode)]
-    lines = {k.value: k.start_mark.line + 1 for k in scalar_keys}
     for key, value in given.items():
         hint = next((h[key] for h in hints if key in h), None)
         if isinstance(value, str) or not _plain(hint):  # argparse reads it, or not a value
@@ -1014,6 +1105,7 @@ def serve_cmd(
     ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests batched into one generate.")] = 16,
     max_tokens_limit: Annotated[int, typer.Option(min=1)] = 4096,
+    config: ConfigFile = None,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions (stream too), GET /v1/models, /health."""
     from steiner.infer.server import ServerSettings, check_address, serve
@@ -1051,6 +1143,7 @@ def eval_cmd(
     top_p: TopP = 1.0,
     limit: Annotated[int | None, typer.Option(min=1, help="First N problems only.")] = None,
     seed: Seed = 0,
+    config: ConfigFile = None,
 ) -> None:
     """Accuracy (pass@1, maj@k, pass@k), steps, backtracks, format errors; raw outputs."""
     from steiner.evaluate.accuracy import EvalConfig, evaluate
@@ -1119,6 +1212,7 @@ def scale_cmd(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
+    config: ConfigFile = None,
 ) -> None:
     """Accuracy and reasoning tokens per step budget; Control, Scaling, Performance; a plot."""
     from steiner.evaluate.accuracy import EvalConfig
