@@ -268,6 +268,17 @@ def test_dag_show_prints_the_tree_and_writes_dot(tmp_path):
     text = dot.read_text()
     assert text.startswith("digraph dag {") and text.rstrip().endswith("}")
     assert text.count(" -> ") == len(dag["edges"]) and "color=green" in text
+    # a question cut to fit says so (the graph's edge list lost its last edges silently)
+    first_line = proc.stdout.splitlines()[0]
+    assert len(dag["nodes"][0]["text"]) > 80 and "…" in proc.stdout, first_line
+    # a label in DOT's own UTF-8, not JSON's \u escapes (Graphviz showed them as text)
+    dag["nodes"][1] |= {"key": None, "text": "Prüfe die Kante 8→4"}
+    (tmp_path / "de.jsonl").write_text(json.dumps(dag) + "\n")
+    proc = steiner(
+        "dag", "show", "--id", dag["problem_id"], str(tmp_path / "de.jsonl"), "--dot", str(dot)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '[label="Prüfe die Kante 8→4"' in dot.read_text(encoding="utf-8")
     # a wrong or missing --id names some of the ids there are
     ids = "the file has 2 DAG(s), e.g. 'graph-0-0', 'graph-0-1'"
     assert_one_line_error(

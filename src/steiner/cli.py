@@ -527,6 +527,12 @@ dag_app = typer.Typer(help="Inspect step DAGs.", no_args_is_help=True)
 app.add_typer(dag_app, name="dag")
 
 
+def shorten(text: str, width: int) -> str:
+    """At most ``width`` characters, a cut marked with an ellipsis (a question cut silently
+    read as one with fewer edges)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 @dag_app.command("show")
 def dag_show(
     path: Annotated[Path, typer.Argument(help="dags.jsonl")],
@@ -574,7 +580,8 @@ def dag_show(
             shown.add(child)
             grow(tree.add(label(child)), child)
 
-    root = Tree(f"[bold]{dag.root}[/] problem {dag.problem_id}: {dag.node(dag.root).text[:80]}")
+    question = shorten(dag.node(dag.root).text, 80)
+    root = Tree(f"[bold]{dag.root}[/] problem {dag.problem_id}: {question}")
     shown.add(dag.root)
     grow(root, dag.root)
     out.print(root)
@@ -582,7 +589,9 @@ def dag_show(
         lines = ["digraph dag {"]
         for n in dag.nodes:
             color = "green" if n.status == "answer" else "red" if n.d_e is None else "black"
-            lines.append(f"  {n.id} [label={json.dumps((n.key or n.text)[:40])}, color={color}];")
+            # DOT reads UTF-8 and has no \u escapes: JSON's ASCII form showed them as text
+            label = json.dumps(shorten(n.key or n.text, 40), ensure_ascii=False)
+            lines.append(f"  {n.id} [label={label}, color={color}];")
         lines += [f"  {u} -> {v};" for u, v in dag.edges]
         write_lines(dot, ["\n".join(lines + ["}"]) + "\n"])
         console.print(f"wrote {dot}")
