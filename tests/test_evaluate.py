@@ -172,6 +172,20 @@ def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
     assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report
 
 
+def test_a_report_of_one_run_directory_names_its_rows_after_it(tmp_path):
+    from steiner.evaluate.report import build_report
+
+    # before: the row and the section were named "." (the path from the root to itself)
+    run = tmp_path / "sft-run"
+    run.mkdir()
+    summary = {"stage": "sft", "steps": 4, "first_loss": 2.0, "final_loss": 1.0}
+    (run / "training_summary.json").write_text(
+        json.dumps(summary | {"tokens_seen": 1000, "tokens_per_s": 250.0, "train_seconds": 4.0})
+    )
+    report = build_report(run)["markdown"].read_text()
+    assert "| sft-run | sft | 4 |" in report and "| . |" not in report
+
+
 def test_report_shows_each_rl_run_as_first_and_last_fifth_of_its_steps(tmp_path):
     from steiner.evaluate.report import build_report
 

@@ -20,7 +20,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _rel(path: Path, root: Path) -> str:
-    return str(path.relative_to(root))
+    """``path`` as the report names it: from ``root``, or the root's own name when it is the
+    root (a report of one eval directory named its row ".")."""
+    rel = path.relative_to(root)
+    return str(rel) if rel.parts else root.resolve().name
 
 
 def _in_run_order(root: Path, pattern: str) -> list[Path]:
@@ -298,7 +301,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         for p, s in synth:
             rows.append(
                 [
-                    _rel(p.parent, root) or ".",
+                    _rel(p.parent, root),
                     s["dags"],
                     s["paths"],
                     s["mean_steps"],
