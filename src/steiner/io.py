@@ -262,6 +262,14 @@ def data_file_suffixes() -> set[str]:
     return set(_EXTENSION_TO_MODULE)
 
 
+def spelled_as_path(source: str | os.PathLike) -> bool:
+    """Whether a source is written as a path no Hub id can be (``/data/x``, ``./x``,
+    ``../x``, ``~/x``): missing, it is a missing directory, where datasets' answer was that
+    the "repo id must use alphanumeric chars" (or a Hub look-up, for an absolute path)."""
+    text = str(source)
+    return os.path.isabs(text) or text.startswith(("./", "../", "~")) or text in (".", "..")
+
+
 def dataset_rows(
     source: str | os.PathLike, split: str, sole_split: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -274,10 +282,10 @@ def dataset_rows(
 
     path = Path(source)
     name, config = dataset_name_and_config(source)
-    if not path.exists() and data_suffix(path) in data_file_suffixes():
+    if not path.exists() and (data_suffix(path) in data_file_suffixes() or spelled_as_path(source)):
         # a missing x.csv is a missing file, not a Hub name: offline, the look-up was half a
         # minute of huggingface_hub's retries before "Couldn't reach 'x.csv' on the Hub"
-        open_input(path).close()
+        open_input(source).close()  # as given: Path("./x") would name it "x"
     try:
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             ds = datasets.load_from_disk(str(path))
