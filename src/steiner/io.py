@@ -264,8 +264,8 @@ def data_file_suffixes() -> set[str]:
 
 def spelled_as_path(source: str | os.PathLike) -> bool:
     """Whether a source is written as a path no Hub id can be (``/data/x``, ``./x``,
-    ``../x``, ``~/x``): missing, it is a missing directory, where datasets' answer was that
-    the "repo id must use alphanumeric chars" (or a Hub look-up, for an absolute path)."""
+    ``../x``, ``~/x``): missing, it is a missing file, where datasets' answer was that the
+    "repo id must use alphanumeric chars" (or "Couldn't find any data file", if absolute)."""
     text = str(source)
     return os.path.isabs(text) or text.startswith(("./", "../", "~")) or text in (".", "..")
 
