@@ -98,7 +98,8 @@ def test_a_missing_data_file_of_a_format_datasets_reads_is_a_missing_file(tmp_pa
     # "Couldn't reach 'missing.csv' on the Hub"
     monkeypatch.chdir(tmp_path)  # a bare name, as typed: what datasets takes for a Hub id
     # and one written as a path: datasets said "Repo id must use alphanumeric chars" of it
-    for name in ("missing.csv", "missing.tsv.gz", "missing.arrow", "./gone", f"{tmp_path}/gone"):
+    names = ("missing.csv", "missing.tsv.gz", "missing.arrow", "./gone", f"{tmp_path}/gone:main")
+    for name in names:
         with pytest.raises(InputError) as err:
             list(source_rows(name, "train"))
         assert (err.value.path, err.value.message) == (

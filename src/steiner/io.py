@@ -282,7 +282,8 @@ def dataset_rows(
 
     path = Path(source)
     name, config = dataset_name_and_config(source)
-    if not path.exists() and (data_suffix(path) in data_file_suffixes() or spelled_as_path(source)):
+    missing_path = spelled_as_path(source) and not Path(name).exists()  # /dir:CONFIG too
+    if not path.exists() and (data_suffix(path) in data_file_suffixes() or missing_path):
         # a missing x.csv is a missing file, not a Hub name: offline, the look-up was half a
         # minute of huggingface_hub's retries before "Couldn't reach 'x.csv' on the Hub"
         open_input(source).close()  # as given: Path("./x") would name it "x"
