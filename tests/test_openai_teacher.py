@@ -16,6 +16,8 @@ BEHAVIOUR = {
     "Q-error": "error",
     "Q-valid2": "valid",
 }
+# a reasoning model served without a reasoning parser: its thinking comes first in the content
+THINKING = {"Q-thinks": "thinking", "Q-thinks-cut": "thinking cut"}
 
 
 class FakeChat(BaseHTTPRequestHandler):
@@ -30,8 +32,9 @@ class FakeChat(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
         FakeChat.prompts.append(prompt)
-        question = next(q for q in sorted(BEHAVIOUR, key=len, reverse=True) if q in prompt)
-        kind = BEHAVIOUR[question]
+        known = BEHAVIOUR | THINKING
+        question = next(q for q in sorted(known, key=len, reverse=True) if q in prompt)
+        kind = known[question]
         if kind == "error":
             return self.reply(500, {"error": {"message": "boom"}})
         if kind == "slow":
@@ -45,6 +48,10 @@ class FakeChat(BaseHTTPRequestHandler):
             content = json.dumps(
                 {"steps": [{"name": "add", "thought": f"{question}: add 2 and 2", "summary": "4"}]}
             )
+        if kind == "thinking":  # a decoy reply inside the thinking, which must not be read
+            content = f'<think>\nMaybe {{"steps": []}}? No.\n</think>\n\n{content}'
+        elif kind == "thinking cut":  # cut at max_tokens before the thinking ended
+            content = "<think>\nFirst, 2 and 2"
         self.reply(
             200,
             {
@@ -239,3 +246,19 @@ def test_a_step_separator_past_latin1_splits_as_typed(tmp_path):
     shortcut.write_text(json.dumps({"id": 1, "question": "q", "cot": cot, "answer": "4"}) + "\n")
     [record] = load_shortcuts(shortcut, None, unescape_separator("。"))
     assert record["steps"] == ["一加一等于二", "二加二等于四"]
+
+
+def test_a_reasoning_models_thinking_before_the_reply_is_skipped(server, tmp_path):
+    # before: every reply of Qwen3 or DeepSeek-R1 behind vLLM without --reasoning-parser was
+    # "malformed" (not JSON), so no step of a real reasoning teacher was ever kept
+    shortcut = tmp_path / "text.jsonl"
+    rows = [{"id": q, "question": q, "cot": "1+1=2\n2+2=4", "answer": "4"} for q in THINKING]
+    shortcut.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = synth(shortcut, tmp_path / "run", tmp_path / "cache", server)
+    assert run.returncode == 0, run.stderr
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    # the cut one's two attempts are malformed; the other's were read, proposal and verdict
+    assert stats["teacher_faults"] == {"malformed": 2} and stats["failed_attempts"] == 2
+    dags = [json.loads(line) for line in (tmp_path / "run" / "dags.jsonl").read_text().splitlines()]
+    thinks = next(d for d in dags if d["problem_id"] == "Q-thinks")
+    assert any(n["text"].startswith("Q-thinks: add 2 and 2") for n in thinks["nodes"])

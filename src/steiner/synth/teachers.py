@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,10 +135,16 @@ class _Fault(Exception):
     pass
 
 
+# a reasoning model served without a reasoning parser (vLLM without --reasoning-parser, Ollama,
+# llama.cpp: Qwen3, DeepSeek-R1, QwQ) writes its thinking into the content, before the reply
+THINKING = re.compile(r"\A\s*<think>.*?</think>", re.DOTALL)
+
+
 def _json_steps(text: str) -> list[Any]:
     """Strict: the reply must be one JSON object with a "steps" list (a ```json fence
-    around it is tolerated)."""
-    body = text.strip()
+    around it is tolerated, and so is a reasoning model's ``<think>...</think>`` before it;
+    thinking cut off before its end is malformed)."""
+    body = THINKING.sub("", text, count=1).strip()
     if body.startswith("```"):
         body = body.strip("`").removeprefix("json").strip()
     try:
