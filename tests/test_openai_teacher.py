@@ -137,6 +137,11 @@ def test_faults_are_counted_and_cache_makes_rerun_free(server, tmp_path):
     faults = stats["teacher_faults"]
     # two truncation points x one attempt per problem, each fault kind on its own problem
     assert faults == {"http_500": 2, "malformed": 2, "timeout": 2}
+    # and why, one example of each (the server's own message for an HTTP error)
+    examples = stats["teacher_fault_examples"]
+    assert set(examples) == set(faults) and examples["http_500"] == "boom"
+    assert examples["malformed"].startswith("not JSON: ")
+    assert "e.g. http_500" in first.stderr and "boom" in first.stderr  # the summary table
     assert stats["failed_attempts"] == 6
     assert stats["dags"] == 5 and stats["paths"] >= 5  # every problem still gets its DAG
     hits = FakeChat.hits
@@ -197,10 +202,14 @@ def test_an_unreachable_teacher_stops_the_run_and_a_fixed_url_starts_it_over(ser
     out, cache = tmp_path / "run", tmp_path / "cache"
     stopped = synth(shortcut, out, cache, dead)
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    # one line: the sentence embedder's "Loading weights" bar stood above it
+    assert len(stopped.stderr.splitlines()) == 1, stopped.stderr
     assert (
-        f"the teacher at {dead} answered none of the 4 calls for problems 1-2 (connection: 4)"
-        in (stopped.stderr)
+        f"the teacher at {dead} answered none of the 4 calls for problems 1-2 (connection: 4; "
+        "connection: " in stopped.stderr
     )
+    # the example is the cause (httpx's), not the client's bare "Connection error."
+    assert "Connection error." not in stopped.stderr and "; check --base-url" in (stopped.stderr)
     # no shortcut-only DAGs were kept, and no failure cached that would outlive the fix
     assert (out / "dags.jsonl").read_text() == "" and not list(cache.rglob("*.json"))
     fixed = synth(shortcut, out, cache, server)  # the same --out: nothing was done there yet

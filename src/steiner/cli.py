@@ -505,6 +505,8 @@ def synth(
         "teacher faults",
         ", ".join(f"{k}: {v}" for k, v in stats["teacher_faults"].items()) or "none",
     )
+    for kind, said in stats["teacher_fault_examples"].items():  # all in stats.json
+        table.add_row(f"  e.g. {kind}", said if len(said) <= 120 else said[:119] + "…")
     rate = stats["paths"] / max(elapsed, 1e-9)  # a real teacher: well under one path a second
     digits = 0 if rate >= 10 else 2
     table.add_row("wall time", f"{elapsed:.1f}s ({rate:.{digits}f} paths/s this run)")

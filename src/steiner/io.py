@@ -43,6 +43,21 @@ class InputError(Exception):
         return (InputError, (self.path, self.line, self.message))
 
 
+@contextmanager
+def without_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off while a model loads: the commands draw their
+    own, and it stood above their one-line errors (on stderr, terminal or not)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs: Any) -> IO[Any]:
     """``open`` for reading an input file: one that is missing or unreadable is one
     InputError."""

@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
-from transformers.utils import logging as hf_logging
 
 from steiner.format import REASONING_END, Trace, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.sampling import PerRowSampler
-from steiner.io import check_model_dir, check_reasoning_tokenizer
+from steiner.io import check_model_dir, check_reasoning_tokenizer, without_loading_bar
 
 
 @dataclass
@@ -60,15 +59,8 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_reasoning_tokenizer(tokenizer, str(model_dir))  # on this one, not a second load
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
-    # without transformers' "Loading weights" bar: the commands that load a model here draw
-    # their own, and it stood above their one-line errors
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with without_loading_bar():
         model = AutoModelForCausalLM.from_pretrained(model_dir, **placement())
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
 

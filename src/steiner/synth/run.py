@@ -198,6 +198,7 @@ def process_chunk(
         "stats": dict(stats),
         "backtracks": {str(k): v for k, v in backtracks.items()},
         "faults": dict(teacher.faults),
+        "fault_examples": dict(getattr(teacher, "fault_examples", {})),
         "requests": teacher.requests,
     }
 
@@ -361,17 +362,22 @@ def synthesize(
                 # a teacher that answers nothing is a setup error, not data: the chunk's DAGs
                 # would all be the bare shortcuts, kept for good by the journal
                 faults = ", ".join(f"{k}: {v}" for k, v in sorted(teacher.faults.items()))
+                most = teacher.faults.most_common(1)[0][0]
+                said = teacher.fault_examples.get(most)
+                said = f"; {most}: {said}" if said else ""
                 raise InputError(
                     "--base-url",
                     None,
                     f"the teacher at {cfg.openai.base_url} answered none of the "
                     f"{sum(teacher.faults.values())} calls for problems {done + 1}-"
-                    f"{done + len(chunk)} ({faults}); check --base-url, --model and "
+                    f"{done + len(chunk)} ({faults}{said}); check --base-url, --model and "
                     "--api-key-env (cached failures: --retry-failed)",
                 )
             result["faults"] = dict(teacher.faults)
+            result["fault_examples"] = dict(teacher.fault_examples)
             result["requests"] = teacher.requests
             teacher.faults.clear()
+            teacher.fault_examples.clear()
             teacher.requests = teacher.replies = 0
         _append(files["dags"], result["dags"])
         _append(files["paths"], result["paths"])
@@ -385,6 +391,7 @@ def synthesize(
             "stats": result["stats"],
             "backtracks": result["backtracks"],
             "faults": result["faults"],
+            "fault_examples": result["fault_examples"],
             "requests": result["requests"],
         }
         _append(files["journal"], json.dumps(entry) + "\n")
@@ -402,10 +409,13 @@ def summarize(journal: list[dict[str, Any]], n_problems: int) -> dict[str, Any]:
     total: Counter[str] = Counter()
     backtracks: Counter[str] = Counter()
     faults: Counter[str] = Counter()
+    examples: dict[str, str] = {}
     for e in journal[1:]:
         total.update(e["stats"])
         backtracks.update(e["backtracks"])
         faults.update(e["faults"])
+        for kind, said in e.get("fault_examples", {}).items():  # journals from before: none
+            examples[kind] = min(examples.get(kind, said), said)
     paths = total["paths"] or 1
     return {
         "problems": n_problems,
@@ -424,4 +434,5 @@ def summarize(journal: list[dict[str, Any]], n_problems: int) -> dict[str, Any]:
         },
         "failed_attempts": total["failed_attempts"],
         "teacher_faults": dict(sorted(faults.items())),
+        "teacher_fault_examples": dict(sorted(examples.items())),
     }

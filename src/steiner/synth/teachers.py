@@ -132,7 +132,9 @@ class Malformed(ValueError):
 
 
 class _Fault(Exception):
-    pass
+    def __init__(self, kind: str, detail: str | None = None):
+        super().__init__(kind)
+        self.kind, self.detail = kind, detail
 
 
 # a reasoning model served without a reasoning parser (vLLM without --reasoning-parser, Ollama,
@@ -241,6 +243,9 @@ class OpenAITeacher:
         self.max_forward = max_forward
         self.cache = ResponseCache(settings.cache_dir or cache_dir, settings.retry_failed)
         self.faults: Counter[str] = Counter()
+        # one message per fault kind (the server's error, what was malformed), for the user
+        # to see why: a count of 12 "http_400" or "malformed" says nothing of the cause
+        self.fault_examples: dict[str, str] = {}
         self.requests = 0
         self.replies = 0  # calls answered (made or cached), whatever the reply said
 
@@ -281,17 +286,24 @@ class OpenAITeacher:
                     reply = await client.chat.completions.create(**request)
                     entry = {"ok": True, "content": reply.choices[0].message.content or ""}
                 except openai.APITimeoutError:
-                    entry = {"ok": False, "fault": "timeout"}
+                    wait = f"no reply within {self.settings.timeout:g} s (--timeout)"
+                    entry = {"ok": False, "fault": "timeout", "detail": wait}
                 except openai.APIStatusError as exc:
+                    body = exc.body if isinstance(exc.body, dict) else {}
+                    detail = body.get("message") if isinstance(body.get("message"), str) else None
                     entry = {"ok": False, "fault": f"http_{exc.status_code}"}
-                except openai.APIConnectionError:
-                    entry = {"ok": False, "fault": "connection"}
+                    entry |= {"detail": detail or exc.message}
+                except openai.APIConnectionError as exc:
+                    # the client's own message is "Connection error."; its cause says which
+                    why = str(exc.__cause__ or exc)
+                    entry = {"ok": False, "fault": "connection", "detail": why}
                 except (IndexError, AttributeError, TypeError):
                     entry = {"ok": True, "content": ""}  # a 200 with an odd body: malformed
             if entry.get("fault") not in UNREACHED:
                 self.cache.put(key, entry)
         if not entry["ok"]:
-            raise _Fault(entry["fault"])
+            detail = entry.get("detail")  # entries from before details were kept have none
+            raise _Fault(entry["fault"], detail if isinstance(detail, str) else None)
         self.replies += 1
         return entry["content"]
 
@@ -311,7 +323,7 @@ class OpenAITeacher:
                     raise Malformed("each step needs a string 'thought'")
                 after = domain.apply_step(problem, state, item["thought"])
                 if after is None:
-                    self.faults["invalid_step"] += 1
+                    self.fault("invalid_step", f"the step {item['thought']!r} does not apply")
                     break
                 fields = ("name", "thought", "summary")
                 steps.append(({f: str(item.get(f, "")) for f in fields}, after))
@@ -340,8 +352,16 @@ class OpenAITeacher:
                 if status != ALIVE:
                     break
             return out
-        except Malformed:
-            self.faults["malformed"] += 1
+        except Malformed as exc:
+            self.fault("malformed", str(exc))
         except _Fault as fault:
-            self.faults[str(fault)] += 1
+            self.fault(fault.kind, fault.detail)
         return None
+
+    def fault(self, kind: str, detail: str | None) -> None:
+        """Count a fault and keep an example message of its kind: the least one, so that the
+        example does not depend on which of the concurrent calls failed first."""
+        self.faults[kind] += 1
+        if detail:
+            detail = " ".join(detail.split())[:300]
+            self.fault_examples[kind] = min(self.fault_examples.get(kind, detail), detail)
