@@ -127,10 +127,15 @@ def synth(shortcut, out, cache, base_url):
     )
 
 
+def text_problems(path, questions):
+    """One text problem per question, named by it (the fake server answers by the name)."""
+    rows = [{"id": q, "question": q, "cot": "1+1=2\n2+2=4", "answer": "4"} for q in questions]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_faults_are_counted_and_cache_makes_rerun_free(server, tmp_path):
-    shortcut = tmp_path / "text.jsonl"
-    rows = [{"id": q, "question": q, "cot": "1+1=2\n2+2=4", "answer": "4"} for q in BEHAVIOUR]
-    shortcut.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shortcut = text_problems(tmp_path / "text.jsonl", BEHAVIOUR)
     first = synth(shortcut, tmp_path / "run1", tmp_path / "cache", server)
     assert first.returncode == 0, first.stderr
     stats = json.loads((tmp_path / "run1" / "stats.json").read_text())
@@ -196,9 +201,7 @@ def test_an_unreachable_teacher_stops_the_run_and_a_fixed_url_starts_it_over(ser
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    shortcut = tmp_path / "text.jsonl"
-    rows = [{"id": q, "question": q, "cot": "1+1=2\n2+2=4", "answer": "4"} for q in BEHAVIOUR]
-    shortcut.write_text("".join(json.dumps(r) + "\n" for r in rows if "valid" in r["id"]))
+    shortcut = text_problems(tmp_path / "text.jsonl", [q for q in BEHAVIOUR if "valid" in q])
     out, cache = tmp_path / "run", tmp_path / "cache"
     stopped = synth(shortcut, out, cache, dead)
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
@@ -260,9 +263,7 @@ def test_a_step_separator_past_latin1_splits_as_typed(tmp_path):
 def test_a_reasoning_models_thinking_before_the_reply_is_skipped(server, tmp_path):
     # before: every reply of Qwen3 or DeepSeek-R1 behind vLLM without --reasoning-parser was
     # "malformed" (not JSON), so no step of a real reasoning teacher was ever kept
-    shortcut = tmp_path / "text.jsonl"
-    rows = [{"id": q, "question": q, "cot": "1+1=2\n2+2=4", "answer": "4"} for q in THINKING]
-    shortcut.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shortcut = text_problems(tmp_path / "text.jsonl", THINKING)
     run = synth(shortcut, tmp_path / "run", tmp_path / "cache", server)
     assert run.returncode == 0, run.stderr
     stats = json.loads((tmp_path / "run" / "stats.json").read_text())
