@@ -485,6 +485,32 @@ def test_a_lora_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_run(da
         run_sft(two_steps)
 
 
+def test_a_lora_checkpoint_loads_as_the_model_of_its_step(data, tmp_path, monkeypatch):
+    """eval, scale, generate and serve take a LoRA run's checkpoint-N as a model: before,
+    "expected a model directory with config.json" (it holds the adapter and the token rows)."""
+    from steiner.infer.generate import load
+
+    out = tmp_path / "lora"
+    monkeypatch.chdir(data)  # --model as typed there, relative: PEFT records it so
+    run_sft(checkpointed_sft(data, out, use_lora=True, model="init"))
+    monkeypatch.chdir(tmp_path)  # from elsewhere, the run's own record finds the base model
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    last, _ = load(out / "checkpoint-2")
+    assert all(torch.allclose(final[k], v, atol=1e-6) for k, v in last.state_dict().items())
+    first, _ = load(out / "checkpoint-1")
+    rows = "model.embed_tokens.weight"  # the 14 tokens' rows, put back from the checkpoint
+    assert not torch.allclose(first.state_dict()[rows], final[rows])
+    proc = subprocess.run(
+        [sys.executable, "-m", "steiner.cli", "generate", "--model", str(out / "checkpoint-1"),
+         "--max-new-tokens", "4", "Find a path from 1 to 2."],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (out / "train_settings.json").unlink()
+    with pytest.raises(InputError, match="the LoRA adapter's base model 'init' is not a model"):
+        load(out / "checkpoint-1")
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """A stand-in for the Hub's API: it records what each upload holds (the files, less the

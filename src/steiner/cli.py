@@ -975,7 +975,7 @@ def model_directory(path: Path) -> Path:
     from steiner.io import check_model_dir
 
     try:
-        check_model_dir(str(path), "--model", MADE_BY)
+        check_model_dir(str(path), "--model", MADE_BY, adapters=True)
     except InputError as exc:
         raise typer.BadParameter(exc.message) from None
     return path

@@ -627,20 +627,24 @@ def end_with_parent(poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
-def check_model_dir(name: str | None, flag: str, made_by: str, reasoning: bool = True) -> None:
+def check_model_dir(
+    name: str | None, flag: str, made_by: str, reasoning: bool = True, adapters: bool = False
+) -> None:
     """Steiner loads models from a local directory (``save_pretrained``), never a Hub
     download: a missing one, or one without a model and tokenizer (a run directory given for
     the model inside it, say), is one error line, not transformers' traceback. With
     ``reasoning``, its tokenizer must have the 14 reasoning tokens: a plain pretrained model
     failed deep in generation or in TRL's chat-template check, and CPT would have learnt the
-    format's strings as runs of ordinary tokens."""
+    format's strings as runs of ordinary tokens. With ``adapters`` (the commands that load
+    through ``steiner.infer.generate.load``), a LoRA run's checkpoint is a model too."""
     if not name or not Path(name).is_dir():
         raise InputError(name or flag, None, f"expected a model directory ({made_by})")
     files = {p.name for p in Path(name).iterdir()}
+    model_files = {"config.json", "adapter_config.json"} if adapters else {"config.json"}
     missing = [
         what
         for what, names in (
-            ("config.json", {"config.json"}),
+            ("config.json", model_files),
             ("a tokenizer", {"tokenizer.json", "tokenizer_config.json"}),
         )
         if not files & names

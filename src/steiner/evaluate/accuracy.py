@@ -156,7 +156,7 @@ def evaluate_records(
     problems = load_problems(cfg.problems, cfg.domain)[: cfg.limit]
     domain_name = cfg.domain or (problems[0]["domain"] if problems else "countdown")
     if model_and_tokenizer is None:  # before the output directory, which load() comes after
-        check_model_dir(cfg.model, "--model", MADE_BY)
+        check_model_dir(cfg.model, "--model", MADE_BY, adapters=True)
     with sole_writer(cfg.out, "--out"):
         return answer_problems(cfg, problems, domain_name, budget, progress, model_and_tokenizer)
 

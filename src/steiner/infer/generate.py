@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 
 from steiner.format import REASONING_END, Trace, parse, reasoning_and_answer
+from steiner.infer.adapters import is_adapter_checkpoint, load_adapter_checkpoint
 from steiner.infer.budget import Budget
 from steiner.infer.hf import StepBudgetLogitsProcessor
 from steiner.infer.sampling import PerRowSampler
@@ -55,12 +56,15 @@ def placement() -> dict[str, Any]:
 def load(model_dir: str | Path) -> tuple[Any, Any]:
     """The model and tokenizer of a Steiner model directory, ready for ``generate`` (placed
     by ``placement``; eval, scale, generate and serve all load through here)."""
-    check_model_dir(str(model_dir), "--model", MADE_BY, reasoning=False)
+    check_model_dir(str(model_dir), "--model", MADE_BY, reasoning=False, adapters=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_reasoning_tokenizer(tokenizer, str(model_dir))  # on this one, not a second load
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     with without_loading_bar():
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **placement())
+        if is_adapter_checkpoint(model_dir):  # a LoRA run's checkpoint-N
+            model = load_adapter_checkpoint(model_dir, tokenizer, **placement())
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **placement())
     model.eval()
     return model, tokenizer
 

@@ -23,6 +23,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from steiner.infer.adapters import TOKEN_ROWS_FILE, load_token_rows, token_row_weights
 from steiner.infer.generate import position_limit
 from steiner.io import (
     InputError,
@@ -237,50 +238,18 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
     weight.register_hook(lambda grad: grad * mask.to(grad.device))
 
 
-TOKEN_ROWS_FILE = "new_token_rows.safetensors"
-
-
-def _token_row_weights(model: Any) -> dict[str, torch.Tensor]:
-    weights = {"embed_tokens": model.get_input_embeddings().weight}
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not weights["embed_tokens"]:
-        weights["lm_head"] = head.weight
-    return weights
-
-
 def save_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
     """Write the rows of ``ids`` in the input embeddings (and an untied head) beside a LoRA
     checkpoint's adapter, which does not hold them."""
     from safetensors.torch import save_file
 
-    weights = _token_row_weights(model)
+    weights = token_row_weights(model)
     if any(w.dim() != 2 or w.shape[0] <= max(ids) for w in weights.values()):
         # a sharded weight (ZeRO-3, FSDP: untried, no GPU here) holds no whole rows; the
         # checkpoint goes without them, and resuming from it says so in one line
         return
     rows = {name: w.detach()[ids].cpu().contiguous() for name, w in weights.items()}
     save_file(rows, os.path.join(checkpoint, TOKEN_ROWS_FILE))
-
-
-def load_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
-    """Put a LoRA checkpoint's trained token rows back: without them a resumed run went on
-    from the initial rows, and a finished stage run again saved a model without its training
-    of the 14 tokens."""
-    from safetensors.torch import load_file
-
-    path = os.path.join(checkpoint, TOKEN_ROWS_FILE)
-    if not os.path.isfile(path):
-        raise InputError(
-            checkpoint,
-            None,
-            f"expected {TOKEN_ROWS_FILE} beside the LoRA adapter (the 14 new tokens' trained "
-            "rows; checkpoints written before Steiner saved them lack it): start the stage "
-            "over in a new --output_dir",
-        )
-    rows = load_file(path)
-    with torch.no_grad():
-        for name, weight in _token_row_weights(model).items():
-            weight[ids] = rows[name].to(weight.device, weight.dtype)
 
 
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
@@ -308,7 +277,7 @@ def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
         except ValueError as exc:  # a module name the model does not have
             raise InputError("--lora_target_modules", None, " ".join(str(exc).split())) from None
         new_ids = reasoning_token_ids(tokenizer)
-        for weight in _token_row_weights(model).values():
+        for weight in token_row_weights(model).values():
             train_rows_only(weight, new_ids)
     return model, tokenizer
 
