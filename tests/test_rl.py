@@ -206,6 +206,58 @@ def test_rl_resume_after_crash_matches_uninterrupted(tmp_path, tiny_model_dir, s
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == weights
 
 
+def test_rl_with_lora_trains_adapters_against_its_own_base_and_resumes(
+    tmp_path, tiny_model_dir, small_countdown, monkeypatch
+):
+    """--use_lora, as GRPOConfig's peft users run it: before, an unknown flag, so RL held a
+    full second copy of the model for the KL term and trained every weight."""
+    from safetensors.torch import load_file
+
+    from steiner.infer.generate import load
+
+    loads = []
+    from_pretrained = rl.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        rl.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: loads.append(a[0]) or from_pretrained(*a, **k),
+    )
+    lora = lambda out, **kw: small_rl_config(  # noqa: E731
+        tiny_model_dir, small_countdown, out, use_lora=True, lora_r=4, **kw
+    )
+    whole = run_rl(lora(tmp_path / "whole"), log=lambda r: None)  # 4 steps, checkpoints at 2, 4
+    assert whole["config"]["beta"] > 0 and len(loads) == 1  # the reference is the base itself
+    start, end = (
+        load_file(tiny_model_dir / "model.safetensors"),
+        load_file(tmp_path / "whole" / "model.safetensors"),
+    )
+    assert set(end) == set(start)  # the merged model, loadable anywhere
+    changed = [k for k in start if not torch.equal(start[k], end[k])]
+    assert changed and all("proj" in k for k in changed)  # the adapted layers, nothing else
+    # a crash after checkpoint-2 resumes from the adapter to the same model
+    with pytest.raises(Crash):
+        run_rl(lora(tmp_path / "halves"), log=lambda r: r.get("step") == 3 and _raise(Crash))
+    resumed = run_rl(lora(tmp_path / "halves"), log=lambda r: None)
+    assert resumed["resumed_from"] == str(tmp_path / "halves" / "checkpoint-2")
+    halves = load_file(tmp_path / "halves" / "model.safetensors")
+    assert all(torch.allclose(end[k], halves[k], atol=1e-6) for k in end)
+    # its checkpoints are models to eval, as SFT's LoRA checkpoints are
+    at_4, _ = load(tmp_path / "whole" / "checkpoint-4")
+    assert all(torch.allclose(end[k], v, atol=1e-6) for k, v in at_4.state_dict().items())
+    with pytest.raises(InputError, match="written with --use_lora; expected the same setting"):
+        run_rl(small_rl_config(tiny_model_dir, small_countdown, tmp_path / "halves", steps=5))
+    with pytest.raises(InputError, match="--lora_target_modules: expected --use_lora true"):
+        run_rl(
+            small_rl_config(
+                tiny_model_dir, small_countdown, tmp_path, lora_target_modules=["q_proj"]
+            )
+        )
+
+
+def _raise(exc: type[Exception]) -> None:
+    raise exc
+
+
 def test_each_process_resumes_its_own_generators_and_old_checkpoints_their_cpu_one():
     # before: the CPU generator alone was saved, and on a GPU sampling draws from the GPU's
     gpu = torch.cuda.is_available()

@@ -664,13 +664,17 @@ def test_a_trl_script_recipe_is_told_the_stages_names_for_its_fields(tmp_path):
     )
     with pytest.raises(InputError) as err:
         parse_stage_config(RLStageConfig, ["--config", str(recipe)], "steiner train rl")
-    assert (err.value.path, err.value.message) == (
-        str(recipe),
-        listed + "for model_name_or_path use model; for dataset_name use problems; for "
-        "num_generations use group_size; for max_completion_length use max_new_tokens; for "
-        "per_device_train_batch_size use prompts_per_step (a step samples it times group_size "
-        "completions) (Steiner's names for fields of TRL's scripts); `steiner train rl --help` "
-        "lists them",
+    assert (
+        (err.value.path, err.value.message)
+        == (
+            str(recipe),
+            listed + "for model_name_or_path use model; for dataset_name use problems; for "
+            "use_peft use use_lora; "  # RL has LoRA too
+            "for num_generations use group_size; for max_completion_length use max_new_tokens; for "
+            "per_device_train_batch_size use prompts_per_step (a step samples it times group_size "
+            "completions) (Steiner's names for fields of TRL's scripts); `steiner train rl --help` "
+            "lists them",
+        )
     )
     with pytest.raises(InputError) as err:
         args = ["--model_name_or_path", "m", "--dataset_config", "main", "--warmup_ratio", "0.1"]

@@ -19,7 +19,8 @@ from steiner.io import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKEN_ROWS_FILE = "new_token_rows.safetensors"
-RUN_SETTINGS = "train_settings.json"  # the stage's record, one folder up: its --model
+# the run's record, one folder up, with its --model as an absolute path: SFT/CPT's, RL's
+RUN_SETTINGS = ("train_settings.json", "rl_settings.json")
 
 
 def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
@@ -36,6 +37,20 @@ def token_row_weights(model: Any) -> dict[str, torch.Tensor]:
     if head is not None and head.weight is not weights["embed_tokens"]:
         weights["lm_head"] = head.weight
     return weights
+
+
+def save_token_rows(model: Any, ids: list[int], checkpoint: str | os.PathLike) -> None:
+    """Write the rows of ``ids`` in the input embeddings (and an untied head) beside a LoRA
+    checkpoint's adapter, which does not hold them."""
+    from safetensors.torch import save_file
+
+    weights = token_row_weights(model)
+    if any(w.dim() != 2 or w.shape[0] <= max(ids) for w in weights.values()):
+        # a sharded weight (ZeRO-3, FSDP: untried, no GPU here) holds no whole rows; the
+        # checkpoint goes without them, and resuming from it says so in one line
+        return
+    rows = {name: w.detach()[ids].cpu().contiguous() for name, w in weights.items()}
+    save_file(rows, os.path.join(checkpoint, TOKEN_ROWS_FILE))
 
 
 def load_token_rows(model: Any, ids: list[int], checkpoint: str | os.PathLike) -> None:
@@ -62,7 +77,7 @@ def load_token_rows(model: Any, ids: list[int], checkpoint: str | os.PathLike) -
 def base_model_dir(checkpoint: str | os.PathLike) -> str:
     """The adapter's base model. PEFT records it as the run's ``--model`` was written, often
     relative to where the run was started; from elsewhere, the run's own record
-    (``train_settings.json``, its absolute path) finds it."""
+    (``train_settings.json`` or ``rl_settings.json``, its absolute path) finds it."""
     folder = Path(checkpoint)
     try:
         base = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))[
@@ -73,20 +88,19 @@ def base_model_dir(checkpoint: str | os.PathLike) -> str:
             folder / ADAPTER_CONFIG, None, "expected PEFT's adapter config with its base model"
         ) from None
     candidates = [str(base)] if base else []
-    record = folder.parent / RUN_SETTINGS
-    if record.is_file():
+    for record in (folder.parent / name for name in RUN_SETTINGS):
         try:
             candidates.append(str(json.loads(record.read_text(encoding="utf-8"))["model"]))
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # a hand-edited record: the adapter's own path is all there is
+            pass  # none, or a hand-edited one: the adapter's own path is all there is
     found = next((c for c in candidates if (Path(c) / "config.json").is_file()), None)
     if found is None:
         raise InputError(
             folder / ADAPTER_CONFIG,
             None,
             f"the LoRA adapter's base model {base!r} is not a model directory here "
-            f"(nor is the run's --model in {RUN_SETTINGS}); expected the model the run "
-            "trained from",
+            f"(nor is the run's --model in {' or '.join(RUN_SETTINGS)}); expected the model "
+            "the run trained from",
         )
     return found
 

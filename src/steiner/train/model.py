@@ -177,6 +177,31 @@ def descriptive_words(token: str) -> str:
     )
 
 
+def add_lora(model: Any, cfg: Any) -> Any:
+    """``model`` with LoRA adapters as ``cfg`` sets them (``lora_r``, ``lora_alpha``,
+    ``lora_dropout``, ``lora_target_modules``: TRL's ModelConfig names; ``seed``), for the SFT,
+    CPT and RL stages alike. A module name the model lacks is one error line."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    # the adapter's initial weights are drawn here, before a Trainer seeds itself: an
+    # unseeded draw gave every run of one command another model
+    set_seed(cfg.seed)
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        # peft reads "all-linear" as a string only (in a list it is a module's name)
+        target_modules=targets if targets and targets != ["all-linear"] else "all-linear",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # a module name the model does not have
+        raise InputError("--lora_target_modules", None, " ".join(str(exc).split())) from None
+
+
 def reasoning_token_ids(tokenizer: Any) -> list[int]:
     """The ids of the 14 reasoning tokens, in the format's order."""
     return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]

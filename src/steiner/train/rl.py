@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
-from steiner.format import STEP_END, Trace, parse
+from steiner.format import SPECIAL_TOKENS, STEP_END, Trace, parse
+from steiner.infer.adapters import is_adapter_checkpoint, save_token_rows
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.generate import (
     chat_prompt,
@@ -58,6 +60,7 @@ from steiner.io import (
     source_digests,
     write_json,
 )
+from steiner.train.model import add_lora
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 
@@ -89,6 +92,14 @@ class RLStageConfig:
     # whatever its length, "dapo" every token the same
     loss_type: str = "grpo"
     max_grad_norm: float = 1.0
+    # LoRA adapters (PEFT; TRL's ModelConfig names, SFT's defaults): the policy trains its
+    # adapters only, and the KL term's reference is the same model with them off, not a
+    # second copy. The run ends with the merged model; its checkpoints hold the adapter
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None
     save_steps: int = 50  # checkpoint (model, optimizer, RNG states, history) every N steps
     # each step's record to experiment trackers, as GRPOConfig's report_to (accelerate's
     # trackers: wandb, tensorboard, trackio, mlflow, ...; "all": every one installed)
@@ -296,12 +307,16 @@ def _save_checkpoint(
     process_rng: list[dict[str, Any]],
 ) -> None:
     """Written to a temporary folder, then renamed: a crash never leaves half a checkpoint.
-    With the tokenizer, as the Trainer's are, so that a checkpoint loads like a model."""
+    With the tokenizer, as the Trainer's are, so that a checkpoint loads like a model (under
+    LoRA, the adapter and the 14 tokens' rows, as SFT's LoRA checkpoints: see
+    ``steiner.infer.adapters``)."""
     import shutil
 
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if is_adapter_checkpoint(tmp):
+        save_token_rows(model, [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS], tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(
         {
@@ -357,9 +372,12 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             ("max_grad_norm", 0, " (0: no clipping)"),
             ("vllm_tensor_parallel_size", 1, ""),
             ("top_k", 0, " (0: off)"),
+            ("lora_r", 1, ""),
         ),
     )
-    check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization", "min_p"))
+    check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization", "min_p", "lora_dropout"))
+    if cfg.lora_target_modules and not cfg.use_lora:  # it would be passed over
+        raise InputError("--lora_target_modules", None, "expected --use_lora true with it")
     if not 0 < cfg.top_p <= 1:
         raise InputError("--top_p", None, f"expected > 0 and <= 1 (1: off), got {cfg.top_p}")
     # each weight is a size: the formula gives its sign, so a negative one would reward what it
@@ -471,20 +489,38 @@ def train_rl(
         AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
         .to(accelerator.device)
         .eval()
-        if cfg.beta
+        if cfg.beta and not cfg.use_lora  # under LoRA: the policy with its adapters off
         else None
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    if cfg.use_lora:
+        model = add_lora(model, cfg)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate
+    )
     step_end_id = tok.convert_tokens_to_ids(STEP_END)
     token_ids = TokenIds.from_tokenizer(tok)
     eos, spaces = token_ids.eos, frozenset(token_ids.spaces)
     history: list[dict[str, Any]] = []
     first_step = 1
     if last is not None:
+        if is_adapter_checkpoint(last) != cfg.use_lora:
+            written = "with" if is_adapter_checkpoint(last) else "without"
+            raise InputError(
+                last,
+                None,
+                f"written {written} --use_lora; expected the same setting to resume it (or "
+                "--no_resume to start over)",
+            )
         state = torch.load(last / "state.pt", weights_only=False)
-        model.load_state_dict(
-            AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32).state_dict()
-        )
+        if cfg.use_lora:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(last / "adapter_model.safetensors"))
+        else:
+            model.load_state_dict(
+                AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32).state_dict()
+            )
         opt.load_state_dict(state["optimizer"])
         set_process_rng(state, accelerator.process_index)
         rng.setstate(state["python_rng"])
@@ -542,9 +578,10 @@ def train_rl(
         logp = _logprobs(model, input_ids, attention, n_prompt, cfg.temperature)
         ratio = torch.exp(logp - logp.detach())  # one update per batch: the old policy is this one
         loss_tokens = -ratio * adv
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp = _logprobs(ref, input_ids, attention, n_prompt, cfg.temperature)
+        if cfg.beta:
+            with torch.no_grad(), policy.disable_adapter() if ref is None else nullcontext():
+                reference = policy if ref is None else ref
+                ref_logp = _logprobs(reference, input_ids, attention, n_prompt, cfg.temperature)
             loss_tokens = loss_tokens + cfg.beta * (
                 torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
             )
@@ -601,7 +638,8 @@ def train_rl(
     }
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        policy.save_pretrained(cfg.output_dir)
+        # under LoRA the run's model is the merged one, as SFT's, so that it loads anywhere
+        (policy.merge_and_unload() if cfg.use_lora else policy).save_pretrained(cfg.output_dir)
         tok.padding_side = "right"
         tok.save_pretrained(cfg.output_dir)
         write_json(Path(cfg.output_dir) / "rl_summary.json", summary)

@@ -17,13 +17,12 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainerState,
-    set_seed,
 )
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from steiner.infer.adapters import TOKEN_ROWS_FILE, load_token_rows, token_row_weights
+from steiner.infer.adapters import load_token_rows, save_token_rows, token_row_weights
 from steiner.infer.generate import position_limit
 from steiner.io import (
     InputError,
@@ -39,7 +38,7 @@ from steiner.io import (
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
-from steiner.train.model import reasoning_token_ids
+from steiner.train.model import add_lora, reasoning_token_ids
 
 
 def tokens_spent(state: TrainerState, budget: int | None) -> bool:
@@ -238,44 +237,13 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
     weight.register_hook(lambda grad: grad * mask.to(grad.device))
 
 
-def save_token_rows(model: Any, ids: list[int], checkpoint: str) -> None:
-    """Write the rows of ``ids`` in the input embeddings (and an untied head) beside a LoRA
-    checkpoint's adapter, which does not hold them."""
-    from safetensors.torch import save_file
-
-    weights = token_row_weights(model)
-    if any(w.dim() != 2 or w.shape[0] <= max(ids) for w in weights.values()):
-        # a sharded weight (ZeRO-3, FSDP: untried, no GPU here) holds no whole rows; the
-        # checkpoint goes without them, and resuming from it says so in one line
-        return
-    rows = {name: w.detach()[ids].cpu().contiguous() for name, w in weights.items()}
-    save_file(rows, os.path.join(checkpoint, TOKEN_ROWS_FILE))
-
-
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32
     )
     if cfg.use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        # the adapter's initial weights are drawn here, before the Trainer seeds itself: an
-        # unseeded draw gave every run of one command another model
-        set_seed(cfg.seed)
-        targets = cfg.lora_target_modules
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            # peft reads "all-linear" as a string only (in a list it is a module's name)
-            target_modules=targets if targets and targets != ["all-linear"] else "all-linear",
-            task_type="CAUSAL_LM",
-        )
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as exc:  # a module name the model does not have
-            raise InputError("--lora_target_modules", None, " ".join(str(exc).split())) from None
+        model = add_lora(model, cfg)
         new_ids = reasoning_token_ids(tokenizer)
         for weight in token_row_weights(model).values():
             train_rows_only(weight, new_ids)
