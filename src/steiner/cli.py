@@ -98,11 +98,7 @@ def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
     except UnicodeDecodeError:
         raise InputError(path, None, "not UTF-8 text; expected a YAML mapping of options") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        line = mark.line + 1 if mark else None
-        message = f"invalid YAML: {problem}; expected a mapping of options"
-        raise InputError(path, line, message) from None
+        raise invalid_yaml(exc, str(path), "options") from None
     if given is None:
         return path  # an empty file sets nothing
     if not isinstance(given, dict):
@@ -506,7 +502,7 @@ def synth(
         ", ".join(f"{k}: {v}" for k, v in stats["teacher_faults"].items()) or "none",
     )
     for kind, said in stats["teacher_fault_examples"].items():  # all in stats.json
-        table.add_row(f"  e.g. {kind}", said if len(said) <= 120 else said[:119] + "…")
+        table.add_row(f"  e.g. {kind}", shorten(said, 120))
     rate = stats["paths"] / max(elapsed, 1e-9)  # a real teacher: well under one path a second
     digits = 0 if rate >= 10 else 2
     table.add_row("wall time", f"{elapsed:.1f}s ({rate:.{digits}f} paths/s this run)")
@@ -641,14 +637,18 @@ def parse_stage_config(config_cls: type | tuple[type, ...], args: list[str], pro
     except OSError as exc:  # the --config file
         raise InputError(exc.filename, None, f"cannot open: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = (mark.name, mark.line + 1) if mark else (prog, None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InputError(
-            *where, f"invalid YAML: {problem}; expected a mapping of config fields"
-        ) from None
+        raise invalid_yaml(exc, prog, "config fields") from None
     one_item_lists(given, hints, parsed)
     return parsed if isinstance(config_cls, tuple) else parsed[0]
+
+
+def invalid_yaml(exc: Exception, fallback: str, of: str) -> InputError:
+    """A YAML parse error as one line at its place in the file (``fallback`` where yaml
+    gives none)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = (mark.name, mark.line + 1) if mark else (fallback, None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return InputError(*where, f"invalid YAML: {problem}; expected a mapping of {of}")
 
 
 def read_yaml_with_lines(path: str | Path) -> tuple[Any, dict[str, int]]:
