@@ -254,6 +254,35 @@ def test_rl_with_lora_trains_adapters_against_its_own_base_and_resumes(
         )
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_rl_bf16_is_autocast_over_fp32_weights(
+    tmp_path, tiny_model_dir, small_countdown, monkeypatch, use_lora
+):
+    """GRPOConfig's bf16, which TRL's GRPO users leave on (its default on GPUs): before, an
+    unknown flag and RL ran in fp32 only. The layers compute in bf16, the policy, its KL
+    reference (the second copy, or the policy with its adapters off) and the sampling alike;
+    the weights stay fp32."""
+    from safetensors.torch import load_file
+
+    computed = set()
+    from_pretrained = rl.AutoModelForCausalLM.from_pretrained
+
+    def watched(*args, **kwargs):
+        model = from_pretrained(*args, **kwargs)
+        layer = model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda m, i, out: computed.add((m.weight.dtype, out.dtype)))
+        return model
+
+    monkeypatch.setattr(rl.AutoModelForCausalLM, "from_pretrained", watched)
+    out = tmp_path / "rl"
+    cfg = small_rl_config(
+        tiny_model_dir, small_countdown, out, steps=2, bf16=True, use_lora=use_lora
+    )
+    assert [r["step"] for r in run_rl(cfg, log=lambda r: None)["history"]] == [1, 2]
+    assert computed == {(torch.float32, torch.bfloat16)}
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+
+
 def _raise(exc: type[Exception]) -> None:
     raise exc
 

@@ -92,6 +92,10 @@ class RLStageConfig:
     # whatever its length, "dapo" every token the same
     loss_type: str = "grpo"
     max_grad_norm: float = 1.0
+    # GRPOConfig's bf16 (its default on GPUs): the forwards autocast to bf16, the weights and
+    # the optimizer stay fp32, as the Trainer's mixed precision. Off by default: a CPU runs
+    # bf16 ~10x slower
+    bf16: bool = False
     # LoRA adapters (PEFT; TRL's ModelConfig names, SFT's defaults): the policy trains its
     # adapters only, and the KL term's reference is the same model with them off, not a
     # second copy. The run ends with the merged model; its checkpoints hold the adapter
@@ -534,6 +538,12 @@ def train_rl(
         vllm.sync_weights()  # the engine loaded cfg.model; a resumed run has moved on
     # tensorboard writes under output_dir/steiner-rl; a resumed run logs on from its step
     accelerator.init_trackers("steiner-rl", config=tracker_config(cfg))
+    # --bf16 as torch's autocast around each forward (sampling, policy, reference), not
+    # accelerate's mixed_precision: that is process-wide state, and a process that had made an
+    # Accelerator already (a Trainer's, in an SFT run before) refused another setting
+    bf16_autocast = partial(
+        torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16
+    )
     start = time.perf_counter()
     for step in range(first_step, cfg.steps + 1):
         batch = rng.sample(problems, min(cfg.prompts_per_step, len(problems)))
@@ -546,7 +556,9 @@ def train_rl(
         if cfg.forced_min_share and rng.random() < cfg.forced_min_share:
             forced = rng.randint(2, cfg.forced_min_steps)
         model.eval()
-        completions = sample_completions(policy, tok, enc, cfg, eos, vllm, Budget(min_steps=forced))
+        with bf16_autocast():
+            budget = Budget(min_steps=forced)
+            completions = sample_completions(policy, tok, enc, cfg, eos, vllm, budget)
         scored, ends = [], []
         for i, ids in enumerate(completions):
             problem = batch[i // cfg.group_size]
@@ -575,11 +587,16 @@ def train_rl(
         input_ids = torch.cat([enc["input_ids"], comp], 1)
         attention = torch.cat([enc["attention_mask"], present.long()], 1)
         model.train()
-        logp = _logprobs(model, input_ids, attention, n_prompt, cfg.temperature)
+        with bf16_autocast():
+            logp = _logprobs(model, input_ids, attention, n_prompt, cfg.temperature)
         ratio = torch.exp(logp - logp.detach())  # one update per batch: the old policy is this one
         loss_tokens = -ratio * adv
         if cfg.beta:
-            with torch.no_grad(), policy.disable_adapter() if ref is None else nullcontext():
+            with (
+                torch.no_grad(),
+                bf16_autocast(),
+                policy.disable_adapter() if ref is None else nullcontext(),
+            ):
                 reference = policy if ref is None else ref
                 ref_logp = _logprobs(reference, input_ids, attention, n_prompt, cfg.temperature)
             loss_tokens = loss_tokens + cfg.beta * (
