@@ -556,8 +556,8 @@ def train_rl(
         if cfg.forced_min_share and rng.random() < cfg.forced_min_share:
             forced = rng.randint(2, cfg.forced_min_steps)
         model.eval()
+        budget = Budget(min_steps=forced)
         with bf16_autocast():
-            budget = Budget(min_steps=forced)
             completions = sample_completions(policy, tok, enc, cfg, eos, vllm, budget)
         scored, ends = [], []
         for i, ids in enumerate(completions):
