@@ -283,6 +283,35 @@ def test_rl_bf16_is_autocast_over_fp32_weights(
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_rl_micro_batches_give_the_whole_batchs_update(
+    tmp_path, tiny_model_dir, small_countdown, loss_type
+):
+    """--micro_batch_size: a step's completions go through the model in parts, their gradients
+    summed. Before, every completion's logits were held at once (a large vocabulary's did not
+    fit); the update must not change with the part size."""
+    from safetensors.torch import load_file
+
+    weights, losses = {}, {}
+    for size in (None, 1, 3):
+        out = tmp_path / f"rl-{size}"
+        cfg = small_rl_config(
+            tiny_model_dir, small_countdown, out, steps=2, save_steps=0, group_size=4,
+            loss_type=loss_type, micro_batch_size=size,
+        )  # fmt: skip
+        losses[size] = [r["loss"] for r in run_rl(cfg, log=lambda r: None)["history"]]
+        weights[size] = load_file(out / "model.safetensors")
+    start = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(start[k], weights[None][k]) for k in start)  # it did update
+    for size in (1, 3):  # 8 completions a step: parts of 1, and of 3, 3 and 2
+        assert losses[size] == pytest.approx(losses[None], abs=2e-4)
+        assert all(
+            torch.allclose(weights[None][k], weights[size][k], atol=1e-6) for k in weights[None]
+        )
+    with pytest.raises(InputError, match="--micro_batch_size: expected >= 1, got 0"):
+        run_rl(small_rl_config(tiny_model_dir, small_countdown, tmp_path, micro_batch_size=0))
+
+
 def _raise(exc: type[Exception]) -> None:
     raise exc
 

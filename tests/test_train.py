@@ -1416,12 +1416,13 @@ def test_lora_sft_and_rl_run_in_two_processes(data, tmp_path):
     assert proc.stderr.count("steiner train rl:") == 1
     history = json.loads((rl_out / "rl_summary.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2]
-    # and RL under LoRA: the reference is each process's policy with its adapters off
+    # and RL under LoRA: the reference is each process's policy with its adapters off; in
+    # micro-batches of one, whose gradients are averaged across processes at the last only
     proc = launch(
         "train", "rl", "--model", str(sft), "--output_dir", str(tmp_path / "rl-lora"),
         "--problems", str(data / "shortcut.jsonl"), "--dags", str(data / "synth" / "dags.jsonl"),
         "--steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "16",
-        "--use_lora", "true",
+        "--use_lora", "true", "--micro_batch_size", "1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "rl-lora" / "checkpoint-2" / "adapter_model.safetensors").is_file()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -75,6 +76,9 @@ class RLStageConfig:
     prompts_per_step: int = 4
     group_size: int = 4
     max_new_tokens: int = 256
+    # completions per forward and backward pass (None: the whole step's at once); gradients
+    # are summed over the parts, so the update is the same in less memory
+    micro_batch_size: int | None = None
     # Defaults measured on the graph demo's SFT model (README, Results): without the KL term
     # every run collapsed (lr 1e-4 in 17 steps, 3e-5 by 100 steps: garbage node ids, 0 %);
     # at 1.0 most sampled failures are sampling noise rather than the model's own mistakes,
@@ -297,6 +301,36 @@ def _logprobs(
     )
 
 
+def chunk_loss(
+    cfg: RLStageConfig,
+    model: Any,
+    reference: tuple[Any, Callable[[], Any]],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    rows: slice,
+    n_prompt: int,
+    autocast: Callable[[], Any],
+) -> torch.Tensor:
+    """The step's loss over the completions ``rows`` of ``batch`` (token ids, attention,
+    advantages, loss mask), as their share of the whole batch's: "grpo" weighs each sample
+    1/n, "dapo" each token 1/(the batch's tokens). ``reference`` is the KL term's model and
+    the context to run it in."""
+    input_ids, attention, adv, mask = batch
+    ids, seen = input_ids[rows], attention[rows]
+    with autocast():
+        logp = _logprobs(model, ids, seen, n_prompt, cfg.temperature)
+    ratio = torch.exp(logp - logp.detach())  # one update per batch: the old policy is this one
+    loss_tokens = -ratio * adv[rows]
+    if cfg.beta:
+        ref_model, context = reference
+        with torch.no_grad(), autocast(), context():
+            ref_logp = _logprobs(ref_model, ids, seen, n_prompt, cfg.temperature)
+        loss_tokens = loss_tokens + cfg.beta * (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1)
+    counted = mask[rows]
+    if cfg.loss_type == "grpo":
+        return ((loss_tokens * counted).sum(1) / counted.sum(1)).sum() / len(mask)
+    return (loss_tokens * counted).sum() / mask.sum()
+
+
 SETTINGS_FILE = "rl_settings.json"
 
 
@@ -377,6 +411,7 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             ("vllm_tensor_parallel_size", 1, ""),
             ("top_k", 0, " (0: off)"),
             ("lora_r", 1, ""),
+            ("micro_batch_size", 1, ""),
         ),
     )
     check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization", "min_p", "lora_dropout"))
@@ -544,6 +579,9 @@ def train_rl(
     bf16_autocast = partial(
         torch.autocast, accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16
     )
+    # the KL term's reference (with beta): the starting model, or under LoRA the policy with
+    # its adapters off
+    reference = (policy, policy.disable_adapter) if cfg.use_lora else (ref, nullcontext)
     start = time.perf_counter()
     for step in range(first_step, cfg.steps + 1):
         batch = rng.sample(problems, min(cfg.prompts_per_step, len(problems)))
@@ -587,27 +625,22 @@ def train_rl(
         input_ids = torch.cat([enc["input_ids"], comp], 1)
         attention = torch.cat([enc["attention_mask"], present.long()], 1)
         model.train()
-        with bf16_autocast():
-            logp = _logprobs(model, input_ids, attention, n_prompt, cfg.temperature)
-        ratio = torch.exp(logp - logp.detach())  # one update per batch: the old policy is this one
-        loss_tokens = -ratio * adv
-        if cfg.beta:
-            with (
-                torch.no_grad(),
-                bf16_autocast(),
-                policy.disable_adapter() if ref is None else nullcontext(),
-            ):
-                reference = policy if ref is None else ref
-                ref_logp = _logprobs(reference, input_ids, attention, n_prompt, cfg.temperature)
-            loss_tokens = loss_tokens + cfg.beta * (
-                torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-            )
-        if cfg.loss_type == "grpo":
-            loss = ((loss_tokens * mask).sum(1) / mask.sum(1)).mean()
-        else:
-            loss = (loss_tokens * mask).sum() / mask.sum()
+        batch = (input_ids, attention, adv, mask)
+        # --micro_batch_size completions per forward and backward, their gradients summed: the
+        # same update as the whole batch at once, in the memory of a part (a large vocabulary's
+        # logits for every completion of a step did not fit)
         opt.zero_grad()
-        accelerator.backward(loss)
+        size = cfg.micro_batch_size or len(completions)
+        starts = range(0, len(completions), size)
+        loss = torch.zeros(())
+        for start_row in starts:
+            last_chunk = start_row == starts[-1]
+            # gradients are averaged across processes once, at the last part
+            with nullcontext() if last_chunk else accelerator.no_sync(model):
+                rows = slice(start_row, start_row + size)
+                part = chunk_loss(cfg, model, reference, batch, rows, n_prompt, bf16_autocast)
+                accelerator.backward(part)
+            loss += part.detach().cpu()
         if cfg.max_grad_norm > 0:  # 0: no clipping, as in transformers' Trainer
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
