@@ -1384,7 +1384,8 @@ def test_lora_sft_and_rl_run_in_two_processes(data, tmp_path):
             # TMPDIR: torchrun leaves a torchelastic_* folder there after every launch
             env={
                 **os.environ,
-                "ACCELERATE_USE_CPU": "true",
+                # no ACCELERATE_USE_CPU, as a user types it: RL's processes each took themselves
+                # for the only one without it, and the second stopped at the output lock
                 # two processes on a one-GPU machine: rank 1's barrier asked for cuda:1
                 "CUDA_VISIBLE_DEVICES": "",
                 "COLUMNS": "200",

@@ -431,7 +431,14 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
     if cfg.forced_min_steps < 2:
         raise InputError("--forced_min_steps", None, f"expected >= 2, got {cfg.forced_min_steps}")
     trackers = check_trackers(cfg.report_to)
-    accelerator = Accelerator(log_with=trackers or None, project_dir=cfg.output_dir)
+    # cpu: under torchrun on a machine without a GPU, as the Trainer's use_cpu does for SFT;
+    # without it each process took itself for the only one, and the second stopped at the
+    # output lock ("another run is writing here") unless ACCELERATE_USE_CPU was set
+    accelerator = Accelerator(
+        log_with=trackers or None,
+        project_dir=cfg.output_dir,
+        cpu=not torch.cuda.is_available(),
+    )
     if cfg.prompts_per_step % accelerator.num_processes:
         raise InputError(
             "--prompts_per_step",
