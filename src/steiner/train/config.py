@@ -20,6 +20,7 @@ import torch
 from trl import SFTConfig
 
 from steiner.io import InputError, check_at_least, check_logger_names, check_seed, check_share
+from steiner.train.model import check_lora_settings
 
 _NO_GPU = not torch.cuda.is_available()
 
@@ -139,12 +140,9 @@ class _StageMixin:
                 ("max_length", 1, " tokens"),
                 ("max_train_tokens", 1, ""),
                 ("learning_rate", 0, ""),
-                ("lora_r", 1, ""),
             ),
         )
-        check_share(self, ("lora_dropout",))
-        if self.lora_target_modules and not self.use_lora:  # it would be passed over
-            raise InputError("--lora_target_modules", None, "expected --use_lora true with it")
+        check_lora_settings(self)
         # transformers trains -1 (unset) by epochs, and max_steps 0 not at all
         if self.max_steps == 0 or self.max_steps < -1:
             raise InputError(

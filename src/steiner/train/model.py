@@ -32,8 +32,10 @@ from transformers import (
 from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
 from steiner.io import (
     InputError,
+    check_at_least,
     check_model_dir,
     check_output_dir,
+    check_share,
     is_plain_text,
     read_text_input,
     source_rows,
@@ -175,6 +177,15 @@ def descriptive_words(token: str) -> str:
     return {"im start": "message start", "im end": "message end", "endoftext": "end of text"}.get(
         words, words
     )
+
+
+def check_lora_settings(cfg: Any) -> None:
+    """The LoRA settings of a stage's config (SFT, CPT or RL) that no run could use, as one
+    error line before anything loads."""
+    check_at_least(cfg, (("lora_r", 1, ""),))
+    check_share(cfg, ("lora_dropout",))
+    if cfg.lora_target_modules and not cfg.use_lora:  # it would be passed over
+        raise InputError("--lora_target_modules", None, "expected --use_lora true with it")
 
 
 def add_lora(model: Any, cfg: Any) -> Any:

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
-from steiner.format import SPECIAL_TOKENS, STEP_END, Trace, parse
+from steiner.format import STEP_END, Trace, parse
 from steiner.infer.adapters import is_adapter_checkpoint, save_token_rows
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.generate import (
@@ -61,7 +61,7 @@ from steiner.io import (
     source_digests,
     write_json,
 )
-from steiner.train.model import add_lora
+from steiner.train.model import add_lora, check_lora_settings, reasoning_token_ids
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 
@@ -354,7 +354,7 @@ def _save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     if is_adapter_checkpoint(tmp):
-        save_token_rows(model, [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS], tmp)
+        save_token_rows(model, reasoning_token_ids(tokenizer), tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(
         {
@@ -410,13 +410,11 @@ def run_rl(cfg: RLStageConfig, log=print) -> dict[str, Any]:
             ("max_grad_norm", 0, " (0: no clipping)"),
             ("vllm_tensor_parallel_size", 1, ""),
             ("top_k", 0, " (0: off)"),
-            ("lora_r", 1, ""),
             ("micro_batch_size", 1, ""),
         ),
     )
-    check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization", "min_p", "lora_dropout"))
-    if cfg.lora_target_modules and not cfg.use_lora:  # it would be passed over
-        raise InputError("--lora_target_modules", None, "expected --use_lora true with it")
+    check_share(cfg, ("forced_min_share", "vllm_gpu_memory_utilization", "min_p"))
+    check_lora_settings(cfg)
     if not 0 < cfg.top_p <= 1:
         raise InputError("--top_p", None, f"expected > 0 and <= 1 (1: off), got {cfg.top_p}")
     # each weight is a size: the formula gives its sign, so a negative one would reward what it
