@@ -511,6 +511,36 @@ def test_a_lora_checkpoint_loads_as_the_model_of_its_step(data, tmp_path, monkey
         load(out / "checkpoint-1")
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_sft_bf16_is_autocast_over_fp32_weights(data, tmp_path, monkeypatch, use_lora):
+    """--bf16 as Transformers' Trainer and TRL mean it: mixed precision, the layers computing in
+    bf16 over fp32 weights and optimizer. Before, SFT loaded the model in bf16 and trained the
+    bf16 weights themselves (no fp32 master copy), unlike RL's --bf16 and TRL's."""
+    from safetensors.torch import load_file
+
+    from steiner.train import trainer
+
+    computed = set()
+    from_pretrained = trainer.AutoModelForCausalLM.from_pretrained
+
+    def watched(*args, **kwargs):
+        model = from_pretrained(*args, **kwargs)
+        layer = model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda m, i, out: computed.add((m.weight.dtype, out.dtype)))
+        return model
+
+    monkeypatch.setattr(trainer.AutoModelForCausalLM, "from_pretrained", watched)
+    out = tmp_path / "sft"
+    summary = run_sft(
+        quick(SFTStageConfig, tmp_path, "sft", model=str(data / "init"),
+              data=str(data / "synth" / "paths.jsonl"), max_steps=2, bf16=True,
+              use_lora=use_lora)
+    )  # fmt: skip
+    assert summary["steps"] == 2
+    assert computed == {(torch.float32, torch.bfloat16)}
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """A stand-in for the Hub's API: it records what each upload holds (the files, less the

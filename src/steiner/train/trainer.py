@@ -239,9 +239,10 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
 
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32
-    )
+    # fp32 weights whatever --bf16 says: the Trainer's bf16 is mixed precision (an autocast over
+    # fp32 weights and optimizer), as in TRL and RL's --bf16; bf16 weights would train without
+    # an fp32 master copy, losing the small updates
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     if cfg.use_lora:
         model = add_lora(model, cfg)
         new_ids = reasoning_token_ids(tokenizer)
