@@ -283,6 +283,48 @@ def test_rl_bf16_is_autocast_over_fp32_weights(
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_rl_loss_computes_the_completions_logits_only(
+    tmp_path, tiny_model_dir, small_countdown, monkeypatch, use_lora
+):
+    """The policy's and the reference's log-probabilities come from the completion's positions
+    only (``logits_to_keep``, as in TRL's GRPO). Before, the model computed the prompt's
+    logits too, a vocabulary wide each, and the loss dropped them."""
+    from steiner.train.rl import _logprobs
+
+    shapes = []
+    from_pretrained = rl.AutoModelForCausalLM.from_pretrained
+
+    def watched(*args, **kwargs):
+        model = from_pretrained(*args, **kwargs)
+
+        def record(module, args, kwargs, out):
+            shapes.append((kwargs["input_ids"].shape[1], out.logits.shape[1]))
+
+        model.register_forward_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(rl.AutoModelForCausalLM, "from_pretrained", watched)
+    cfg = small_rl_config(tiny_model_dir, small_countdown, tmp_path / "rl", steps=1,
+                          use_lora=use_lora)  # fmt: skip
+    run_rl(cfg, log=lambda r: None)
+    # sampling: one prefill over the prompts (the last position's logits), then a token at a
+    # time; the loss: the policy's forward and the KL reference's over prompt + completion
+    [n_prompt] = {seen for seen, kept in shapes if seen > 1 and kept == 1}
+    loss_calls = [(seen, kept) for seen, kept in shapes if seen > n_prompt]
+    assert len(loss_calls) == 2, shapes
+    assert all(kept == seen - n_prompt + 1 for seen, kept in loss_calls), (n_prompt, shapes)
+
+    # the same values as log_softmax-then-gather over every position, at a temperature
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    attention = torch.ones_like(ids)
+    attention[0, :2] = 0  # a left-padded prompt
+    naive = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits / 0.7, -1)
+    naive = naive[:, 4:-1].gather(-1, ids[:, 5:, None]).squeeze(-1)
+    assert torch.allclose(_logprobs(model, ids, attention, 5, 0.7), naive, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_rl_micro_batches_give_the_whole_batchs_update(
     tmp_path, tiny_model_dir, small_countdown, loss_type

@@ -18,6 +18,7 @@ are averaged across processes.
 from __future__ import annotations
 
 import argparse
+import inspect
 import random
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from unittest.mock import patch
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import extract_model_from_parallel, gather_object
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steiner.dag import read_dags
@@ -293,12 +294,27 @@ def _logprobs(
 ) -> torch.Tensor:
     """Log-probabilities of the completion tokens under the distribution they were sampled
     from (logits divided by the sampling temperature, as TRL does), so the update stays
-    on-policy at any temperature."""
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, n_prompt - 1 : -1]
+    on-policy at any temperature.
+
+    As in TRL's GRPO, the model computes the completion's logits only (``logits_to_keep``):
+    the prompt's, a vocabulary wide each, were computed and dropped
+    (``benchmarks/bench_rl_logits.py``)."""
+    kept = input_ids.shape[1] - n_prompt + 1
+    extra = {"logits_to_keep": kept} if _takes_logits_to_keep(model) else {}
+    # a model without logits_to_keep returns every position's: the same slice holds either way
+    logits = model(input_ids=input_ids, attention_mask=attention, **extra).logits[:, -kept:-1]
     logits = logits / temperature
     return (
         torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, n_prompt:, None]).squeeze(-1)
     )
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model under its wrappers (DDP, FSDP, DeepSpeed, PEFT) takes
+    ``logits_to_keep``; the wrappers' own forwards pass it on but do not name it."""
+    inner = extract_model_from_parallel(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def chunk_loss(
