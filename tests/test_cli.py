@@ -402,6 +402,32 @@ except (Terminated, KeyboardInterrupt) as exc:
     assert "Exception ignored" not in proc.stderr, proc.stderr
 
 
+def test_text_that_looks_like_rich_markup_is_printed_as_written(tmp_path, tiny_model_dir):
+    """Paths, questions and model or teacher text are data, not rich markup. Before, a
+    closing tag in them ("[/INST]", as a misconfigured teacher writes it) was a MarkupError
+    traceback, and a bracketed name ("runs/[exp]/...") printed with the brackets gone."""
+    run = tmp_path / "[exp]"
+    run.mkdir()
+    shortcut, synth = run / "sc.jsonl", run / "synth"
+    proc = steiner("graph", "generate", "--count", "2", "--shortcut", "--out", str(shortcut))
+    assert proc.returncode == 0, proc.stderr
+    shown = lambda proc: "".join((proc.stdout + proc.stderr).splitlines())  # noqa: E731
+    assert f"{run}/sc.jsonl" in shown(proc), proc.stderr
+    proc = steiner("synth", "--shortcut", str(shortcut), "--out", str(synth))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{run}/synth" in shown(proc), proc.stderr
+    dag = json.loads((synth / "dags.jsonl").read_text().splitlines()[0])
+    dag["nodes"][1] |= {"key": None, "text": "[/INST] check [bold]8>4"}
+    (tmp_path / "dag.jsonl").write_text(json.dumps(dag) + "\n")
+    proc = steiner("dag", "show", "--id", dag["problem_id"], str(tmp_path / "dag.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    assert "[/INST] check [bold]8>4" in proc.stdout, proc.stdout
+    question = "Go [/x] from [red]1 to 2"
+    proc = steiner("generate", "--model", str(tiny_model_dir), "--max-new-tokens", "8", question)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == question, proc.stdout
+
+
 def test_generate_refuses_an_empty_question_before_loading_the_model(tiny_model_dir):
     # before: the model answered an empty user message (an unset shell variable, most likely)
     for question in ("", "  \n"):

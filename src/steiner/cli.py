@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -202,7 +203,7 @@ def countdown_generate(
     except ValueError as exc:  # ranges that reach no target
         raise typer.BadParameter(str(exc)) from None
     console.print(
-        f"wrote {n} {'shortcut records' if shortcut else 'problems'} to {out_path} "
+        f"wrote {n} {'shortcut records' if shortcut else 'problems'} to {escape(str(out_path))} "
         f"in {time.perf_counter() - start:.1f}s (seed {seed})"
     )
 
@@ -277,8 +278,8 @@ def graph_generate(
     n = write_generated(out_path, problems, count, graph.shortcut_record, shortcut)
     console.print(
         f"wrote {n} {'shortcut records' if shortcut else 'problems'} ({kind}, D={degree}, "
-        f"L={arm_length}, N={nodes}) to {out_path} in {time.perf_counter() - start:.1f}s "
-        f"(seed {seed})"
+        f"L={arm_length}, N={nodes}) to {escape(str(out_path))} "
+        f"in {time.perf_counter() - start:.1f}s (seed {seed})"
     )
 
 
@@ -317,7 +318,7 @@ def format_check(
         print(e)  # plain lines, never wrapped: they are meant for grep and editors
     if len(errors) > max_errors:
         print(f"... and {len(errors) - max_errors} more")
-    table = Table(title=f"format check: {path}")
+    table = Table(title=f"format check: {escape(str(path))}")
     for col in ("records", "traces", "steps", "backtracks", "errors"):
         table.add_column(col, justify="right")
     table.add_row(*map(str, (records, traces, steps, backtracks, len(errors))))
@@ -478,7 +479,7 @@ def synth(
         stats = run_synth(cfg, progress=report)
     elapsed = time.perf_counter() - start
     files = output_paths(cfg)
-    table = Table(title=f"steiner synth: {out}")
+    table = Table(title=f"steiner synth: {escape(str(out))}")
     table.add_column("what")
     table.add_column("value", justify="right")
     for key in (
@@ -502,11 +503,12 @@ def synth(
         ", ".join(f"{k}: {v}" for k, v in stats["teacher_faults"].items()) or "none",
     )
     for kind, said in stats["teacher_fault_examples"].items():  # all in stats.json
-        table.add_row(f"  e.g. {kind}", shorten(said, 120))
+        table.add_row(f"  e.g. {kind}", escape(shorten(said, 120)))
     rate = stats["paths"] / max(elapsed, 1e-9)  # a real teacher: well under one path a second
     digits = 0 if rate >= 10 else 2
     table.add_row("wall time", f"{elapsed:.1f}s ({rate:.{digits}f} paths/s this run)")
-    table.add_row("files", f"{files['dags'].name}, {files['paths'].name}, {files['stats'].name}")
+    names = (files[k].name for k in ("dags", "paths", "stats"))
+    table.add_row("files", escape(", ".join(names)))
     console.print(table)
     if stats["dags"] and not stats["paths"]:
         # else the first word of it was `train sft`'s "no records" a stage later
@@ -566,7 +568,7 @@ def dag_show(
         )
         text = n.key if n.key is not None else n.text
         stats = f"e_in={n.e_in} e_out={n.e_out} d_s={n.d_s} d_e={n.d_e}"
-        return f"[bold]{node_id}[/] {text} [dim]({stats})[/]{tag}"
+        return f"[bold]{node_id}[/] {escape(text)} [dim]({stats})[/]{tag}"
 
     shown: set[int] = set()
 
@@ -579,7 +581,7 @@ def dag_show(
             grow(tree.add(label(child)), child)
 
     question = shorten(dag.node(dag.root).text, 80)
-    root = Tree(f"[bold]{dag.root}[/] problem {dag.problem_id}: {question}")
+    root = Tree(f"[bold]{dag.root}[/] problem {escape(dag.problem_id)}: {escape(question)}")
     shown.add(dag.root)
     grow(root, dag.root)
     out.print(root)
@@ -592,7 +594,7 @@ def dag_show(
             lines.append(f"  {n.id} [label={label}, color={color}];")
         lines += [f"  {u} -> {v};" for u, v in dag.edges]
         write_lines(dot, ["\n".join(lines + ["}"]) + "\n"])
-        console.print(f"wrote {dot}")
+        console.print(f"wrote {escape(str(dot))}")
 
 
 train_app = typer.Typer(
@@ -834,7 +836,7 @@ def unknown_fields_error(message: str, args: list[str], prog: str, fields: set[s
 def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
     if not local_main_process():
         return
-    table = Table(title=f"steiner train {summary['stage']}: {output_dir}")
+    table = Table(title=f"steiner train {summary['stage']}: {escape(str(output_dir))}")
     table.add_column("what")
     table.add_column("value", justify="right")
     # examples whose prompt fills --max_length, which TRL leaves out
@@ -855,7 +857,8 @@ def print_training_summary(summary: dict[str, Any], output_dir: str) -> None:
     ):
         value = summary[key]
         table.add_row(
-            key, f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value)
+            key,
+            f"{value:.4f}" if isinstance(value, float) and "loss" in key else escape(str(value)),
         )
         if key == "examples" and summary.get("max_length") != summary.get("max_length_asked"):
             asked = summary.get("max_length_asked")
@@ -889,8 +892,8 @@ def train_init(ctx: typer.Context) -> None:
         cfg.seed,
     )
     console.print(
-        f"{summary['origin']}: {summary['parameters']:,} parameters, vocabulary "
-        f"{summary['vocab_size']}, saved to {cfg.output_dir}"
+        f"{escape(summary['origin'])}: {summary['parameters']:,} parameters, vocabulary "
+        f"{summary['vocab_size']}, saved to {escape(str(cfg.output_dir))}"
     )
 
 
@@ -938,7 +941,8 @@ def train_rl(ctx: typer.Context) -> None:
             if not local_main_process():
                 return
             if "resumed_from" in record:
-                console.print(f"resumed from {record['resumed_from']} (step {record['step']})")
+                resumed = escape(str(record["resumed_from"]))
+                console.print(f"resumed from {resumed} (step {record['step']})")
             elif record["step"] % 10 == 0 or record["step"] == cfg.steps:
                 console.print({k: v for k, v in record.items() if k != "terms"})
 
@@ -955,7 +959,7 @@ def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
         return
     history = summary["history"]
     k = fifth(len(history))  # the columns' heading says what first_and_last_fifth averages
-    table = Table(title=f"steiner train rl: {output_dir}")
+    table = Table(title=f"steiner train rl: {escape(str(output_dir))}")
     table.add_column("what")
     table.add_column(f"first {k} steps", justify="right")
     table.add_column(f"last {k} steps", justify="right")
@@ -965,7 +969,7 @@ def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
     table.add_section()
     table.add_row("steps", str(history[-1]["step"]), "")
     table.add_row("train_seconds", str(summary["train_seconds"]), "")
-    table.add_row("resumed_from", str(summary["resumed_from"]), "")
+    table.add_row("resumed_from", escape(str(summary["resumed_from"])), "")
     console.print(table)
 
 
@@ -1088,17 +1092,17 @@ def generate_cmd(
             )
         )
         return
-    tree = Tree(f"[bold]{question}[/]")
+    tree = Tree(f"[bold]{escape(question)}[/]")
     for i, step in enumerate(done.trace.steps):
         decision = done.trace.decisions[i] if i < len(done.trace.decisions) else None
         backtracked = decision is Decision.BACKTRACK
         node = tree.add(
-            f"[bold {'red' if backtracked else 'cyan'}]{i + 1}. {step.name}[/]"
+            f"[bold {'red' if backtracked else 'cyan'}]{i + 1}. {escape(step.name)}[/]"
             + ("  [red]<- backtrack[/]" if backtracked else "")
         )
-        node.add(f"[dim]summary:[/] {step.summary}")
-        node.add(f"[dim]reflection:[/] {step.reflection}")
-    tree.add(f"[bold green]answer:[/] {done.answer}")
+        node.add(f"[dim]summary:[/] {escape(step.summary)}")
+        node.add(f"[dim]reflection:[/] {escape(step.reflection)}")
+    tree.add(f"[bold green]answer:[/] {escape(done.answer)}")
     out.print(tree)
     console.print(
         f"{done.trace.n_steps} steps, {done.trace.n_backtracks} backtracks, "
@@ -1122,7 +1126,7 @@ def serve_cmd(
     from steiner.infer.server import ServerSettings, check_address, serve
 
     check_address(host, port)
-    console.print(f"serving {model} on http://{host}:{port}/v1")
+    console.print(f"serving {escape(str(model))} on http://{escape(host)}:{port}/v1")
     serve(
         ServerSettings(str(model), model_name, max_batch, max_tokens_limit=max_tokens_limit),
         host,
@@ -1180,7 +1184,7 @@ def eval_cmd(
     with progress_bar() as bar:
         task = bar.add_task("eval", total=None)
         m = evaluate(cfg, progress=lambda d, t: bar.update(task, completed=d, total=t))
-    table = Table(title=f"steiner eval: {model} on {problems}")
+    table = Table(title=escape(f"steiner eval: {model} on {problems}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     lo, hi = m["pass@1_ci95"]
@@ -1256,7 +1260,7 @@ def scale_cmd(
     with progress_bar() as bar:
         task = bar.add_task("scale", total=len(levels) * len(modes))
         result = run_scale(base, levels, modes, progress=lambda d, t: bar.update(task, completed=d))
-    table = Table(title=f"steiner scale: {model}")
+    table = Table(title=escape(f"steiner scale: {model}"))
     for col in ("mode", "budget", "accuracy", "reasoning tokens", "steps", "control"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
@@ -1274,7 +1278,7 @@ def scale_cmd(
             f"{m}: Control {100 * v['control']:.0f}%, Scaling {v['scaling']:.4f}/step, "
             f"Performance {100 * v['performance']:.1f}%, monotone: {v['monotone']}"
         )
-    console.print(f"wrote {out / 'scale.json'}, {out / 'scale.csv'}, {out / 'scale.png'}")
+    console.print(escape(f"wrote {out / 'scale.json'}, {out / 'scale.csv'}, {out / 'scale.png'}"))
 
 
 @app.command("probe-latency")
@@ -1318,7 +1322,7 @@ def probe_latency_cmd(
     console.print(
         f"{s['n']} requests: seconds ≈ {s['intercept_s']:.4f} + "
         f"{1000 * s['seconds_per_token']:.3f} ms "
-        f"× tokens, R² = {s['r2']:.3f}; wrote {out / 'latency.png'}"
+        f"× tokens, R² = {s['r2']:.3f}; wrote {escape(str(out / 'latency.png'))}"
     )
 
 
@@ -1328,11 +1332,11 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]
     from steiner.evaluate.report import build_report
 
     paths = build_report(run_dir)
-    console.print(f"wrote {paths['markdown']} and {paths['html']}")
+    console.print(escape(f"wrote {paths['markdown']} and {paths['html']}"))
     if paths["skipped"]:
         names = ", ".join(str(p) for p in paths["skipped"][:3])
         more = f" and {len(paths['skipped']) - 3} more" if len(paths["skipped"]) > 3 else ""
-        console.print(f"not read (not Steiner's files; why: in the report): {names}{more}")
+        console.print(escape(f"not read (not Steiner's files; why: in the report): {names}{more}"))
 
 
 @app.command("demo")
@@ -1369,15 +1373,15 @@ def demo(
     check_output_dir(out_dir, "--out")
     for name in domains:
         run_dir = out_dir / name if len(domains) > 1 else out_dir
-        console.rule(f"steiner demo: {profile} profile, {name} domain -> {run_dir}")
+        console.rule(escape(f"steiner demo: {profile} profile, {name} domain -> {run_dir}"))
 
         def on_stage(stage: str, record: dict[str, Any], skipped: bool) -> None:
             shown = {k: v for k, v in record.items() if k not in ("stage", "seconds")}
             note = "done earlier" if skipped else f"{record['seconds']:.1f}s"
-            console.print(f"[bold]{stage:<20}[/] {note:>12}  [dim]{json.dumps(shown)}[/]")
+            console.print(f"[bold]{stage:<20}[/] {note:>12}  [dim]{escape(json.dumps(shown))}[/]")
 
         summary = run_demo(profile, name, run_dir, problems, seed, on_stage=on_stage)
-        table = Table(title=f"steiner demo ({name}): {run_dir / 'report.md'}")
+        table = Table(title=escape(f"steiner demo ({name}): {run_dir / 'report.md'}"))
         table.add_column("target")
         table.add_column("measured")
         table.add_column("met")
