@@ -428,6 +428,22 @@ def test_text_that_looks_like_rich_markup_is_printed_as_written(tmp_path, tiny_m
     assert proc.stdout.splitlines()[0] == question, proc.stdout
 
 
+def test_generate_reads_the_question_from_stdin_given_a_dash(tiny_model_dir):
+    # a long or multi-line question, piped; before, "-" itself was the question
+    args = [sys.executable, "-m", "steiner.cli", "generate", "--model", str(tiny_model_dir)]
+    question = "Find a path from 1 to 2.\nEdges: 1>2"
+    piped = subprocess.run(
+        [*args, "--max-new-tokens", "8", "--json", "-"],
+        input=question + "\n", capture_output=True, text=True,
+    )  # fmt: skip
+    typed = steiner("generate", "--model", str(tiny_model_dir), "--max-new-tokens", "8",
+                    "--json", question)  # fmt: skip
+    assert piped.returncode == 0 and typed.returncode == 0, piped.stderr + typed.stderr
+    assert piped.stdout == typed.stdout
+    empty = subprocess.run([*args, "-"], input="\n", capture_output=True, text=True)
+    assert_one_line_error(empty, "QUESTION: expected a question, got empty text")
+
+
 def test_generate_refuses_an_empty_question_before_loading_the_model(tiny_model_dir):
     # before: the model answered an empty user message (an unset shell variable, most likely)
     for question in ("", "  \n"):

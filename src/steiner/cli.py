@@ -1030,7 +1030,9 @@ ExtendWith = Annotated[
 @app.command("generate")
 def generate_cmd(
     model: ModelDirectory,
-    question: Annotated[str, typer.Argument(help="The question (one user message).")],
+    question: Annotated[
+        str, typer.Argument(help="The question (one user message); - reads it from stdin.")
+    ],
     min_steps: Annotated[int, typer.Option(min=0)] = 0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
     max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
@@ -1051,6 +1053,8 @@ def generate_cmd(
     from steiner.infer.budget import Budget
     from steiner.infer.generate import count_prompt_tokens, generate, load, position_limit
 
+    if question == "-":  # a long or multi-line question, piped or from a file
+        question = sys.stdin.read().strip()
     if not question.strip():  # an unset shell variable, most likely: not worth a model load
         raise InputError("QUESTION", None, "expected a question, got empty text")
     budget = Budget.from_flags(
