@@ -702,3 +702,53 @@ def test_eval_and_scale_take_the_budgets_step_length_cap_and_extend_with(
     del stored["max_step_tokens"]
     old.write_text(json.dumps(stored))
     run("eval", tmp_path / "free", "--min-steps", "2", "--max-steps", "2")
+
+
+def test_the_reports_example_trace_shows_model_text_as_written(tmp_path):
+    """Model output and questions are data: Python-Markdown passes raw HTML through and reads
+    * _ ` | as markup. Before, a step writing <script> put a script into report.html, <think>
+    vanished from the page, and a*b*c printed as a, italic b, c."""
+    from html.parser import HTMLParser
+
+    from steiner.evaluate.report import build_report
+
+    question = "Is 3 < 4, and is <b>this</b> bold?"
+    step = {
+        "name": "<script>alert(1)</script>",
+        "thought": "a*b*c and x_1_2\n\n- not a list",
+        "summary": "left|right `q`",
+        "reflection": "[link](http://x) \\ done",
+    }
+    shown = {"steps": [step], "decisions": ["end"], "answer": "<think>7"}
+    output = {"correct": True, "n_backtracks": 1, "trace": shown}
+    run = tmp_path / "eval" / "rl"
+    run.mkdir(parents=True)
+    (run / "outputs.jsonl").write_text(
+        json.dumps({"id": "p1", "question": question, "outputs": [output]}) + "\n"
+    )
+    html = build_report(tmp_path)["html"].read_text()
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    page = Page()
+    page.feed(html)
+    assert not {"script", "b", "think", "a", "ul"} & set(page.tags), page.tags
+    text = " ".join("".join(page.text).split())
+    for written in (question, step["name"], "a*b*c and x_1_2 - not a list", step["summary"],
+                    step["reflection"], "<think>7"):  # fmt: skip
+        assert written in text, (written, text)
+    # an answer or id without a backtick stays inline code, as the demo's report shows it
+    output["trace"]["answer"] = "33 42 <b>"
+    (run / "outputs.jsonl").write_text(json.dumps({"id": "p`1", "outputs": [output]}) + "\n")
+    report = build_report(tmp_path)
+    assert "Problem p\\`1: " in report["markdown"].read_text()
+    assert "Answer: <code>33 42 &lt;b&gt;</code> (correct)" in report["html"].read_text()

@@ -4,6 +4,7 @@ synthesis stats, training summaries, eval metrics, scaling and latency results a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,24 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return out + [""]
+
+
+# Python-Markdown passes raw HTML through and reads these as markup; neither it nor the
+# standard library escapes text for Markdown, so model output and questions go through this
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
+
+
+def _md_text(text: str) -> str:
+    """``text`` as it is, in one Markdown line: its markup characters escaped, ``<`` as an
+    entity (a tag would be kept as HTML) and its line breaks as spaces."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split())).replace("<", "&lt;")
+
+
+def _md_code(text: str) -> str:
+    """``text`` as inline code (Markdown escapes a code span's HTML itself), or as escaped text
+    when a backtick in it would end the span."""
+    line = " ".join(text.split())
+    return f"`{line}`" if "`" not in line else _md_text(line)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -232,14 +251,18 @@ def example_trace(root: Path, skipped: list[tuple[Path, str]]) -> list[str]:
                 skipped.append((path, f"not a Steiner outputs.jsonl: {why}"))
                 break
             lines = [f"## Example trace with a backtrack ({_rel(path.parent, root)})", ""]
-            lines += [f"Problem `{rec['id']}`: {rec.get('question', '')}", ""]
+            question = _md_text(str(rec.get("question", "")))
+            lines += [f"Problem {_md_code(str(rec['id']))}: {question}", ""]
             for i, step in enumerate(trace.steps):
                 decision = trace.decisions[i] if i < len(trace.decisions) else "-"
-                lines.append(
-                    f"{i + 1}. **{step.name}** — {step.thought} → {step.summary} "
-                    f"(*{step.reflection}*) → `{decision}`"
+                name, thought, summary, reflection = map(
+                    _md_text, (step.name, step.thought, step.summary, step.reflection)
                 )
-            return lines + ["", f"Answer: `{trace.answer}` (correct)", ""]
+                lines.append(
+                    f"{i + 1}. **{name}** — {thought} → {summary} (*{reflection}*) → "
+                    f"{_md_code(decision)}"
+                )
+            return lines + ["", f"Answer: {_md_code(trace.answer)} (correct)", ""]
     return []
 
 
