@@ -721,12 +721,13 @@ def test_the_reports_example_trace_shows_model_text_as_written(tmp_path):
     }
     shown = {"steps": [step], "decisions": ["end"], "answer": "<think>7"}
     output = {"correct": True, "n_backtracks": 1, "trace": shown}
-    run = tmp_path / "eval" / "rl"
+    root = tmp_path / "<i>run"  # the page's title and heading name the directory
+    run = root / "eval" / "rl"
     run.mkdir(parents=True)
     (run / "outputs.jsonl").write_text(
         json.dumps({"id": "p1", "question": question, "outputs": [output]}) + "\n"
     )
-    html = build_report(tmp_path)["html"].read_text()
+    html = build_report(root)["html"].read_text()
 
     class Page(HTMLParser):
         def __init__(self):
@@ -741,14 +742,16 @@ def test_the_reports_example_trace_shows_model_text_as_written(tmp_path):
 
     page = Page()
     page.feed(html)
-    assert not {"script", "b", "think", "a", "ul"} & set(page.tags), page.tags
+    assert not {"script", "b", "think", "a", "ul", "i"} & set(page.tags), page.tags
+    assert "<title>&lt;i&gt;run</title>" in html
     text = " ".join("".join(page.text).split())
-    for written in (question, step["name"], "a*b*c and x_1_2 - not a list", step["summary"],
-                    step["reflection"], "<think>7"):  # fmt: skip
+    for written in ("Steiner report: <i>run", question, step["name"],
+                    "a*b*c and x_1_2 - not a list", step["summary"], step["reflection"],
+                    "<think>7"):  # fmt: skip
         assert written in text, (written, text)
     # an answer or id without a backtick stays inline code, as the demo's report shows it
     output["trace"]["answer"] = "33 42 <b>"
     (run / "outputs.jsonl").write_text(json.dumps({"id": "p`1", "outputs": [output]}) + "\n")
-    report = build_report(tmp_path)
+    report = build_report(root)
     assert "Problem p\\`1: " in report["markdown"].read_text()
     assert "Answer: <code>33 42 &lt;b&gt;</code> (correct)" in report["html"].read_text()

@@ -3,6 +3,7 @@ synthesis stats, training summaries, eval metrics, scaling and latency results a
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -295,7 +296,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     root = Path(run_dir)
     if not root.is_dir():
         raise InputError(root, None, "expected a run directory")
-    lines = [f"# Steiner report: {root.name}", ""]
+    lines = [f"# Steiner report: {_md_text(root.name)}", ""]
     found = 0
     skipped: list[tuple[Path, str]] = []
     demo = root / "demo.json"
@@ -536,7 +537,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
     write_lines(
         html_path,
         [
-            f"<!doctype html><meta charset='utf-8'><title>{root.name}</title>"
+            f"<!doctype html><meta charset='utf-8'><title>{html.escape(root.name)}</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
             f"{body}"
