@@ -261,7 +261,7 @@ def test_rl_bf16_is_autocast_over_fp32_weights(
     """GRPOConfig's bf16, which TRL's GRPO users leave on (its default on GPUs): before, an
     unknown flag and RL ran in fp32 only. The layers compute in bf16, the policy, its KL
     reference (the second copy, or the policy with its adapters off) and the sampling alike;
-    the weights stay fp32."""
+    an fp32 checkpoint's weights stay fp32."""
     from safetensors.torch import load_file
 
     computed = set()
@@ -281,6 +281,16 @@ def test_rl_bf16_is_autocast_over_fp32_weights(
     assert [r["step"] for r in run_rl(cfg, log=lambda r: None)["history"]] == [1, 2]
     assert computed == {(torch.float32, torch.bfloat16)}
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+    # a bf16 checkpoint (most on the Hub) trains its bf16 weights, as TRL loads it
+    bf16_dir = tmp_path / "bf16"
+    from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bf16_dir)
+    computed.clear()
+    cfg = small_rl_config(
+        bf16_dir, small_countdown, tmp_path / "rl-bf16", steps=1, bf16=True, use_lora=use_lora
+    )
+    run_rl(cfg, log=lambda r: None)
+    assert computed == {(torch.bfloat16, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("use_lora", [False, True])

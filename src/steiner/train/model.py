@@ -179,6 +179,16 @@ def descriptive_words(token: str) -> str:
     )
 
 
+def model_dtype(bf16: bool | None) -> torch.dtype | str:
+    """The dtype a stage loads its model in. Under --bf16, the checkpoint's own, as TRL loads
+    it: the Trainer's bf16 is an autocast, so an fp32 checkpoint (``steiner train init``
+    writes one) trains fp32 weights and optimizer under it, and a bf16 one (most on the Hub)
+    its bf16 weights. Without it fp32, the CPU's fast path. Before, --bf16 cast every
+    checkpoint to bf16, so Steiner's own fp32 models trained with no fp32 copy of the weights
+    to keep the small updates."""
+    return "auto" if bf16 else torch.float32
+
+
 def check_lora_settings(cfg: Any) -> None:
     """The LoRA settings of a stage's config (SFT, CPT or RL) that no run could use, as one
     error line before anything loads."""

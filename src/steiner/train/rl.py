@@ -62,7 +62,7 @@ from steiner.io import (
     source_digests,
     write_json,
 )
-from steiner.train.model import add_lora, check_lora_settings, reasoning_token_ids
+from steiner.train.model import add_lora, check_lora_settings, model_dtype, reasoning_token_ids
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 
@@ -540,13 +540,13 @@ def train_rl(
         )
     tok = AutoTokenizer.from_pretrained(cfg.model)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=model_dtype(cfg.bf16))
     check_room_for_completions(tok, position_limit(model), problems, cfg)
     # once the data have loaded: bad data stops the run before this writes anything
     check_checkpoint_inputs(record, inputs, resuming, "an RL run", accelerator.is_main_process)
     domain = get_domain(problems[0]["domain"])
     ref = (
-        AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(cfg.model, dtype=model_dtype(cfg.bf16))
         .to(accelerator.device)
         .eval()
         if cfg.beta and not cfg.use_lora  # under LoRA: the policy with its adapters off

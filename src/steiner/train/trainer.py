@@ -38,7 +38,7 @@ from steiner.io import (
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
-from steiner.train.model import add_lora, reasoning_token_ids
+from steiner.train.model import add_lora, model_dtype, reasoning_token_ids
 
 
 def tokens_spent(state: TrainerState, budget: int | None) -> bool:
@@ -239,10 +239,7 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
 
 def _load(cfg: SFTStageConfig | CPTStageConfig) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    # fp32 weights whatever --bf16 says: the Trainer's bf16 is mixed precision (an autocast over
-    # fp32 weights and optimizer), as in TRL and RL's --bf16; bf16 weights would train without
-    # an fp32 master copy, losing the small updates
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=model_dtype(cfg.bf16))
     if cfg.use_lora:
         model = add_lora(model, cfg)
         new_ids = reasoning_token_ids(tokenizer)
