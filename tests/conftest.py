@@ -92,3 +92,22 @@ def lock_held_elsewhere():
     for holder in holders:
         holder.kill()
         holder.wait()
+
+
+@pytest.fixture
+def layer_dtypes(monkeypatch) -> set:
+    """Filled with (weight dtype, output dtype) of the first layer's MLP projection at each
+    forward of every model that ``AutoModelForCausalLM.from_pretrained`` loads from here on."""
+    from transformers import AutoModelForCausalLM
+
+    seen: set = set()
+    from_pretrained = AutoModelForCausalLM.from_pretrained
+
+    def watched(*args, **kwargs):
+        model = from_pretrained(*args, **kwargs)
+        layer = model.model.layers[0].mlp.down_proj
+        layer.register_forward_hook(lambda m, i, out: seen.add((m.weight.dtype, out.dtype)))
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", watched)
+    return seen

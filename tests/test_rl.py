@@ -256,7 +256,7 @@ def test_rl_with_lora_trains_adapters_against_its_own_base_and_resumes(
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_rl_bf16_is_autocast_over_fp32_weights(
-    tmp_path, tiny_model_dir, small_countdown, monkeypatch, use_lora
+    tmp_path, tiny_model_dir, small_countdown, layer_dtypes, use_lora
 ):
     """GRPOConfig's bf16, which TRL's GRPO users leave on (its default on GPUs): before, an
     unknown flag and RL ran in fp32 only. The layers compute in bf16, the policy, its KL
@@ -264,33 +264,25 @@ def test_rl_bf16_is_autocast_over_fp32_weights(
     an fp32 checkpoint's weights stay fp32."""
     from safetensors.torch import load_file
 
-    computed = set()
-    from_pretrained = rl.AutoModelForCausalLM.from_pretrained
-
-    def watched(*args, **kwargs):
-        model = from_pretrained(*args, **kwargs)
-        layer = model.model.layers[0].mlp.down_proj
-        layer.register_forward_hook(lambda m, i, out: computed.add((m.weight.dtype, out.dtype)))
-        return model
-
-    monkeypatch.setattr(rl.AutoModelForCausalLM, "from_pretrained", watched)
     out = tmp_path / "rl"
     cfg = small_rl_config(
         tiny_model_dir, small_countdown, out, steps=2, bf16=True, use_lora=use_lora
     )
     assert [r["step"] for r in run_rl(cfg, log=lambda r: None)["history"]] == [1, 2]
-    assert computed == {(torch.float32, torch.bfloat16)}
+    assert layer_dtypes == {(torch.float32, torch.bfloat16)}
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
     # a bf16 checkpoint (most on the Hub) trains its bf16 weights, as TRL loads it
     bf16_dir = tmp_path / "bf16"
-    from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(
+        bf16_dir
+    )
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bf16_dir)
-    computed.clear()
+    layer_dtypes.clear()
     cfg = small_rl_config(
         bf16_dir, small_countdown, tmp_path / "rl-bf16", steps=1, bf16=True, use_lora=use_lora
     )
     run_rl(cfg, log=lambda r: None)
-    assert computed == {(torch.bfloat16, torch.bfloat16)}
+    assert layer_dtypes == {(torch.bfloat16, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("use_lora", [False, True])

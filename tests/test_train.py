@@ -512,25 +512,13 @@ def test_a_lora_checkpoint_loads_as_the_model_of_its_step(data, tmp_path, monkey
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
-def test_sft_bf16_is_autocast_over_fp32_weights(data, tmp_path, monkeypatch, use_lora):
+def test_sft_bf16_is_autocast_over_fp32_weights(data, tmp_path, layer_dtypes, use_lora):
     """--bf16 as Transformers' Trainer and TRL mean it: an autocast over the checkpoint's own
     weights, so Steiner's fp32 models train fp32 weights and optimizer with the layers computing
     in bf16. Before, SFT cast every checkpoint to bf16 and trained the bf16 weights themselves
     (no fp32 master copy), unlike RL's --bf16 and TRL's."""
     from safetensors.torch import load_file
 
-    from steiner.train import trainer
-
-    computed = set()
-    from_pretrained = trainer.AutoModelForCausalLM.from_pretrained
-
-    def watched(*args, **kwargs):
-        model = from_pretrained(*args, **kwargs)
-        layer = model.model.layers[0].mlp.down_proj
-        layer.register_forward_hook(lambda m, i, out: computed.add((m.weight.dtype, out.dtype)))
-        return model
-
-    monkeypatch.setattr(trainer.AutoModelForCausalLM, "from_pretrained", watched)
     out = tmp_path / "sft"
     summary = run_sft(
         quick(SFTStageConfig, tmp_path, "sft", model=str(data / "init"),
@@ -538,23 +526,20 @@ def test_sft_bf16_is_autocast_over_fp32_weights(data, tmp_path, monkeypatch, use
               use_lora=use_lora)
     )  # fmt: skip
     assert summary["steps"] == 2
-    assert computed == {(torch.float32, torch.bfloat16)}
+    assert layer_dtypes == {(torch.float32, torch.bfloat16)}
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
     # a bf16 checkpoint (most on the Hub) trains its bf16 weights, as TRL loads it
     AutoModelForCausalLM.from_pretrained(data / "init", dtype=torch.bfloat16).save_pretrained(
         tmp_path / "init-bf16"
     )
-    shutil.copy(data / "init" / "tokenizer.json", tmp_path / "init-bf16")
-    for name in ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (data / "init" / name).exists():
-            shutil.copy(data / "init" / name, tmp_path / "init-bf16")
-    computed.clear()
+    AutoTokenizer.from_pretrained(data / "init").save_pretrained(tmp_path / "init-bf16")
+    layer_dtypes.clear()
     run_sft(
         quick(SFTStageConfig, tmp_path, "sft-bf16", model=str(tmp_path / "init-bf16"),
               data=str(data / "synth" / "paths.jsonl"), max_steps=1, bf16=True,
               use_lora=use_lora)
     )  # fmt: skip
-    assert computed == {(torch.bfloat16, torch.bfloat16)}
+    assert layer_dtypes == {(torch.bfloat16, torch.bfloat16)}
 
 
 @pytest.fixture
