@@ -36,7 +36,8 @@ class FakeChat(BaseHTTPRequestHandler):
         question = next(q for q in sorted(known, key=len, reverse=True) if q in prompt)
         kind = known[question]
         if kind == "error":
-            return self.reply(500, {"error": {"message": "boom"}})
+            # a closing rich tag in it: the summary table printed it as markup (a traceback)
+            return self.reply(500, {"error": {"message": "boom [/INST]"}})
         if kind == "slow":
             time.sleep(5)  # well past the client timeout, even on a loaded machine
             return self.reply(200, {})
@@ -144,9 +145,9 @@ def test_faults_are_counted_and_cache_makes_rerun_free(server, tmp_path):
     assert faults == {"http_500": 2, "malformed": 2, "timeout": 2}
     # and why, one example of each (the server's own message for an HTTP error)
     examples = stats["teacher_fault_examples"]
-    assert set(examples) == set(faults) and examples["http_500"] == "boom"
+    assert set(examples) == set(faults) and examples["http_500"] == "boom [/INST]"
     assert examples["malformed"].startswith("not JSON: ")
-    assert "e.g. http_500" in first.stderr and "boom" in first.stderr  # the summary table
+    assert "e.g. http_500" in first.stderr and "boom [/INST]" in first.stderr  # the summary
     assert stats["failed_attempts"] == 6
     assert stats["dags"] == 5 and stats["paths"] >= 5  # every problem still gets its DAG
     hits = FakeChat.hits
