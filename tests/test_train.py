@@ -1642,3 +1642,20 @@ def test_sft_and_rl_train_on_a_gpu_in_bf16_and_load_back_for_generation(data, tm
     history = json.loads((rl / "rl_summary.json").read_text())["history"]
     assert [h["step"] for h in history] == [1, 2]
     assert load(rl)[0].device.type == "cuda"
+
+
+def test_every_train_stage_reads_a_tilde_in_its_output_dir(tmp_path, monkeypatch):
+    """TrainingArguments expands ~ in output_dir, so train sft and cpt did; train init and rl
+    made a directory named "~" (a --config file's `output_dir: ~/runs/rl`, or
+    --output_dir=~/x, where no shell expands it)."""
+    from steiner.train.config import InitConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    configs = {
+        "init": InitConfig(output_dir="~/init"),
+        "cpt": CPTStageConfig(output_dir="~/cpt"),
+        "sft": SFTStageConfig(output_dir="~/sft"),
+        "rl": RLStageConfig(output_dir="~/rl"),
+    }
+    for name, cfg in configs.items():
+        assert cfg.output_dir == str(tmp_path / name), name

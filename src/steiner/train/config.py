@@ -74,6 +74,9 @@ class InitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # ~ in it, as TrainingArguments (so train sft and cpt) reads it: from a --config file
+        # or --output_dir=~/x, where no shell expands it, it made a directory named "~"
+        self.output_dir = os.path.expanduser(self.output_dir)
         check_seed(self.seed)
         # vocab_size 0 read as unset once, and positions <= 0 made a model nothing can run
         check_at_least(self, (("vocab_size", 1, ""), ("max_positions", 1, "")))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import random
 import time
 from collections.abc import Callable
@@ -134,6 +135,11 @@ class RLStageConfig:
         default_factory=RewardWeights,
         metadata={"help": argparse.SUPPRESS},  # not a flag
     )
+
+    def __post_init__(self) -> None:
+        # ~ in it, as TrainingArguments (so train sft and cpt) reads it: from a --config file
+        # or --output_dir=~/x, where no shell expands it, it made a directory named "~"
+        self.output_dir = os.path.expanduser(self.output_dir)
 
 
 def _completion_ids(row: list[int], end_ids: tuple[int, ...]) -> list[int]:
