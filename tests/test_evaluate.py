@@ -172,6 +172,21 @@ def test_report_gives_a_resumed_finished_model_its_all_runs_rate(tmp_path):
     assert "| fresh | sft | 4 | 1000 | 250.0 | 2.000 | 1.000 | 4.0 |" in report
 
 
+def test_a_bar_in_a_run_directorys_name_stays_in_its_cell(tmp_path):
+    # before: the | ended the cell, and the row had one column too many in report.html
+    from steiner.evaluate.report import build_report
+
+    summary = {"stage": "sft", "steps": 4, "first_loss": 2.0, "final_loss": 1.0}
+    (tmp_path / "a|b").mkdir()
+    (tmp_path / "a|b" / "training_summary.json").write_text(
+        json.dumps(summary | {"tokens_seen": 1000, "tokens_per_s": 250.0, "train_seconds": 4.0})
+    )
+    html = build_report(tmp_path)["html"].read_text()
+    [row] = [r for r in html.split("<tr>") if "a|b" in r]
+    header = html.split("<tr>")[1]
+    assert row.count("<td") == header.count("<th"), row
+
+
 def test_a_report_of_one_run_directory_names_its_rows_after_it(tmp_path):
     from steiner.evaluate.report import build_report
 

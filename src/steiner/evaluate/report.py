@@ -17,7 +17,8 @@ from steiner.io import InputError, write_lines
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    # a | in a cell (a directory's name, a message) would end the cell and shift the row
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return out + [""]
 
 
