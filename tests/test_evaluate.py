@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from steiner.evaluate.metrics import majority, scaling_metrics, wilson_interval
 
@@ -770,3 +772,33 @@ def test_the_reports_example_trace_shows_model_text_as_written(tmp_path):
     report = build_report(root)
     assert "Problem p\\`1: " in report["markdown"].read_text()
     assert "Answer: <code>33 42 &lt;b&gt;</code> (correct)" in report["html"].read_text()
+
+
+_MARKDOWN_TRAPS = list("ab 1.-+*_`[]()<>&;#!\\|~=:/\"'\n\té→") + [
+    "&amp;", "&#38;", "http://x", "<b>", "-->", "<!--", "**", "__",
+]  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.sampled_from(_MARKDOWN_TRAPS), min_size=1, max_size=14)
+    .map("".join)
+    .filter(str.strip),
+    st.sampled_from([("1. **", "** — t"), ("Problem: ", ""), ("(*", "*) → `end`")]),
+)
+def test_model_text_renders_as_written_wherever_the_report_puts_it(text, around):
+    """What the example trace writes, in each place it writes it (a list item's bold name, a
+    line, an italic reflection), renders to the text itself with its whitespace collapsed.
+    Found this way: an ``&amp;`` in it showed as ``&``."""
+    import html
+    import re
+
+    import markdown
+
+    from steiner.evaluate.report import _md_text
+
+    before, after = around
+    page = markdown.markdown(before + _md_text(text) + after, extensions=["tables"])
+    shown = html.unescape(re.sub(r"<[^>]+>", "", page)).strip()
+    ours = lambda part: re.sub(r"[*`]|^1\. ", "", part)  # noqa: E731 (our own markup, rendered)
+    assert shown == (ours(before) + " ".join(text.split()) + ours(after)).strip()

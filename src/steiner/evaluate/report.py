@@ -27,10 +27,15 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
 
 
+_ENTITY_START = re.compile(r"&(?=#?\w+;)")
+
+
 def _md_text(text: str) -> str:
     """``text`` as it is, in one Markdown line: its markup characters escaped, ``<`` as an
-    entity (a tag would be kept as HTML) and its line breaks as spaces."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split())).replace("<", "&lt;")
+    entity (a tag would be kept as HTML), an ``&`` that would start an entity as one too
+    (``&amp;`` showed as ``&``) and its line breaks as spaces."""
+    text = _ENTITY_START.sub("&amp;", " ".join(text.split()))
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("<", "&lt;")
 
 
 def _md_code(text: str) -> str:
