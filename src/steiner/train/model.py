@@ -183,9 +183,9 @@ def model_dtype(bf16: bool | None) -> torch.dtype | str:
     """The dtype a stage loads its model in. Under --bf16, the checkpoint's own, as TRL loads
     it: the Trainer's bf16 is an autocast, so an fp32 checkpoint (``steiner train init``
     writes one) trains fp32 weights and optimizer under it, and a bf16 one (most on the Hub)
-    its bf16 weights. Without it fp32, the CPU's fast path. Before, --bf16 cast every
-    checkpoint to bf16, so Steiner's own fp32 models trained with no fp32 copy of the weights
-    to keep the small updates."""
+    its bf16 weights. Without it fp32, the CPU's fast path. Before, SFT and CPT under --bf16
+    cast every checkpoint to bf16, so Steiner's own fp32 models trained with no fp32 copy of
+    the weights to keep the small updates, and RL cast every one to fp32."""
     return "auto" if bf16 else torch.float32
 
 
