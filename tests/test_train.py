@@ -1644,18 +1644,29 @@ def test_sft_and_rl_train_on_a_gpu_in_bf16_and_load_back_for_generation(data, tm
     assert load(rl)[0].device.type == "cuda"
 
 
-def test_every_train_stage_reads_a_tilde_in_its_output_dir(tmp_path, monkeypatch):
-    """TrainingArguments expands ~ in output_dir, so train sft and cpt did; train init and rl
-    made a directory named "~" (a --config file's `output_dir: ~/runs/rl`, or
-    --output_dir=~/x, where no shell expands it)."""
+def test_every_train_stage_reads_a_tilde_in_its_paths(tmp_path, monkeypatch):
+    """TrainingArguments expands ~ in output_dir, so train sft and cpt did there only; train
+    init and rl made a directory named "~", and every stage took `model: ~/runs/sft` or
+    `data: ~/paths.jsonl` (a --config file's, or --flag=~/x, where no shell expands it) for a
+    missing path. A Hub name stays as it is."""
     from steiner.train.config import InitConfig
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    configs = {
-        "init": InitConfig(output_dir="~/init"),
-        "cpt": CPTStageConfig(output_dir="~/cpt"),
-        "sft": SFTStageConfig(output_dir="~/sft"),
-        "rl": RLStageConfig(output_dir="~/rl"),
-    }
-    for name, cfg in configs.items():
-        assert cfg.output_dir == str(tmp_path / name), name
+    home = lambda name: str(tmp_path / name)  # noqa: E731
+    init = InitConfig(output_dir="~/init", data=["~/a.jsonl", "org/set"])
+    assert (init.output_dir, init.data) == (home("init"), [home("a.jsonl"), "org/set"])
+    assert InitConfig(output_dir="x", from_pretrained="~/base").from_pretrained == home("base")
+    cpt = CPTStageConfig(output_dir="~/cpt", model="~/init", paths=["~/p.jsonl"], texts=["~/t"])
+    assert (cpt.output_dir, cpt.model, cpt.paths, cpt.texts) == (
+        home("cpt"), home("init"), [home("p.jsonl")], [home("t")]
+    )  # fmt: skip
+    sft = SFTStageConfig(output_dir="~/sft", model="~/cpt", data="~/d.jsonl",
+                         eval_data="~/e.jsonl")  # fmt: skip
+    assert (sft.output_dir, sft.model, sft.data, sft.eval_data) == (
+        home("sft"), home("cpt"), home("d.jsonl"), home("e.jsonl")
+    )  # fmt: skip
+    rl = RLStageConfig(output_dir="~/rl", model="~/sft", problems="~/p.jsonl", dags="~/dags")
+    assert (rl.output_dir, rl.model, rl.problems, rl.dags) == (
+        home("rl"), home("sft"), home("p.jsonl"), home("dags")
+    )  # fmt: skip
+    assert SFTStageConfig(output_dir="x", data="openai/gsm8k:main").data == "openai/gsm8k:main"

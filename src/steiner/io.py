@@ -73,6 +73,18 @@ DECOMPRESSORS: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma
 DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 
+def expand_home(cfg: Any, fields: Iterable[str]) -> None:
+    """``~`` in the path fields of a config (a string or a list of them), as TrainingArguments
+    reads its output_dir: from a --config file or ``--flag=~/x`` no shell expands it. A Hub
+    name never starts with ``~``, so a source field that may hold one is safe to expand."""
+    for name in fields:
+        value = getattr(cfg, name)
+        if isinstance(value, str):
+            setattr(cfg, name, os.path.expanduser(value))
+        elif isinstance(value, list):
+            setattr(cfg, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+
+
 def data_suffix(path: str | os.PathLike) -> str:
     """A file's suffix once a compression suffix is set aside: ``x.jsonl.gz`` is JSON Lines."""
     p = Path(path)

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig
 
-from steiner.io import InputError, check_at_least, check_logger_names, check_seed, check_share
+from steiner.io import (
+    InputError,
+    check_at_least,
+    check_logger_names,
+    check_seed,
+    check_share,
+    expand_home,
+)
 from steiner.train.model import check_lora_settings
 
 _NO_GPU = not torch.cuda.is_available()
@@ -74,9 +81,7 @@ class InitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # ~ in it, as TrainingArguments (so train sft and cpt) reads it: from a --config file
-        # or --output_dir=~/x, where no shell expands it, it made a directory named "~"
-        self.output_dir = os.path.expanduser(self.output_dir)
+        expand_home(self, ("output_dir", "data", "from_pretrained"))
         check_seed(self.seed)
         # vocab_size 0 read as unset once, and positions <= 0 made a model nothing can run
         check_at_least(self, (("vocab_size", 1, ""), ("max_positions", 1, "")))
@@ -129,6 +134,7 @@ class _StageMixin:
     )
 
     def __post_init__(self) -> None:
+        expand_home(self, ("model",))  # output_dir: TrainingArguments does it
         # checked here, at parse time, not after the model is loaded and the data tokenized:
         # the plain loss is the mean token NLL; other loss types (DFT) live in TRL's head
         if self.fused_lm_head is False and self.loss_type != "nll":
@@ -328,6 +334,7 @@ class SFTStageConfig(_StageMixin, _CPUDefaults):
     max_length: int | None = 8192
 
     def __post_init__(self) -> None:
+        expand_home(self, ("data", "eval_data"))
         if self.eval_data and self.eval_strategy == "no":
             self.eval_strategy = "steps"  # the held-out loss is what --eval_data is given for
         check_eval_set(self, "--eval_data")
@@ -364,6 +371,7 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
     max_length: int | None = 512
 
     def __post_init__(self) -> None:
+        expand_home(self, ("paths", "texts"))
         check_eval_set(self, None)
         check_share(self, ("reasoning_ratio",))
         check_at_least(self, (("countdown_facts", 0, ""),))

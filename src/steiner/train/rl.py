@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import random
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from steiner.io import (
     check_model_dir,
     check_seed,
     check_share,
+    expand_home,
     file_digest,
     last_checkpoint,
     local_path,
@@ -137,9 +137,7 @@ class RLStageConfig:
     )
 
     def __post_init__(self) -> None:
-        # ~ in it, as TrainingArguments (so train sft and cpt) reads it: from a --config file
-        # or --output_dir=~/x, where no shell expands it, it made a directory named "~"
-        self.output_dir = os.path.expanduser(self.output_dir)
+        expand_home(self, ("model", "problems", "dags", "output_dir"))
 
 
 def _completion_ids(row: list[int], end_ids: tuple[int, ...]) -> list[int]:
