@@ -333,6 +333,11 @@ CHAT_TEMPLATE = (
 )
 
 
+def reasoning_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of the 14 reasoning tokens, in the format's order."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+
+
 def add_reasoning_tokens(tokenizer: Any, set_chat_template: bool = True) -> int:
     """Add the 14 reasoning tokens (and ChatML tokens if missing) to a HF tokenizer.
 

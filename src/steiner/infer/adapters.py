@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from steiner.format import SPECIAL_TOKENS
+from steiner.format import reasoning_token_ids
 from steiner.io import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -114,6 +114,5 @@ def load_adapter_checkpoint(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_model_dir(checkpoint), **from_pretrained)
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-    load_token_rows(model, ids, checkpoint)
+    load_token_rows(model, reasoning_token_ids(tokenizer), checkpoint)
     return PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()

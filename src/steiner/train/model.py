@@ -29,7 +29,12 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from steiner.format import CHATML_TOKENS, SPECIAL_TOKENS, add_reasoning_tokens
+from steiner.format import (
+    CHATML_TOKENS,
+    SPECIAL_TOKENS,
+    add_reasoning_tokens,
+    reasoning_token_ids,
+)
 from steiner.io import (
     InputError,
     check_at_least,
@@ -221,11 +226,6 @@ def add_lora(model: Any, cfg: Any) -> Any:
         return get_peft_model(model, lora)
     except ValueError as exc:  # a module name the model does not have
         raise InputError("--lora_target_modules", None, " ".join(str(exc).split())) from None
-
-
-def reasoning_token_ids(tokenizer: Any) -> list[int]:
-    """The ids of the 14 reasoning tokens, in the format's order."""
-    return [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
 
 
 def add_tokens_to_pretrained(model: Any, tokenizer: Any) -> list[int]:

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steiner.dag import read_dags
 from steiner.domains import get_domain, load_shortcuts
-from steiner.format import STEP_END, Trace, parse
+from steiner.format import STEP_END, Trace, parse, reasoning_token_ids
 from steiner.infer.adapters import is_adapter_checkpoint, save_token_rows
 from steiner.infer.budget import Budget, TokenIds
 from steiner.infer.generate import (
@@ -63,7 +63,7 @@ from steiner.io import (
     source_digests,
     write_json,
 )
-from steiner.train.model import add_lora, check_lora_settings, model_dtype, reasoning_token_ids
+from steiner.train.model import add_lora, check_lora_settings, model_dtype
 from steiner.train.rewards import RewardWeights, Scored, process_advantages, score_trace
 
 

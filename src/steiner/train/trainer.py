@@ -22,6 +22,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
+from steiner.format import reasoning_token_ids
 from steiner.infer.adapters import load_token_rows, save_token_rows, token_row_weights
 from steiner.infer.generate import position_limit
 from steiner.io import (
@@ -38,7 +39,7 @@ from steiner.io import (
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
-from steiner.train.model import add_lora, model_dtype, reasoning_token_ids
+from steiner.train.model import add_lora, model_dtype
 
 
 def tokens_spent(state: TrainerState, budget: int | None) -> bool:
