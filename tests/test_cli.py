@@ -659,3 +659,35 @@ def test_synth_eval_scale_and_serve_take_option_values_from_a_config_file(tmp_pa
         assert_one_line_error(steiner(command, "--config", str(bad)), "bad.yaml", *needles)
     missing = steiner("eval", "--config", str(tmp_path / "none.yaml"))
     assert_one_line_error(missing, "none.yaml: cannot open")
+
+
+def test_every_command_expands_home_in_its_paths(tmp_path, tiny_model_dir, monkeypatch):
+    """Where no shell expands ~ (``--out=~/x``, a --config file's ``out: ~/x``), eval, scale,
+    synth and the others made a directory named "~" in the working directory, and ``--model``
+    was a missing directory, as the train stages did before io.expand_home."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (home / "model").symlink_to(tiny_model_dir)
+
+    def run(*args: str) -> None:
+        proc = steiner(*args, cwd=work)
+        assert proc.returncode == 0, proc.stderr
+
+    run("graph", "generate", "--count", "4", "--seed", "1", "--compact", "--shortcut",
+        "--out=~/g.jsonl")  # fmt: skip
+    (work / "synth.yaml").write_text("shortcut: ~/g.jsonl\nout: ~/synth\nattempts: 2\n")
+    run("synth", "--config", "synth.yaml", "--workers", "1")
+    (home / "eval.yaml").write_text("model: ~/model\nproblems: ~/g.jsonl\nout: ~/eval\n")
+    run("eval", "--config=~/eval.yaml", "--max-new-tokens", "4", "--limit", "2")
+    run("scale", "--model=~/model", "--problems=~/g.jsonl", "--out=~/scale", "--budgets", "1",
+        "--mode", "cap", "--max-new-tokens", "4", "--limit", "2")  # fmt: skip
+    run("dag", "show", "~/synth/dags.jsonl", "--id", "graph-1-0", "--dot=~/dag.dot")
+    run("format", "check", "~/synth/paths.jsonl")
+    assert list(work.iterdir()) == [work / "synth.yaml"]  # no "~" made here
+    for made in ("g.jsonl", "synth/dags.jsonl", "eval/metrics.json", "scale", "dag.dot"):
+        assert (home / made).exists(), made
+    # the check that replaced typer's exists=True names the directory it looked for
+    missing = steiner("eval", "--model=~/none", "--problems=~/g.jsonl", "--out=~/e", cwd=work)
+    assert_one_line_error(missing, "--model", f"'{home / 'none'}' does not exist")

@@ -82,6 +82,18 @@ def progress_bar() -> Progress:
     )
 
 
+def expand_user(value: Any) -> Any:
+    """``~`` in a path option, as the train stages read theirs (``io.expand_home``): in a
+    --config file or ``--out=~/x`` no shell expands it, and a directory named ``~`` was made.
+    A datasets name never starts with ``~``, so an option that may hold one is safe too."""
+    # a callback, since typer has no path type to extend: it runs on the flag's, the config
+    # file's and the default's value alike
+    if value is None:
+        return None
+    expanded = os.path.expanduser(value)
+    return Path(expanded) if isinstance(value, Path) else expanded
+
+
 def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
     """``--config FILE.yaml`` for a command's options, as the train stages take one: each key
     is an option's name (``max_forward`` or ``max-forward``) and gives it a value where the
@@ -90,6 +102,7 @@ def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
     ``true`` as 1, 2.5 as 2 and a list as its text."""
     if path is None:
         return None
+    path = expand_user(path)
     import yaml
 
     try:
@@ -179,7 +192,9 @@ def write_generated(
 
 @countdown_app.command("generate")
 def countdown_generate(
-    out_path: Annotated[Path, typer.Option("--out", help="Output JSONL file.")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Output JSONL file.", callback=expand_user)
+    ],
     count: Annotated[int, typer.Option(min=1, help="How many problems.")] = 1000,
     n_numbers: Annotated[int, typer.Option(min=2, max=6, help="Numbers per problem.")] = 4,
     min_number: Annotated[int, typer.Option(min=1)] = 1,
@@ -241,7 +256,9 @@ def countdown_solve(
 
 @graph_app.command("generate")
 def graph_generate(
-    out_path: Annotated[Path, typer.Option("--out", help="Output JSONL file.")],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Output JSONL file.", callback=expand_user)
+    ],
     count: Annotated[int, typer.Option(min=1, help="How many problems.")] = 1000,
     degree: Annotated[int, typer.Option(min=1, help="Arms of the star (D).")] = 3,
     arm_length: Annotated[int, typer.Option(min=1, help="Nodes per arm (L).")] = 4,
@@ -289,7 +306,8 @@ def format_check(
         str,
         typer.Argument(
             help="Chat records ({'messages': [...]}, or TRL's prompt/completion): a "
-            "JSONL/JSON/Parquet file, or a datasets name or directory (its train split)."
+            "JSONL/JSON/Parquet file, or a datasets name or directory (its train split).",
+            callback=expand_user,
         ),
     ],
     max_errors: Annotated[int, typer.Option(min=0, help="List at most this many errors.")] = 50,
@@ -346,9 +364,14 @@ def unescape_separator(text: str) -> str:
 def synth(
     shortcut: Annotated[
         str,
-        typer.Option(help="Shortcut records: a JSONL/JSON/Parquet file or a datasets name/dir."),
+        typer.Option(
+            help="Shortcut records: a JSONL/JSON/Parquet file or a datasets name/dir.",
+            callback=expand_user,
+        ),
     ],
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/synth"),
+    out: Annotated[Path, typer.Option(help="Output directory.", callback=expand_user)] = Path(
+        "runs/synth"
+    ),
     teacher: Annotated[
         str, typer.Option(help="oracle (offline, needs a solver) or openai.")
     ] = "oracle",
@@ -384,7 +407,7 @@ def synth(
     max_reasoning_tokens: Annotated[int, typer.Option(min=1)] = 4096,
     max_total_tokens: Annotated[int, typer.Option(min=1)] = 8192,
     tokenizer: Annotated[
-        str | None, typer.Option(help="HF tokenizer dir for token counts.")
+        str | None, typer.Option(help="HF tokenizer dir for token counts.", callback=expand_user)
     ] = None,
     cluster_threshold: Annotated[
         # cosine distance runs from 0 (same direction) to 2 (opposite)
@@ -413,7 +436,9 @@ def synth(
     timeout: Annotated[float, typer.Option(help="openai teacher: seconds per request.")] = 60.0,
     max_retries: Annotated[int, typer.Option(min=0, help="openai teacher: retries (backoff).")] = 3,
     temperature: Annotated[float, typer.Option(help="openai teacher: sampling temperature.")] = 0.7,
-    cache_dir: Annotated[str | None, typer.Option(help="openai teacher: reply cache.")] = None,
+    cache_dir: Annotated[
+        str | None, typer.Option(help="openai teacher: reply cache.", callback=expand_user)
+    ] = None,
     retry_failed: Annotated[
         bool, typer.Option(help="openai teacher: re-ask cached failures.")
     ] = False,
@@ -535,11 +560,13 @@ def shorten(text: str, width: int) -> str:
 
 @dag_app.command("show")
 def dag_show(
-    path: Annotated[Path, typer.Argument(help="dags.jsonl")],
+    path: Annotated[Path, typer.Argument(help="dags.jsonl", callback=expand_user)],
     problem_id: Annotated[
         str | None, typer.Option("--id", help="Problem id (without it: the ids there are).")
     ] = None,
-    dot: Annotated[Path | None, typer.Option(help="Also write Graphviz DOT here.")] = None,
+    dot: Annotated[
+        Path | None, typer.Option(help="Also write Graphviz DOT here.", callback=expand_user)
+    ] = None,
 ) -> None:
     """Print one DAG as a tree (answers and dead ends marked); --dot writes Graphviz."""
     from rich.tree import Tree
@@ -978,6 +1005,12 @@ def model_directory(path: Path) -> Path:
     from steiner.infer.generate import MADE_BY
     from steiner.io import check_model_dir
 
+    # here, not with typer's exists=True, which checks before a callback can expand ~
+    path = expand_user(path)
+    if not path.exists():
+        raise typer.BadParameter(f"dir '{path}' does not exist.")
+    if not path.is_dir():
+        raise typer.BadParameter(f"dir '{path}' is a file.")
     try:
         check_model_dir(str(path), "--model", MADE_BY, adapters=True)
     except InputError as exc:
@@ -991,9 +1024,6 @@ ModelDirectory = Annotated[
     Path,
     typer.Option(
         help="Model directory.",
-        exists=True,
-        file_okay=False,
-        dir_okay=True,
         callback=model_directory,
     ),
 ]
@@ -1145,10 +1175,14 @@ def eval_cmd(
         str,
         typer.Option(
             help="Problems (countdown/graph/text records, GPQA CSV, MMLU-Pro): a file or a "
-            "datasets name/dir."
+            "datasets name/dir.",
+            callback=expand_user,
         ),
     ],
-    out: Annotated[Path, typer.Option(help="Output directory (outputs.jsonl, metrics.json).")],
+    out: Annotated[
+        Path,
+        typer.Option(help="Output directory (outputs.jsonl, metrics.json).", callback=expand_user),
+    ],
     domain: EvalDomain = None,
     samples: Annotated[int, typer.Option(min=1, help="k samples for maj@k and pass@k.")] = 1,
     min_steps: Annotated[int, typer.Option(min=0)] = 0,
@@ -1215,8 +1249,8 @@ def eval_cmd(
 @app.command("scale")
 def scale_cmd(
     model: ModelDirectory,
-    problems: Annotated[str, typer.Option(help="Problem file.")],
-    out: Annotated[Path, typer.Option(help="Output directory.")],
+    problems: Annotated[str, typer.Option(help="Problem file.", callback=expand_user)],
+    out: Annotated[Path, typer.Option(help="Output directory.", callback=expand_user)],
     budgets: Annotated[str, typer.Option(help="Comma-separated step budgets.")] = "1,2,4,8,16",
     mode: Annotated[str, typer.Option(help="cap | extend | both")] = "both",
     domain: EvalDomain = None,
@@ -1292,7 +1326,9 @@ def probe_latency_cmd(
     ],
     model: Annotated[str, typer.Option(help="Model name at that endpoint.")],
     n: Annotated[int, typer.Option(min=3, help="Requests.")] = 50,
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("runs/latency"),
+    out: Annotated[Path, typer.Option(help="Output directory.", callback=expand_user)] = Path(
+        "runs/latency"
+    ),
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
     max_tokens: Annotated[int, typer.Option(min=8)] = 512,
     api_key_env: Annotated[str, typer.Option()] = "OPENAI_API_KEY",
@@ -1331,7 +1367,9 @@ def probe_latency_cmd(
 
 
 @app.command("report")
-def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.", callback=expand_user)],
+) -> None:
     """Gather a run directory into report.md and report.html."""
     from steiner.evaluate.report import build_report
 
@@ -1351,9 +1389,12 @@ def demo(
     domain: Annotated[
         str | None, typer.Option(help="graph | countdown (default: graph; full runs both).")
     ] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Run directory.", callback=expand_user)
+    ] = Path("runs/demo"),
     problems: Annotated[
-        str | None, typer.Option(help="Held-out problem file to evaluate on instead.")
+        str | None,
+        typer.Option(help="Held-out problem file to evaluate on instead.", callback=expand_user),
     ] = None,
     seed: Seed = 0,
 ) -> None:
