@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steiner.evaluate.metrics import majority, scaling_metrics, wilson_interval
+from steiner.evaluate.metrics import (
+    majority,
+    pass_at_k,
+    sampled_rates,
+    scaling_metrics,
+    wilson_interval,
+)
 
 
 def test_scaling_metrics_on_a_hand_made_table():
@@ -32,6 +38,29 @@ def test_wilson_and_majority():
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert majority(["B", None, "A", "B", "A"]) == "B" and majority([None, ""]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=8), st.data())
+def test_pass_at_k_is_the_chance_that_k_drawn_samples_hold_a_right_one(samples, data):
+    from itertools import combinations
+
+    k = data.draw(st.integers(1, len(samples)))
+    draws = list(combinations(range(len(samples)), k))
+    expected = sum(any(samples[i] for i in draw) for draw in draws) / len(draws)
+    assert pass_at_k(len(samples), sum(samples), k) == pytest.approx(expected)
+
+
+def test_k_samples_give_the_mean_sample_and_the_pass_at_j_curve():
+    """Before, k samples gave maj@k and pass@k only: not a sample's own accuracy (what papers
+    on reasoning models call pass@1 at a temperature) nor pass@j below k."""
+    rates = sampled_rates([[True, False, False, False], [True] * 4, [False] * 4])
+    assert list(rates) == ["avg@4", "pass@2", "pass@4"]
+    assert rates["avg@4"] == round((1 / 4 + 1 + 0) / 3, 4)
+    assert rates["pass@2"] == round((1 / 2 + 1 + 0) / 3, 4)  # one right in 4: 1 - C(3,2)/C(4,2)
+    assert rates["pass@4"] == round(2 / 3, 4)
+    assert list(sampled_rates([[True] * 5])) == ["avg@5", "pass@2", "pass@4", "pass@5"]
+    assert list(sampled_rates([[False] * 2])) == ["avg@2", "pass@2"]
 
 
 def steiner(*args):
@@ -82,6 +111,10 @@ def test_eval_writes_raw_outputs_and_resumes(tiny_model_dir, problems, tmp_path)
     assert len(rec["samples"]) == 2 and "trace" in rec["outputs"][0]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n"] == 5 and "maj@2" in metrics and "pass@2" in metrics
+    samples = [[s["correct"] for s in json.loads(line)["samples"]] for line in lines]
+    assert metrics["avg@2"] == round(sum(map(sum, samples)) / 10, 4)
+    assert metrics["pass@2"] == round(sum(map(any, samples)) / 5, 4)
+    assert "avg@2" in proc.stderr and "pass@2" in proc.stderr
     assert metrics["mean_steps"] <= 2
     # the share of greedy answers that ran out of tokens, beside the accuracy it lowers
     cut = [json.loads(line)["outputs"][0]["finish_reason"] == "length" for line in lines]
@@ -92,6 +125,7 @@ def test_eval_writes_raw_outputs_and_resumes(tiny_model_dir, problems, tmp_path)
     table = (tmp_path / "report.md").read_text().split("## Accuracy")[1].splitlines()
     assert table[2].endswith(" | cut at length |")
     assert table[4].endswith(f" | {100 * sum(cut) / 5:.1f}% |")
+    assert f"avg@2 {100 * metrics['avg@2']:.1f}%, pass@2" in table[4]
     assert steiner(*args).returncode == 0  # resumed: nothing left to do
     assert len((tmp_path / "outputs.jsonl").read_text().splitlines()) == 5
 

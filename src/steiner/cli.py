@@ -1184,7 +1184,9 @@ def eval_cmd(
         typer.Option(help="Output directory (outputs.jsonl, metrics.json).", callback=expand_user),
     ],
     domain: EvalDomain = None,
-    samples: Annotated[int, typer.Option(min=1, help="k samples for maj@k and pass@k.")] = 1,
+    samples: Annotated[
+        int, typer.Option(min=1, help="k samples for maj@k, avg@k and pass@2..k.")
+    ] = 1,
     min_steps: Annotated[int, typer.Option(min=0)] = 0,
     max_steps: Annotated[int | None, typer.Option(min=1)] = None,
     max_reasoning_tokens: Annotated[int | None, typer.Option(min=1)] = None,
@@ -1198,7 +1200,7 @@ def eval_cmd(
     seed: Seed = 0,
     config: ConfigFile = None,
 ) -> None:
-    """Accuracy (pass@1, maj@k, pass@k), steps, backtracks, format errors; raw outputs."""
+    """Accuracy (pass@1, maj@k, avg@k, pass@2..k), steps, backtracks, format errors; raw outputs."""
     from steiner.evaluate.accuracy import EvalConfig, evaluate
 
     cfg = EvalConfig(
@@ -1230,9 +1232,10 @@ def eval_cmd(
         "pass@1",
         f"{100 * m['pass@1']:.1f}% ({m['correct']}/{m['n']}, 95% CI {100 * lo:.1f}-{100 * hi:.1f})",
     )
-    for key in (f"maj@{samples}", f"pass@{samples}") if samples > 1 else ():
-        if key in m:
-            table.add_row(key, f"{100 * m[key]:.1f}%")
+    from steiner.evaluate.metrics import sampled_keys
+
+    for key in sampled_keys(m):
+        table.add_row(key, f"{100 * m[key]:.1f}%")
     for key in (
         "mean_steps",
         "mean_backtracks",

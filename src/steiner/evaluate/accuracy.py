@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from steiner.domains import get_domain, load_problems
-from steiner.evaluate.metrics import majority, wilson_interval
+from steiner.evaluate.metrics import majority, sampled_rates, wilson_interval
 from steiner.infer.budget import Budget
 from steiner.infer.generate import MADE_BY, Completion, generate, load, question_chat
 from steiner.io import (
@@ -287,5 +287,5 @@ def summarize(recs: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
     }
     if cfg.samples > 1 and n:
         metrics[f"maj@{cfg.samples}"] = share(sum(r.get("maj_correct", False) for r in recs))
-        metrics[f"pass@{cfg.samples}"] = share(sum(r.get("pass_correct", False) for r in recs))
+        metrics |= sampled_rates([[s["correct"] for s in r["samples"]] for r in recs])
     return metrics

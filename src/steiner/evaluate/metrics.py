@@ -29,6 +29,40 @@ def majority(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a and counts[a] == best)
 
 
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased pass@k of Chen et al. (2021) from n samples of which ``correct`` are: the
+    chance that k of them, drawn without replacement, hold a correct one. Reading pass@k off
+    the first k samples instead would waste the other n - k and vary more."""
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def sampled_rates(corrects: list[list[bool]]) -> dict[str, float]:
+    """What k samples per problem say beyond greedy pass@1: ``avg@k``, the mean accuracy of
+    a sample (what reasoning-model papers report as pass@1 at a temperature), and the
+    unbiased pass@j for j = 2, 4, 8, ... up to k, so one run gives the whole curve of
+    parallel sampling (pass@k itself is "a sample was right"). Shares of the problems."""
+    if not corrects:
+        return {}
+    k = len(corrects[0])
+    rates = {f"avg@{k}": sum(sum(c) / k for c in corrects) / len(corrects)}
+    sizes = [j for j in (2**i for i in range(1, k.bit_length())) if j < k] + [k]
+    for j in sizes:
+        rates[f"pass@{j}"] = sum(pass_at_k(k, sum(c), j) for c in corrects) / len(corrects)
+    return {key: round(value, 4) for key, value in rates.items()}
+
+
+def sampled_keys(metrics: dict[str, Any]) -> list[str]:
+    """The keys of an eval's metrics that its k samples gave (maj@k, avg@k, pass@j), in
+    their order: greedy pass@1 and its interval are not among them."""
+    return [
+        key
+        for key in metrics
+        if key.startswith(("maj@", "avg@", "pass@")) and key not in ("pass@1", "pass@1_ci95")
+    ]
+
+
 def scaling_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     """s1's metrics over rows {"budget", "accuracy", "control"} of one mode:
     Control: mean share of runs that stayed within their budget;

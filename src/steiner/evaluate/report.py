@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from steiner.evaluate.metrics import first_and_last_fifth
+from steiner.evaluate.metrics import first_and_last_fifth, sampled_keys
 from steiner.io import InputError, write_lines
 
 
@@ -132,10 +132,11 @@ class _Metrics(_Record):
 
     @model_validator(mode="after")
     def sampling_rates_are_numbers(self) -> _Metrics:
-        for key, value in (self.model_extra or {}).items():  # maj@k, pass@k: shown as %
-            if key[:4] in ("maj@", "pass") and not key.endswith("ci95"):
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"{key!r} is not a number")
+        extra = self.model_extra or {}
+        for key in sampled_keys(extra):  # maj@k, avg@k, pass@j: shown as %
+            value = extra[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key!r} is not a number")
         return self
 
 
@@ -430,11 +431,7 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         rows = []
         for p, m in metrics:
             lo, hi = m["pass@1_ci95"]
-            extra = ", ".join(
-                f"{k} {100 * v:.1f}%"
-                for k, v in m.items()
-                if k[:4] in ("maj@", "pass") and k != "pass@1" and not k.endswith("ci95")
-            )
+            extra = ", ".join(f"{k} {100 * m[k]:.1f}%" for k in sampled_keys(m))
             rows.append(
                 [
                     _rel(p.parent, root),
