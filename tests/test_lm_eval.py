@@ -12,11 +12,24 @@ from pathlib import Path
 import httpx
 import pytest
 
+from steiner.format import REASONING_END, REASONING_START
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lm_eval"
 
 
 @pytest.mark.slow
-def test_lm_eval_local_chat_completions_runs_a_task(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "client, route, extra_args",
+    [
+        ("local-chat-completions", "chat/completions", "tokenized_requests=False"),
+        # lm-eval applies the chat template with the model's tokenizer and sends the token ids
+        # (with tokenized_requests=False it would send the chat's messages as the prompt)
+        ("local-completions", "completions", "tokenizer={model},tokenizer_backend=huggingface"),
+    ],
+)
+def test_lm_eval_runs_a_task(tiny_model_dir, tmp_path, client, route, extra_args):
+    """Both of lm-eval's clients for OpenAI-compatible servers; local-completions got a 404
+    before /v1/completions, and then a 400 until token-id prompts were taken."""
     lm_eval = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
     assert lm_eval, "lm_eval is a dev dependency (pyproject [dev])"
     task_dir = tmp_path / "tasks"
@@ -26,7 +39,13 @@ def test_lm_eval_local_chat_completions_runs_a_task(tiny_model_dir, tmp_path):
         (EXAMPLE / "steiner_arith.yaml")
         .read_text()
         .replace("examples/lm_eval/arith.jsonl", str(task_dir / "arith.jsonl"))
+        # a step budget, sent as generation kwargs, so that the tiny model's reasoning ends
+        # and an answer follows it
+        .replace(
+            "  max_gen_toks: 64\n", "  max_gen_toks: 64\n  max_steps: 1\n  max_step_tokens: 3\n"
+        )
     )
+    assert "max_steps: 1" in task
     (task_dir / "steiner_arith.yaml").write_text(task)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,10 +79,10 @@ def test_lm_eval_local_chat_completions_runs_a_task(tiny_model_dir, tmp_path):
             [
                 lm_eval,
                 "--model",
-                "local-chat-completions",
+                client,
                 "--model_args",
-                f"model=tiny,base_url=http://127.0.0.1:{port}/v1/chat/completions,num_concurrent=1,"
-                "max_retries=1,tokenized_requests=False",
+                f"model=tiny,base_url=http://127.0.0.1:{port}/v1/{route},num_concurrent=1,"
+                f"max_retries=1,{extra_args.format(model=tiny_model_dir)}",
                 "--tasks",
                 "steiner_arith",
                 "--include_path",
@@ -71,6 +90,7 @@ def test_lm_eval_local_chat_completions_runs_a_task(tiny_model_dir, tmp_path):
                 "--apply_chat_template",
                 "--output_path",
                 str(tmp_path / "results"),
+                "--log_samples",
             ],
             capture_output=True,
             text=True,
@@ -85,4 +105,15 @@ def test_lm_eval_local_chat_completions_runs_a_task(tiny_model_dir, tmp_path):
     assert "steiner_arith" in proc.stdout and "exact_match" in proc.stdout
     [results] = list((tmp_path / "results").rglob("results_*.json"))
     scores = json.loads(results.read_text())["results"]["steiner_arith"]
-    assert 0.0 <= scores["exact_match,none"] <= 1.0
+    assert 0.0 <= scores["exact_match,answer"] <= 1.0
+    # the model's own text came back (a text completion's with its reasoning), and the task's
+    # filter scored the answer after it
+    [samples] = list((tmp_path / "results").rglob("samples_steiner_arith_*.jsonl"))
+    logged = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(logged) == 6
+    for sample in logged:
+        [[said]] = sample["resps"]
+        [[answer]] = sample["filtered_resps"]
+        assert (REASONING_START in said) == (client == "local-completions")
+        assert REASONING_END not in answer and said.endswith(answer)
+        assert (REASONING_END in said) == (client == "local-completions")

@@ -520,3 +520,92 @@ def test_fields_that_would_change_the_completion_are_refused_unless_at_their_def
         "user": "me",
     }
     assert httpx.post(f"{server}/chat/completions", json=chat | defaults).status_code == 200
+
+
+def test_text_completions_continue_each_prompt_as_written(server, tiny_tokenizer):
+    """/v1/completions, for clients that apply the chat template themselves (lm-evaluation-
+    harness's local-completions): the chat's own prompt, written out, gets the chat's reply
+    as one text (greedy); a list of prompts gets a choice each. Before: 404."""
+    client = openai.OpenAI(base_url=server, api_key="none")
+    chat = [{"role": "user", "content": "Reach 79."}]
+    written = tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    other = tiny_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Go."}], tokenize=False, add_generation_prompt=True
+    )
+    reply = client.chat.completions.create(
+        model="tiny", messages=chat, max_tokens=60, extra_body=BUDGET
+    )
+    text = client.completions.create(
+        model="tiny", prompt=[written, other], max_tokens=60, extra_body=BUDGET
+    )
+    assert text.object == "text_completion" and [c.index for c in text.choices] == [0, 1]
+    message = reply.choices[0].message
+    first = text.choices[0].text
+    assert first.startswith(message.reasoning_content) and first.endswith(message.content)
+    assert first.count(STEP_START) == 2 and text.choices[1].text.count(STEP_START) == 2
+    assert text.choices[0].finish_reason == reply.choices[0].finish_reason
+    alone = client.completions.create(model="tiny", prompt=other, max_tokens=60, extra_body=BUDGET)
+    assert alone.choices[0].text == text.choices[1].text
+    # token ids, as lm-eval sends the prompts it templated, one or a list of them
+    ids = tiny_tokenizer(other, add_special_tokens=False)["input_ids"]
+    for prompt in (ids, [ids, ids]):
+        by_ids = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=60, extra_body=BUDGET
+        )
+        assert all(c.text == alone.choices[0].text for c in by_ids.choices)
+        assert by_ids.usage.prompt_tokens == len(by_ids.choices) * len(ids)
+    assert text.usage.prompt_tokens == reply.usage.prompt_tokens + alone.usage.prompt_tokens
+    assert text.usage.total_tokens == text.usage.prompt_tokens + text.usage.completion_tokens
+    # stops cut the answer, as in chat; streamed, the text is the same
+    stop = message.content[2:4]
+    cut = client.completions.create(
+        model="tiny", prompt=written, max_tokens=60, extra_body=BUDGET, stop=[stop]
+    ).choices[0]
+    assert cut.text == first[: first.rindex(message.content) + message.content.index(stop)]
+    assert cut.finish_reason == "stop"
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=written, max_tokens=60, extra_body=BUDGET, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == first
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    # what lm-evaluation-harness sends by default is accepted: echo false, logprobs null
+    ok = httpx.post(
+        f"{server}/completions",
+        json={"model": "tiny", "prompt": "x", "max_tokens": 4, "echo": False, "logprobs": None},
+        timeout=60,
+    )
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"], ok.text
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b'{"model": "tiny"}', "prompt"),
+        (b'{"model": "tiny", "prompt": []}', "prompt"),
+        (b'{"model": "tiny", "prompt": [1, 99999]}', "prompt.0: token id 99999 is not in"),
+        (b'{"model": "tiny", "prompt": [[1], [-1]]}', "prompt.1: token id -1 is not in"),
+        (b'{"model": "tiny", "prompt": ["x", ""]}', "a prompt must not be empty"),
+        (b'{"model": "tiny", "prompt": [[1], []]}', "a prompt must not be empty"),
+        (b'{"model": "tiny", "prompt": [true, 1]}', "expected a string, a list of strings"),
+        (b'{"model": "tiny", "prompt": "x", "logprobs": 0}', "logprobs are not supported"),
+        (b'{"model": "tiny", "prompt": "x", "echo": true}', "echo is not supported"),
+        (b'{"model": "tiny", "prompt": "x", "best_of": 2}', "best_of is not supported"),
+        (b'{"model": "tiny", "prompt": "x", "suffix": "y"}', "suffix is not supported"),
+        (
+            b'{"model": "tiny", "prompt": ["x", "' + b"7 " * 2100 + b'"]}',
+            "prompt.1: the prompt has",
+        ),
+    ],
+)
+def test_bad_text_completion_requests_get_openai_errors(server, body, needle):
+    r = httpx.post(
+        f"{server}/completions",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]

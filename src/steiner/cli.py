@@ -1156,7 +1156,8 @@ def serve_cmd(
     max_tokens_limit: Annotated[int, typer.Option(min=1)] = 4096,
     config: ConfigFile = None,
 ) -> None:
-    """OpenAI-compatible server: POST /v1/chat/completions (stream too), GET /v1/models, /health."""
+    """OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (stream too),
+    GET /v1/models, /health."""
     from steiner.infer.server import ServerSettings, check_address, serve
 
     check_address(host, port)

@@ -78,12 +78,33 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def count_prompt_tokens(tokenizer: Any, chats: Sequence[list[dict[str, str]]]) -> list[int]:
-    """Each chat's prompt length as ``generate`` encodes it, in one tokenizer call: RL checks
-    all its problems' prompts at once (apply_chat_template(tokenize=True) returns a
-    BatchEncoding, whose len() is its number of keys, not of tokens)."""
-    prompts = [chat_prompt(tokenizer, messages) for messages in chats]
-    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+# what ``generate`` answers: a chat, or a prompt already written out as text or as token ids
+# (serve's /v1/completions, where the client applied the chat template itself, as
+# lm-evaluation-harness's local-completions does)
+Prompt = list[dict[str, str]] | str | list[int]
+
+
+def is_token_ids(prompt: Prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Each prompt's ids as ``generate`` feeds them: a chat through the chat template, a text
+    as it is written, token ids as they are; the texts in one tokenizer call (RL checks all
+    its problems' prompts at once)."""
+    texts = [
+        p if isinstance(p, str) else chat_prompt(tokenizer, p)
+        for p in prompts
+        if not is_token_ids(p)
+    ]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    return [list(p) if is_token_ids(p) else next(encoded) for p in prompts]
+
+
+def count_prompt_tokens(tokenizer: Any, chats: Sequence[Prompt]) -> list[int]:
+    """Each prompt's length as ``generate`` encodes it (apply_chat_template(tokenize=True)
+    returns a BatchEncoding, whose len() is its number of keys, not of tokens)."""
+    return [len(ids) for ids in prompt_token_ids(tokenizer, chats)]
 
 
 def position_limit(model: Any) -> int | None:
@@ -126,7 +147,7 @@ class StopAtPositionLimit(StoppingCriteria):
 def generate(
     model: Any,
     tokenizer: Any,
-    conversations: list[list[dict[str, str]]],
+    conversations: Sequence[Prompt],
     budgets: list[Budget | None] | None = None,
     max_new_tokens: int = 512,
     temperature: float | Sequence[float] = 0.0,
@@ -134,7 +155,8 @@ def generate(
     seed: int | None | Sequence[int | None] = None,
     cancelled: Sequence[Callable[[], bool]] | None = None,
 ) -> list[Completion]:
-    """One completion per conversation, in one batched ``generate`` call. A row whose budget
+    """One completion per conversation (a chat, or a prompt's text or token ids used as they
+    are), in one batched ``generate`` call. A row whose budget
     is None still gets the format's structure (``Budget()`` has no step limits). Temperature,
     top-p and seed are one for all rows or one per row; a sampled row draws from its own seeded
     generator, so its completion does not depend on the other rows of the batch. ``cancelled``
@@ -142,8 +164,8 @@ def generate(
     completion cut where it ended, with finish_reason "cancelled"."""
     if not conversations:
         return []
-    prompts = [chat_prompt(tokenizer, c) for c in conversations]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompts = prompt_token_ids(tokenizer, conversations)
+    batch = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
     batch = batch.to(model.device)  # a model on a GPU takes its inputs there
     rows = [b or Budget() for b in (budgets or [None] * len(prompts))]
     limit = position_limit(model)

@@ -1,4 +1,5 @@
-"""``steiner serve``: an OpenAI-compatible chat server (FastAPI + uvicorn).
+"""``steiner serve``: an OpenAI-compatible server (FastAPI + uvicorn): chat completions, and
+text completions for clients that write the prompt out themselves.
 
 Concurrent requests are queued and run together: a batcher takes up to ``max_batch``
 waiting requests and runs one ``generate`` for all of them (the step budget, temperature,
@@ -28,6 +29,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,8 +39,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from steiner.infer.budget import EXTEND_WITH, Budget
 from steiner.infer.generate import (
     Completion,
+    Prompt,
     count_prompt_tokens,
     generate,
+    is_token_ids,
     load,
     position_limit,
 )
@@ -85,6 +89,8 @@ class StreamOptions(BaseModel):
 # 400, as for logprobs, where they were left out and the client got another completion than
 # it asked for. The values each may take, unused (the first after None is the one named).
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),  # /v1/completions
+    "best_of": (None, 1),  # /v1/completions
     "tools": (None, []),
     "functions": (None, []),
     "response_format": (None, {"type": "text"}),
@@ -97,13 +103,13 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ChatRequest(BaseModel):
+class _SamplingFields(BaseModel):
+    """The fields chat and text completions share: OpenAI's and the Steiner extras."""
+
     # unknown OpenAI fields are accepted, unused (kept, so UNSUPPORTED_FIELDS can be checked)
     model_config = ConfigDict(extra="allow")
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
@@ -112,8 +118,6 @@ class ChatRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM
     # OpenAI's stop sequences (a string or up to 4), applied to the answer: see cut_at_stop
     stop: list[str] = Field(default_factory=list, max_length=4)
-    logprobs: bool = False
-    top_logprobs: int | None = None
     # Steiner extras (also accepted inside "extra_body" by the openai client, which merges them)
     min_steps: int | None = Field(default=None, ge=0)
     max_steps: int | None = Field(default=None, ge=1)
@@ -127,7 +131,7 @@ class ChatRequest(BaseModel):
         """OpenAI's API types these as "or null", null meaning the default, and clients
         built on its spec send it (``"temperature": null``); a 400 would refuse them."""
         if isinstance(body, dict):
-            nullable = ("temperature", "top_p", "n", "stream", "logprobs")
+            nullable = ("temperature", "top_p", "n", "stream", "logprobs", "echo")
             return {k: v for k, v in body.items() if not (k in nullable and v is None)}
         return body
 
@@ -144,6 +148,7 @@ class ChatRequest(BaseModel):
         "max_reasoning_tokens",
         "max_step_tokens",
         mode="before",
+        check_fields=False,  # max_completion_tokens and top_logprobs are chat's alone
     )
     @classmethod
     def number_not_boolean(cls, value: Any) -> Any:
@@ -158,6 +163,67 @@ class ChatRequest(BaseModel):
         if isinstance(stops, list) and "" in stops:
             raise ValueError("a stop sequence must not be empty")
         return stops
+
+    def wanted_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def asks_logprobs(self) -> bool:
+        raise NotImplementedError
+
+
+class ChatRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def wanted_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def prompts(self) -> list[Prompt]:
+        return [[m.model_dump() for m in self.messages]]
+
+    def asks_logprobs(self) -> bool:
+        return self.logprobs or bool(self.top_logprobs)
+
+
+class CompletionRequest(_SamplingFields):
+    """``/v1/completions``: prompts already written out, as text or token ids, each answered
+    as it is (no chat template), as a client that applies the template itself sends them
+    (lm-evaluation-harness's ``local-completions`` with ``--apply_chat_template``)."""
+
+    prompt: list[str] | list[list[StrictInt]] = Field(min_length=1)
+    logprobs: int | None = None  # refused when given, as chat's: see ``refusal``
+    echo: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def prompts_as_list(cls, prompt: Any) -> Any:
+        """OpenAI's four forms, as a list of prompts: a text, a list of texts, a list of
+        token ids, a list of those (one error naming them, not pydantic's for each type)."""
+
+        def token_ids(p: Any) -> bool:
+            return isinstance(p, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p
+            )
+
+        if prompt in ("", []) or (isinstance(prompt, list) and any(p in ("", []) for p in prompt)):
+            raise ValueError("a prompt must not be empty")
+        if isinstance(prompt, str) or token_ids(prompt):
+            return [prompt]
+        if isinstance(prompt, list) and (
+            all(isinstance(p, str) for p in prompt) or all(token_ids(p) for p in prompt)
+        ):
+            return prompt
+        raise ValueError(
+            "expected a string, a list of strings, a list of token ids or a list of such lists"
+        )
+
+    def prompts(self) -> list[Prompt]:
+        return list(self.prompt)
+
+    def asks_logprobs(self) -> bool:
+        return self.logprobs is not None  # 0 asks for the chosen tokens' own
 
 
 @dataclass
@@ -175,7 +241,8 @@ class ServerSettings:
 
 @dataclass
 class _Job:
-    request: ChatRequest
+    request: _SamplingFields
+    prompt: Prompt
     budget: Budget | None
     max_tokens: int
     future: asyncio.Future = field(
@@ -210,6 +277,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     if positions and positions - 1 < prompt_limit:
         prompt_limit, why_limit = positions - 1, f" (the model has {positions} positions)"
     name = settings.model_name or Path(settings.model_dir).name
+    vocabulary = model.get_input_embeddings().num_embeddings
     queue: asyncio.Queue[_Job] = asyncio.Queue()
 
     @asynccontextmanager
@@ -246,7 +314,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         outs = generate(
             model,
             tokenizer,
-            [[m.model_dump() for m in j.request.messages] for j in jobs],
+            [j.prompt for j in jobs],
             [j.budget for j in jobs],
             max_new_tokens=max(j.max_tokens for j in jobs),
             temperature=[j.request.temperature for j in jobs],
@@ -345,8 +413,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "data": [{"id": name, "object": "model", "created": 0, "owned_by": "steiner"}],
         }
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(request: Request) -> Any:
+    async def answered(
+        request: Request, kind: type[_SamplingFields]
+    ) -> tuple[Any, list[Completion]] | Response:
+        """A request's body and its completions, one per prompt (stops applied), or the error
+        response: what chat and text completions do alike."""
         raw = await request.body()
         if len(raw) > settings.max_request_bytes:
             return error(
@@ -355,7 +426,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 code="request_too_large",
             )
         try:
-            body = ChatRequest.model_validate_json(raw)
+            body = kind.model_validate_json(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
@@ -368,10 +439,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"the model '{body.model}' does not exist; this server has '{name}'",
                 code="model_not_found",
             )
-        max_tokens = (
-            body.max_completion_tokens
-            or body.max_tokens
-            or min(settings.default_max_tokens, settings.max_tokens_limit)
+        max_tokens = body.wanted_max_tokens() or min(
+            settings.default_max_tokens, settings.max_tokens_limit
         )
         if max_tokens > settings.max_tokens_limit:
             return error(
@@ -380,19 +449,55 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 f"{settings.max_tokens_limit}",
                 param="max_tokens",
             )
-        [n_prompt] = count_prompt_tokens(
-            request_tokenizer, [[m.model_dump() for m in body.messages]]
-        )
-        if n_prompt > prompt_limit:
-            return error(
-                400,
-                f"the prompt has {n_prompt} tokens, over the limit of {prompt_limit}{why_limit}",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        if body.logprobs or body.top_logprobs:
+        prompts = body.prompts()
+        field_name = "messages" if isinstance(body, ChatRequest) else "prompt"
+        for i, prompt in enumerate(prompts):
+            # an id past the embedding would fail the whole batch, every request in it
+            if is_token_ids(prompt) and not all(0 <= t < vocabulary for t in prompt):
+                bad = next(t for t in prompt if not 0 <= t < vocabulary)
+                return error(
+                    400,
+                    f"{field_name}.{i}: token id {bad} is not in the model's vocabulary "
+                    f"(0 to {vocabulary - 1})",
+                    param=field_name,
+                )
+        for i, n_prompt in enumerate(count_prompt_tokens(request_tokenizer, prompts)):
+            if n_prompt > prompt_limit:
+                which = f"{field_name}.{i}: " if len(prompts) > 1 else ""
+                return error(
+                    400,
+                    f"{which}the prompt has {n_prompt} tokens, over the limit of "
+                    f"{prompt_limit}{why_limit}",
+                    param=field_name,
+                    code="context_length_exceeded",
+                )
+        if refused := refusal(body):
+            return refused
+        try:
+            budget = Budget.from_extra(body.model_dump())
+        except ValueError as exc:
+            return error(400, str(exc), param="min_steps")
+        if ended := loop_ended(request):  # else the job would wait for it forever
+            return ended
+        jobs = [_Job(body, prompt, budget, max_tokens) for prompt in prompts]
+        for job in jobs:
+            await queue.put(job)
+        done = await asyncio.gather(*(finished_or_left(job, request) for job in jobs))
+        if any(d is None for d in done):
+            # a client that left is not answered; its batch ended its rows (or never started
+            # them), so a batch of such requests does not hold the next ones up to max_tokens
+            for job in jobs:
+                job.cancelled = True
+            return Response(status_code=499)
+        return body, [cut_at_stop(d, body.stop) for d in done if d is not None]
+
+    def refusal(body: _SamplingFields) -> JSONResponse | None:
+        """A 400 for a field this server would have to leave out (UNSUPPORTED_FIELDS)."""
+        if body.asks_logprobs():
             # refused, not left out: a client reading choice.logprobs would get None
             return error(400, "logprobs are not supported by this server", param="logprobs")
+        if getattr(body, "echo", False):
+            return error(400, "echo is not supported by this server", param="echo")
         for given, value in (body.model_extra or {}).items():
             if given in UNSUPPORTED_FIELDS and value not in UNSUPPORTED_FIELDS[given]:
                 unused = json.dumps(UNSUPPORTED_FIELDS[given][1])
@@ -401,27 +506,28 @@ def create_app(settings: ServerSettings) -> FastAPI:
                     f"{given} is not supported by this server; leave it out or give {unused}",
                     param=given,
                 )
-        try:
-            budget = Budget.from_extra(body.model_dump())
-        except ValueError as exc:
-            return error(400, str(exc), param="min_steps")
-        if ended := loop_ended(request):  # else the job would wait for it forever
-            return ended
-        job = _Job(body, budget, max_tokens)
-        await queue.put(job)
-        done = await finished_or_left(job, request)
-        if done is None:
-            # a client that left is not answered; its batch ended its row (or never started
-            # it), so a batch of such requests does not hold the next ones up to max_tokens
-            return Response(status_code=499)
-        out: Completion = cut_at_stop(done, body.stop)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = {
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens,
-            "completion_tokens_details": {"reasoning_tokens": out.reasoning_tokens},
+        return None
+
+    def usage_of(outs: list[Completion]) -> dict[str, Any]:
+        prompt = sum(o.prompt_tokens for o in outs)
+        completion = sum(o.completion_tokens for o in outs)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "completion_tokens_details": {
+                "reasoning_tokens": sum(o.reasoning_tokens for o in outs)
+            },
         }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Any:
+        result = await answered(request, ChatRequest)
+        if isinstance(result, Response):
+            return result
+        body, [out] = result
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = usage_of([out])
         if body.stream:
             options = body.stream_options or StreamOptions()
             return StreamingResponse(
@@ -446,6 +552,63 @@ def create_app(settings: ServerSettings) -> FastAPI:
             ],
             "usage": usage,
         }
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Any:
+        """OpenAI's text completions, as vLLM serves them: each prompt is continued as it is
+        written, and a choice's text is all the model wrote, the reasoning with its format
+        tokens and then the answer (a client that reads the answer alone cuts the text after
+        ``<|reasoning_end|>``: lm-evaluation-harness's ``think_end_token``)."""
+        result = await answered(request, CompletionRequest)
+        if isinstance(result, Response):
+            return result
+        body, outs = result
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = usage_of(outs)
+        if body.stream:
+            options = body.stream_options or StreamOptions()
+            return StreamingResponse(
+                stream_text(cid, created, outs, usage if options.include_usage else None),
+                media_type="text/event-stream",
+            )
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": name,
+            "choices": [
+                {"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                for i, out in enumerate(outs)
+            ],
+            "usage": usage,
+        }
+
+    async def stream_text(
+        cid: str, created: int, outs: list[Completion], usage: dict | None
+    ) -> AsyncIterator[str]:
+        """Text completion chunks: each choice's text, then its finish reason (and the usage
+        chunk under ``stream_options.include_usage``), as ``stream`` sends chat's."""
+
+        def chunk(choices: list[dict], **extra: Any) -> str:
+            data = {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": name,
+                "choices": choices,
+                **({"usage": None} if usage is not None else {}),
+                **extra,
+            }
+            return f"data: {json.dumps(data)}\n\n"
+
+        for i, out in enumerate(outs):
+            yield chunk([{"index": i, "text": out.text, "logprobs": None, "finish_reason": None}])
+            yield chunk(
+                [{"index": i, "text": "", "logprobs": None, "finish_reason": out.finish_reason}]
+            )
+        if usage is not None:
+            yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
 
     async def stream(
         cid: str, created: int, out: Completion, usage: dict | None
