@@ -609,3 +609,42 @@ def test_bad_text_completion_requests_get_openai_errors(server, body, needle):
     )
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"]
+
+
+def test_n_choices_per_prompt(server, tiny_tokenizer):
+    """``n`` (OpenAI's 1 to 128): the choices of a seeded request are each seeded, the first
+    with the request's seed; a prompt's tokens count once. Before: n over 1 was a 400."""
+    client = openai.OpenAI(base_url=server, api_key="none")
+    chat = [{"role": "user", "content": "Reach 79."}]
+    sampled = dict(model="tiny", max_tokens=30, temperature=1.0, seed=5, extra_body=BUDGET)
+    one = client.chat.completions.create(messages=chat, **sampled)
+    three = client.chat.completions.create(messages=chat, n=3, **sampled)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    said = [c.message.reasoning_content + c.message.content for c in three.choices]
+    assert said[0] == one.choices[0].message.reasoning_content + one.choices[0].message.content
+    assert len(set(said)) > 1  # three draws, not one three times
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
+    assert client.chat.completions.create(messages=chat, n=3, **sampled).choices == three.choices
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(messages=chat, n=3, stream=True, **sampled):
+        for c in chunk.choices:
+            streamed[c.index] += (getattr(c.delta, "reasoning_content", None) or "") + (
+                c.delta.content or ""
+            )
+    assert streamed == said
+    # text completions: the choices of each prompt in turn
+    prompts = [
+        tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in ("Reach 79.", "Go.")
+    ]
+    texts = client.completions.create(prompt=prompts, n=2, **sampled)
+    assert [c.index for c in texts.choices] == [0, 1, 2, 3]
+    alone = [client.completions.create(prompt=p, n=2, **sampled).choices for p in prompts]
+    assert [c.text for c in texts.choices] == [c.text for pair in alone for c in pair]
+    assert texts.choices[0].text == said[0] and texts.choices[1].text == said[1]
+    too_many = httpx.post(
+        f"{server}/chat/completions", json={"model": "tiny", "messages": chat, "n": 129}
+    )
+    assert too_many.status_code == 400 and "n:" in too_many.json()["error"]["message"]

@@ -46,7 +46,7 @@ from steiner.infer.generate import (
     load,
     position_limit,
 )
-from steiner.io import not_a_boolean
+from steiner.io import derived_seed, not_a_boolean
 
 
 class ChatMessage(BaseModel):
@@ -112,7 +112,7 @@ class _SamplingFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=128)  # choices per prompt (OpenAI's range)
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as vLLM
@@ -243,6 +243,7 @@ class ServerSettings:
 class _Job:
     request: _SamplingFields
     prompt: Prompt
+    seed: int | None  # the request's, or one derived from it for its n choices
     budget: Budget | None
     max_tokens: int
     future: asyncio.Future = field(
@@ -319,7 +320,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             max_new_tokens=max(j.max_tokens for j in jobs),
             temperature=[j.request.temperature for j in jobs],
             top_p=[j.request.top_p for j in jobs],
-            seed=[j.request.seed for j in jobs],
+            seed=[j.seed for j in jobs],
             cancelled=[lambda job=j: job.cancelled for j in jobs],
         )
         return [truncate(out, job.max_tokens) for out, job in zip(outs, jobs, strict=True)]
@@ -479,7 +480,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return error(400, str(exc), param="min_steps")
         if ended := loop_ended(request):  # else the job would wait for it forever
             return ended
-        jobs = [_Job(body, prompt, budget, max_tokens) for prompt in prompts]
+        # n choices of each prompt, in OpenAI's order (prompt by prompt), each a row of its
+        # own: the first keeps the request's seed, so n=1 draws what it drew before
+        jobs = [
+            _Job(body, prompt, choice_seed(body.seed, i), budget, max_tokens)
+            for prompt in prompts
+            for i in range(body.n)
+        ]
         for job in jobs:
             await queue.put(job)
         done = await asyncio.gather(*(finished_or_left(job, request) for job in jobs))
@@ -490,6 +497,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 job.cancelled = True
             return Response(status_code=499)
         return body, [cut_at_stop(d, body.stop) for d in done if d is not None]
+
+    def choice_seed(seed: int | None, i: int) -> int | None:
+        return seed if seed is None or i == 0 else derived_seed(seed, "choice", i)
 
     def refusal(body: _SamplingFields) -> JSONResponse | None:
         """A 400 for a field this server would have to leave out (UNSUPPORTED_FIELDS)."""
@@ -508,8 +518,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 )
         return None
 
-    def usage_of(outs: list[Completion]) -> dict[str, Any]:
-        prompt = sum(o.prompt_tokens for o in outs)
+    def usage_of(outs: list[Completion], n: int) -> dict[str, Any]:
+        # a prompt counts once for its n choices, as OpenAI and vLLM count it
+        prompt = sum(o.prompt_tokens for o in outs[::n])
         completion = sum(o.completion_tokens for o in outs)
         return {
             "prompt_tokens": prompt,
@@ -525,13 +536,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         result = await answered(request, ChatRequest)
         if isinstance(result, Response):
             return result
-        body, [out] = result
+        body, outs = result
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = usage_of([out])
+        usage = usage_of(outs, body.n)
         if body.stream:
             options = body.stream_options or StreamOptions()
             return StreamingResponse(
-                stream(cid, created, out, usage if options.include_usage else None),
+                stream(cid, created, outs, usage if options.include_usage else None),
                 media_type="text/event-stream",
             )
         return {
@@ -541,7 +552,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "model": name,
             "choices": [
                 {
-                    "index": 0,
+                    "index": i,
                     "message": {
                         "role": "assistant",
                         "content": out.answer,
@@ -549,6 +560,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                     },
                     "finish_reason": out.finish_reason,
                 }
+                for i, out in enumerate(outs)
             ],
             "usage": usage,
         }
@@ -564,7 +576,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return result
         body, outs = result
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = usage_of(outs)
+        usage = usage_of(outs, body.n)
         if body.stream:
             options = body.stream_options or StreamOptions()
             return StreamingResponse(
@@ -611,7 +623,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     async def stream(
-        cid: str, created: int, out: Completion, usage: dict | None
+        cid: str, created: int, outs: list[Completion], usage: dict | None
     ) -> AsyncIterator[str]:
         """OpenAI's chunks. With ``stream_options.include_usage`` (``usage`` given), every
         chunk carries ``"usage": null`` and one more, with no choices, the usage; without it
@@ -629,13 +641,14 @@ def create_app(settings: ServerSettings) -> FastAPI:
             }
             return f"data: {json.dumps(data)}\n\n"
 
-        def delta(fields: dict, finish: str | None = None) -> str:
-            return chunk([{"index": 0, "delta": fields, "finish_reason": finish}])
+        def delta(i: int, fields: dict, finish: str | None = None) -> str:
+            return chunk([{"index": i, "delta": fields, "finish_reason": finish}])
 
-        yield delta({"role": "assistant", "content": ""})
-        yield delta({"reasoning_content": out.reasoning})
-        yield delta({"content": out.answer})
-        yield delta({}, out.finish_reason)
+        for i, out in enumerate(outs):  # the n choices one after another, by their index
+            yield delta(i, {"role": "assistant", "content": ""})
+            yield delta(i, {"reasoning_content": out.reasoning})
+            yield delta(i, {"content": out.answer})
+            yield delta(i, {}, out.finish_reason)
         if usage is not None:
             yield chunk([], usage=usage)
         yield "data: [DONE]\n\n"
