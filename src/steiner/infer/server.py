@@ -417,8 +417,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def answered(
         request: Request, kind: type[_SamplingFields]
     ) -> tuple[Any, list[Completion]] | Response:
-        """A request's body and its completions, one per prompt (stops applied), or the error
-        response: what chat and text completions do alike."""
+        """A request's body and its completions, ``n`` per prompt (stops applied), or the
+        error response: what chat and text completions do alike."""
         raw = await request.body()
         if len(raw) > settings.max_request_bytes:
             return error(
@@ -569,8 +569,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def completions(request: Request) -> Any:
         """OpenAI's text completions, as vLLM serves them: each prompt is continued as it is
         written, and a choice's text is all the model wrote, the reasoning with its format
-        tokens and then the answer (a client that reads the answer alone cuts the text after
-        ``<|reasoning_end|>``: lm-evaluation-harness's ``think_end_token``)."""
+        tokens and then the answer (a client that reads the answer alone takes what follows
+        ``<|reasoning_end|>``, as the filter of ``examples/lm_eval``'s task does)."""
         result = await answered(request, CompletionRequest)
         if isinstance(result, Response):
             return result
