@@ -648,3 +648,35 @@ def test_n_choices_per_prompt(server, tiny_tokenizer):
         f"{server}/chat/completions", json={"model": "tiny", "messages": chat, "n": 129}
     )
     assert too_many.status_code == 400 and "n:" in too_many.json()["error"]["message"]
+
+
+def test_the_budget_in_vllm_xargs_as_vllm_serve_takes_it(server):
+    """A client written for `vllm serve --logits-processors ...StepBudgetVLLM` sends the budget
+    in vllm_xargs; here it was an unknown field, accepted and unused: no budget at all."""
+    client = openai.OpenAI(base_url=server, api_key="none")
+    chat = [{"role": "user", "content": "Reach 79."}]
+    for steps in (1, 3):
+        budget = {"min_steps": steps, "max_steps": steps, "max_step_tokens": 4}
+        as_vllm = client.chat.completions.create(
+            model="tiny", messages=chat, max_tokens=80, extra_body={"vllm_xargs": budget}
+        )
+        top_level = client.chat.completions.create(
+            model="tiny", messages=chat, max_tokens=80, extra_body=budget
+        )
+        assert as_vllm.choices[0].message == top_level.choices[0].message
+        assert as_vllm.choices[0].message.reasoning_content.count(STEP_START) == steps
+    for xargs, needle in (
+        ({"vllm_xargs": {"min_steps": 5, "max_steps": 2}}, "min_steps"),
+        ({"vllm_xargs": {"max_steps": 2}, "max_steps": 3}, "max_steps is given twice"),
+        ({"vllm_xargs": [1]}, "vllm_xargs: expected an object"),
+    ):
+        r = httpx.post(
+            f"{server}/chat/completions", json={"model": "tiny", "messages": chat, **xargs}
+        )
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    # keys no budget reads are left, as vLLM leaves those its processors do not read
+    other = httpx.post(
+        f"{server}/completions",
+        json={"model": "tiny", "prompt": "x", "max_tokens": 4, "vllm_xargs": {"other": 1}},
+    )
+    assert other.status_code == 200, other.text

@@ -39,6 +39,8 @@ from steiner import format as fmt
 from steiner.io import InputError
 
 EXTEND_WITH = ("model", "proceed", "backtrack")
+# the request fields of a budget (Budget.from_extra): a server body's, or vLLM's extra_args
+BUDGET_FIELDS = ("min_steps", "max_steps", "max_reasoning_tokens", "max_step_tokens", "extend_with")
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,7 @@ class Budget:
         """From request extras (vLLM extra_args / our server's body); None when no control
         was asked for."""
         extra = extra or {}
-        keys = ("min_steps", "max_steps", "max_reasoning_tokens", "max_step_tokens", "extend_with")
-        given = {k: extra[k] for k in keys if extra.get(k) is not None}
+        given = {k: extra[k] for k in BUDGET_FIELDS if extra.get(k) is not None}
         if not given:
             return None
         counts = {k: v for k, v in given.items() if k != "extend_with"}

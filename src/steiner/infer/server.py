@@ -36,7 +36,7 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from steiner.infer.budget import EXTEND_WITH, Budget
+from steiner.infer.budget import BUDGET_FIELDS, EXTEND_WITH, Budget
 from steiner.infer.generate import (
     Completion,
     Prompt,
@@ -133,6 +133,29 @@ class _SamplingFields(BaseModel):
         if isinstance(body, dict):
             nullable = ("temperature", "top_p", "n", "stream", "logprobs", "echo")
             return {k: v for k, v in body.items() if not (k in nullable and v is None)}
+        return body
+
+    @model_validator(mode="before")
+    @classmethod
+    def budget_from_vllm_xargs(cls, body: Any) -> Any:
+        """The budget fields as vLLM takes them, in ``vllm_xargs`` (its ``extra_args`` for
+        logits processors: ``steiner.infer.vllm_budget``), so that one client's requests get
+        the same budget from ``vllm serve`` and from here; other keys there are left, as
+        vLLM leaves those no processor reads."""
+        xargs = body.get("vllm_xargs") if isinstance(body, dict) else None
+        if xargs is None:
+            return body
+        if not isinstance(xargs, dict):
+            raise ValueError(f"vllm_xargs: expected an object, got {type(xargs).__name__}")
+        body = dict(body)
+        for key in BUDGET_FIELDS:
+            if key not in xargs:
+                continue
+            if key in body and body[key] != xargs[key]:
+                raise ValueError(
+                    f"{key} is given twice, as {body[key]!r} and in vllm_xargs as {xargs[key]!r}"
+                )
+            body[key] = xargs[key]
         return body
 
     @field_validator(
