@@ -495,6 +495,7 @@ def test_fields_that_would_change_the_completion_are_refused_unless_at_their_def
         ("frequency_penalty", -1.0, "0"),
         ("top_k", 5, "0"),
         ("repetition_penalty", 1.2, "1"),
+        ("skip_special_tokens", True, "false"),
     ):
         for stream in (False, True):
             reply = httpx.post(
@@ -517,6 +518,7 @@ def test_fields_that_would_change_the_completion_are_refused_unless_at_their_def
         "frequency_penalty": 0.0,
         "top_k": -1,
         "repetition_penalty": 1.0,
+        "skip_special_tokens": False,  # what a client written for vLLM sends for the format
         "user": "me",
     }
     assert httpx.post(f"{server}/chat/completions", json=chat | defaults).status_code == 200

@@ -89,6 +89,9 @@ class StreamOptions(BaseModel):
 # 400, as for logprobs, where they were left out and the client got another completion than
 # it asked for. The values each may take, unused (the first after None is the one named).
 UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    # vLLM's: true drops the special tokens from the text, the format's 14 among them; this
+    # server keeps them, as vLLM does with false
+    "skip_special_tokens": (None, False),
     "suffix": (None, ""),  # /v1/completions
     "best_of": (None, 1),  # /v1/completions
     "tools": (None, []),
