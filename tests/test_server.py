@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from transformers import AutoTokenizer
 
 from steiner.format import REASONING_END, REASONING_START, STEP_START
 from steiner.infer.server import ServerSettings, create_app
@@ -524,7 +525,7 @@ def test_fields_that_would_change_the_completion_are_refused_unless_at_their_def
     assert httpx.post(f"{server}/chat/completions", json=chat | defaults).status_code == 200
 
 
-def test_text_completions_continue_each_prompt_as_written(server, tiny_tokenizer):
+def test_text_completions_continue_each_prompt_as_written(server, tiny_tokenizer, tiny_model_dir):
     """/v1/completions, for clients that apply the chat template themselves (lm-evaluation-
     harness's local-completions): the chat's own prompt, written out, gets the chat's reply
     as one text (greedy); a list of prompts gets a choice each. Before: 404."""
@@ -549,7 +550,8 @@ def test_text_completions_continue_each_prompt_as_written(server, tiny_tokenizer
     alone = client.completions.create(model="tiny", prompt=other, max_tokens=60, extra_body=BUDGET)
     assert alone.choices[0].text == text.choices[1].text
     # token ids, as lm-eval sends the prompts it templated, one or a list of them
-    ids = tiny_tokenizer(other, add_special_tokens=False)["input_ids"]
+    served = AutoTokenizer.from_pretrained(tiny_model_dir)  # a qwen2 config: Qwen's digit rule
+    ids = served(other, add_special_tokens=False)["input_ids"]
     for prompt in (ids, [ids, ids]):
         by_ids = client.completions.create(
             model="tiny", prompt=prompt, max_tokens=60, extra_body=BUDGET
@@ -682,3 +684,49 @@ def test_the_budget_in_vllm_xargs_as_vllm_serve_takes_it(server):
         json={"model": "tiny", "prompt": "x", "max_tokens": 4, "vllm_xargs": {"other": 1}},
     )
     assert other.status_code == 200, other.text
+
+
+def test_tokenizer_routes_as_vllm_serves_them(server, tiny_model_dir):
+    """/tokenizer_info, /tokenize and /detokenize at the root, as vLLM has them (404 before):
+    lm-evaluation-harness's local-completions finds them and needs no tokenizer of its own."""
+    import jinja2
+
+    # the served tokenizer, as loaded from the model directory: a qwen2 config loads it with
+    # Qwen's digit rule, so it is not the fixture's object token for token
+    tiny_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    root = server.removesuffix("/v1")
+    chat = [{"role": "user", "content": "Reach 79."}]
+    written = tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    info = httpx.get(f"{root}/tokenizer_info").json()
+    assert info["eos_token"] == tiny_tokenizer.eos_token and info["model_max_length"] == 2048
+    # rendered with plain Jinja, as that client does: transformers' generation tag is gone
+    assert "{%- generation %}" in tiny_tokenizer.chat_template
+    assert "{%- generation %}" not in info["chat_template"]
+    plain = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(info["chat_template"])
+    assert plain.render(messages=chat, add_generation_prompt=True) == written
+    ids = tiny_tokenizer(written, add_special_tokens=False)["input_ids"]
+    as_text = httpx.post(f"{root}/tokenize", json={"prompt": written, "add_special_tokens": False})
+    as_chat = httpx.post(f"{root}/tokenize", json={"model": "tiny", "messages": chat})
+    # a chat in "prompt", as lm-eval's remote tokenizer sends it
+    as_lm_eval = httpx.post(f"{root}/tokenize", json={"prompt": chat, "add_special_tokens": False})
+    for r in (as_text, as_chat, as_lm_eval):
+        assert r.json() == {
+            "count": len(ids),
+            "max_model_len": 2048,
+            "tokens": ids,
+            "token_strs": None,
+        }
+    strs = httpx.post(f"{root}/tokenize", json={"prompt": "ab", "return_token_strs": True}).json()
+    assert strs["token_strs"] == tiny_tokenizer.convert_ids_to_tokens(strs["tokens"])
+    back = httpx.post(f"{root}/detokenize", json={"model": "tiny", "tokens": ids}).json()
+    assert back == {"prompt": written}
+    for route, body, status, needle in (
+        ("tokenize", {"prompt": "a", "messages": chat}, 400, "one of 'prompt' or 'messages'"),
+        ("tokenize", {}, 400, "one of 'prompt' or 'messages'"),
+        ("tokenize", {"model": "other", "prompt": "a"}, 404, "does not exist"),
+        ("detokenize", {"tokens": [1, 99999]}, 400, "tokens: token id 99999 is not in"),
+        ("detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
+    ):
+        r = httpx.post(f"{root}/{route}", json=body)
+        assert r.status_code == status and needle in r.json()["error"]["message"], r.text

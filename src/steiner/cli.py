@@ -1157,7 +1157,7 @@ def serve_cmd(
     config: ConfigFile = None,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (stream too),
-    GET /v1/models, /health."""
+    GET /v1/models, /health, and vLLM's /tokenize, /detokenize, /tokenizer_info."""
     from steiner.infer.server import ServerSettings, check_address, serve
 
     check_address(host, port)

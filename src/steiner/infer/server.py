@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import socket
 import time
 import uuid
@@ -252,6 +253,52 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs is not None  # 0 asks for the chosen tokens' own
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a text, or a chat through the chat template."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # vLLM's default: a text's yes, a chat's no
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def chat_sent_as_prompt(cls, body: Any) -> Any:
+        """A chat in ``prompt`` reads as ``messages``: lm-evaluation-harness's remote
+        tokenizer sends one so (``local-completions --apply_chat_template``, the tokenizer
+        routes found), and vLLM's own route would refuse it, leaving that client no way in."""
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            if body.get("messages") is None:
+                return {k: v for k, v in body.items() if k != "prompt"} | {"messages": prompt}
+        return body
+
+    @model_validator(mode="after")
+    def text_or_chat(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("expected one of 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+def plain_jinja(template: str) -> str:
+    """The chat template without transformers' ``{% generation %}`` markers, which only mark
+    the assistant's tokens for training: clients that render a served template with plain
+    Jinja (lm-evaluation-harness's remote tokenizer) fail on the unknown tag, and the text
+    it renders is the same without them."""
+    return re.sub(r"\{%-?\s*(?:end)?generation\s*-?%\}", "", template)
+
+
 @dataclass
 class ServerSettings:
     model_dir: str
@@ -440,11 +487,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             "data": [{"id": name, "object": "model", "created": 0, "owned_by": "steiner"}],
         }
 
-    async def answered(
-        request: Request, kind: type[_SamplingFields]
-    ) -> tuple[Any, list[Completion]] | Response:
-        """A request's body and its completions, ``n`` per prompt (stops applied), or the
-        error response: what chat and text completions do alike."""
+    async def parsed(request: Request, kind: type[BaseModel]) -> Any:
+        """The request's body as ``kind``, or the error response (413, 400, or 404 for a
+        model this server does not have)."""
         raw = await request.body()
         if len(raw) > settings.max_request_bytes:
             return error(
@@ -460,12 +505,79 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return error(
                 400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None
             )
-        if body.model != name:
+        model_name = getattr(body, "model", None)
+        if model_name is not None and model_name != name:
             return error(
                 404,
-                f"the model '{body.model}' does not exist; this server has '{name}'",
+                f"the model '{model_name}' does not exist; this server has '{name}'",
                 code="model_not_found",
             )
+        return body
+
+    def outside_vocabulary(ids: list[int], where: str) -> JSONResponse | None:
+        """A 400 for a token id outside the model's embedding (in a batch, it would fail
+        every request in it)."""
+        bad = next((t for t in ids if not 0 <= t < vocabulary), None)
+        if bad is None:
+            return None
+        return error(
+            400,
+            f"{where}: token id {bad} is not in the model's vocabulary (0 to {vocabulary - 1})",
+            param=where.split(".")[0],
+        )
+
+    # vLLM's tokenizer routes, at the root as there: lm-evaluation-harness's local-completions
+    # finds them and tokenizes through the server, with no tokenizer of its own to name
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tok = request_tokenizer
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "unk_token": tok.unk_token,
+            "model_max_length": positions,
+            "chat_template": plain_jinja(tok.chat_template or ""),
+        }
+
+    @app.post("/tokenize", response_model=None)
+    async def tokenize(request: Request) -> Any:
+        body = await parsed(request, TokenizeRequest)
+        if isinstance(body, Response):
+            return body
+        chat = body.messages is not None
+        special = body.add_special_tokens if body.add_special_tokens is not None else not chat
+        text = (
+            request_tokenizer.apply_chat_template(
+                [m.model_dump() for m in body.messages],
+                tokenize=False,
+                add_generation_prompt=body.add_generation_prompt,
+            )
+            if chat
+            else body.prompt
+        )
+        ids = request_tokenizer(text, add_special_tokens=special)["input_ids"]
+        strs = request_tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": positions, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize", response_model=None)
+    async def detokenize(request: Request) -> Any:
+        body = await parsed(request, DetokenizeRequest)
+        if isinstance(body, Response):
+            return body
+        if refused := outside_vocabulary(body.tokens, "tokens"):
+            return refused
+        return {"prompt": request_tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    async def answered(
+        request: Request, kind: type[_SamplingFields]
+    ) -> tuple[Any, list[Completion]] | Response:
+        """A request's body and its completions, ``n`` per prompt (stops applied), or the
+        error response: what chat and text completions do alike."""
+        body = await parsed(request, kind)
+        if isinstance(body, Response):
+            return body
         max_tokens = body.wanted_max_tokens() or min(
             settings.default_max_tokens, settings.max_tokens_limit
         )
@@ -479,15 +591,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         prompts = body.prompts()
         field_name = "messages" if isinstance(body, ChatRequest) else "prompt"
         for i, prompt in enumerate(prompts):
-            # an id past the embedding would fail the whole batch, every request in it
-            if is_token_ids(prompt) and not all(0 <= t < vocabulary for t in prompt):
-                bad = next(t for t in prompt if not 0 <= t < vocabulary)
-                return error(
-                    400,
-                    f"{field_name}.{i}: token id {bad} is not in the model's vocabulary "
-                    f"(0 to {vocabulary - 1})",
-                    param=field_name,
-                )
+            if is_token_ids(prompt) and (
+                refused := outside_vocabulary(prompt, f"{field_name}.{i}")
+            ):
+                return refused
         for i, n_prompt in enumerate(count_prompt_tokens(request_tokenizer, prompts)):
             if n_prompt > prompt_limit:
                 which = f"{field_name}.{i}: " if len(prompts) > 1 else ""
