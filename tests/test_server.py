@@ -730,3 +730,106 @@ def test_tokenizer_routes_as_vllm_serves_them(server, tiny_model_dir):
     ):
         r = httpx.post(f"{root}/{route}", json=body)
         assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+
+
+def test_eval_and_scale_against_a_server_match_the_local_model(server, tiny_model_dir, tmp_path):
+    """`eval --base-url` (and `scale`) asks a served model, as a cluster's vLLM would serve it:
+    the same answers, steps and token counts as the local model gives, greedy and sampled
+    (each row's seed is the one a local batch gives it). Before: --model had to be a local
+    directory, so a GPU server could not be evaluated with these commands."""
+    import json
+    import subprocess
+    import sys
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "nums": [3, 4, i + 1], "target": 8 + i}) + "\n"
+            for i in range(5)
+        )
+    )
+    common = ["--problems", str(problems), "--max-new-tokens", "40", "--max-steps", "2",
+              "--samples", "2", "--batch-size", "3"]  # fmt: skip
+
+    def eval_(*model: str, out: str) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-m", "steiner.cli", "eval", *model, *common, "--out", out],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        lines = (tmp_path / out / "outputs.jsonl").read_text().splitlines()
+        return {rec["id"]: rec for rec in map(json.loads, lines)}
+
+    local = eval_("--model", str(tiny_model_dir), out=str(tmp_path / "local"))
+    served = eval_("--model", "tiny", "--base-url", server, out=str(tmp_path / "served"))
+    kept = ("answer", "correct", "n_steps", "n_backtracks", "reasoning_tokens",
+            "completion_tokens", "finish_reason", "trace")  # fmt: skip
+    for pid, rec in local.items():
+        for mine, theirs in zip(
+            rec["outputs"] + rec["samples"],
+            served[pid]["outputs"] + served[pid]["samples"],
+            strict=True,
+        ):
+            assert {k: mine[k] for k in kept} == {k: theirs[k] for k in kept}, pid
+    settings = json.loads((tmp_path / "served" / "eval_settings.json").read_text())
+    assert settings["model"] == "tiny" and settings["base_url"] == server
+    # a YAML recipe may name both: the served name is not checked as a directory
+    (tmp_path / "remote.yaml").write_text(f"model: tiny\nbase_url: {server}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "steiner.cli", "scale", "--config", str(tmp_path / "remote.yaml"),
+         "--problems", str(problems), "--out", str(tmp_path / "scale"), "--budgets", "1,2",
+         "--mode", "cap", "--max-new-tokens", "40", "--limit", "3"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "scale" / "scale.json").read_text())["rows"]
+    assert [r["budget"] for r in rows] == [1, 2] and all(r["control"] == 1.0 for r in rows)
+    # a server that is not there: one line naming it
+    gone = subprocess.run(
+        [sys.executable, "-m", "steiner.cli", "eval", "--model", "tiny", "--base-url",
+         f"http://127.0.0.1:{free_port()}/v1", *common, "--out", str(tmp_path / "gone")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert gone.returncode == 2 and len(gone.stderr.splitlines()) == 1, gone.stderr
+    assert "--base-url: cannot reach" in gone.stderr
+    wrong = subprocess.run(
+        [sys.executable, "-m", "steiner.cli", "eval", "--model", "other", "--base-url", server,
+         *common, "--out", str(tmp_path / "wrong")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "answered 404: the model 'other' does not exist" in (
+        wrong.stderr
+    )
+
+
+def test_a_reply_without_a_reasoning_field_or_count_reads_as_a_local_completion():
+    """vLLM without a reasoning parser puts the whole text in content and does not count the
+    reasoning's tokens; they are counted by the server's /tokenize instead."""
+    from types import SimpleNamespace as NS
+
+    from steiner.infer.budget import Budget
+    from steiner.infer.remote import budget_xargs, completion_of
+
+    reasoning = f"{REASONING_START}{STEP_START} a{REASONING_END}"
+    reply = NS(
+        choices=[NS(message=NS(content=reasoning + "\n42", reasoning_content=None),
+                    finish_reason="stop")],
+        usage=NS(prompt_tokens=7, completion_tokens=9, completion_tokens_details=None),
+    )  # fmt: skip
+    counted = []
+    out = completion_of(reply, lambda text: counted.append(text) or 5)
+    assert (out.answer, out.reasoning, out.reasoning_tokens, counted) == (
+        "42",
+        reasoning,
+        5,
+        [reasoning],
+    )
+    assert (out.prompt_tokens, out.completion_tokens, out.finish_reason) == (7, 9, "stop")
+    # vLLM takes no null in vllm_xargs; Budget() is the format rules alone
+    assert budget_xargs(None) == {"min_steps": 0, "extend_with": "model"}
+    assert budget_xargs(Budget(max_steps=2)) == {
+        "min_steps": 0,
+        "max_steps": 2,
+        "extend_with": "model",
+    }

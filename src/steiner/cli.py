@@ -119,7 +119,10 @@ def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
         raise InputError(path, None, f"expected a mapping of options, got {type(given).__name__}")
     params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
     defaults: dict[str, Any] = {}
-    for key, value in given.items():
+    # an eager option's value first, as click reads it first: --base-url's turns --model's
+    # directory check off
+    eager = lambda item: getattr(params.get(str(item[0]).replace("-", "_")), "is_eager", False)  # noqa: E731
+    for key, value in sorted(given.items(), key=lambda item: not eager(item)):
         line = lines.get(key)
         name = str(key).replace("-", "_")
         param = params.get(name)
@@ -157,6 +160,8 @@ def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
             message = getattr(exc, "message", None) or str(exc)
             raise InputError(path, line, f"option '{key}': {message}") from None
         defaults[name] = value
+        if param.is_eager:
+            ctx.params.setdefault(name, value)  # for the callbacks checked after it
     ctx.default_map = (ctx.default_map or {}) | defaults
     return path
 
@@ -1000,10 +1005,14 @@ def print_rl_summary(summary: dict[str, Any], output_dir: str) -> None:
     console.print(table)
 
 
-def model_directory(path: Path) -> Path:
-    """Checked when the command line is parsed: before a progress bar, a banner or a file."""
+def model_directory(ctx: typer.Context, path: Path) -> Path:
+    """Checked when the command line is parsed: before a progress bar, a banner or a file.
+    With ``--base-url`` (eval, scale) it is the name a server serves the model under."""
     from steiner.infer.generate import MADE_BY
     from steiner.io import check_model_dir
+
+    if ctx.params.get("base_url"):  # read first: the option is eager
+        return path
 
     # here, not with typer's exists=True, which checks before a callback can expand ~
     path = expand_user(path)
@@ -1023,10 +1032,20 @@ def model_directory(path: Path) -> Path:
 ModelDirectory = Annotated[
     Path,
     typer.Option(
-        help="Model directory.",
+        help="Model directory (with --base-url: the served model's name).",
         callback=model_directory,
     ),
 ]
+# eval and scale against a server instead of a local model (steiner.infer.remote)
+BaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        is_eager=True,  # before --model, whose check it turns off
+        help="An OpenAI-compatible server (steiner serve, or vllm serve with StepBudgetVLLM) "
+        "that serves --model: http://host:8000/v1.",
+    ),
+]
+ApiKeyEnv = Annotated[str, typer.Option(help="With --base-url: the API key's variable.")]
 
 
 MaxStepTokens = Annotated[
@@ -1199,6 +1218,8 @@ def eval_cmd(
     top_p: TopP = 1.0,
     limit: Annotated[int | None, typer.Option(min=1, help="First N problems only.")] = None,
     seed: Seed = 0,
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     config: ConfigFile = None,
 ) -> None:
     """Accuracy (pass@1, maj@k, avg@k, pass@2..k), steps, backtracks, format errors; raw outputs."""
@@ -1221,6 +1242,8 @@ def eval_cmd(
         limit,
         max_step_tokens,
         top_p,
+        base_url,
+        api_key_env,
     )
     with progress_bar() as bar:
         task = bar.add_task("eval", total=None)
@@ -1269,6 +1292,8 @@ def scale_cmd(
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 1024,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
     config: ConfigFile = None,
 ) -> None:
     """Accuracy and reasoning tokens per step budget; Control, Scaling, Performance; a plot."""
@@ -1298,6 +1323,8 @@ def scale_cmd(
         limit=limit,
         max_step_tokens=max_step_tokens,
         extend_with=extend_with,
+        base_url=base_url,
+        api_key_env=api_key_env,
     )
     with progress_bar() as bar:
         task = bar.add_task("scale", total=len(levels) * len(modes))

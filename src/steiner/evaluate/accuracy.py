@@ -1,7 +1,8 @@
 """``steiner eval``: accuracy of a model on a problem file, with raw outputs.
 
 Greedy decoding gives pass@1; with ``samples`` k > 1, k sampled answers per problem give
-maj@k and pass@k. Every problem's outputs go to ``outputs.jsonl`` (raw text, parsed trace,
+maj@k, avg@k and pass@j. The model is a local directory, or a server's (``base_url``: see
+``steiner.infer.remote``). Every problem's outputs go to ``outputs.jsonl`` (raw text, parsed trace,
 ``correct``) as soon as its batch is done, so a re-run skips what is there. A re-run goes on only
 with the settings that decide the outputs (``eval_settings.json``) and the same question and
 reference answer under each problem id, so old outputs never pass for another model's,
@@ -10,6 +11,7 @@ budget's or problem's.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from steiner.domains import get_domain, load_problems
 from steiner.evaluate.metrics import majority, sampled_rates, wilson_interval
 from steiner.infer.budget import Budget
 from steiner.infer.generate import MADE_BY, Completion, generate, load, question_chat
+from steiner.infer.remote import Endpoint, generate_remote
 from steiner.io import (
     InputError,
     check_model_dir,
@@ -50,6 +53,10 @@ class EvalConfig:
     limit: int | None = None
     max_step_tokens: int | None = None
     top_p: float = 1.0  # for the k samples, as temperature
+    # an OpenAI-compatible server (steiner serve, or vllm serve with StepBudgetVLLM) that
+    # serves ``model`` by that name, instead of a local model directory
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
 
 
 SETTINGS_FILE = "eval_settings.json"
@@ -61,13 +68,14 @@ def output_settings(cfg: EvalConfig) -> dict[str, Any]:
     file's path: each output carries its question, and that is checked instead, so a moved
     file resumes and a changed one does not."""
     d = asdict(cfg)
-    for key in ("problems", "out", "batch_size", "limit"):
+    for key in ("problems", "out", "batch_size", "limit", "api_key_env"):
         d.pop(key)
     if cfg.samples <= 1:  # greedy only: the sampling settings are unused
         d.pop("temperature")
         d.pop("top_p")
         d.pop("seed")
-    d["model"] = local_path(cfg.model)
+    if cfg.base_url is None:  # a served model is its name at that URL
+        d["model"] = local_path(cfg.model)
     return d
 
 
@@ -155,10 +163,28 @@ def evaluate_records(
         raise InputError("--temperature", None, f"expected > 0 with --samples {cfg.samples}, got 0")
     problems = load_problems(cfg.problems, cfg.domain)[: cfg.limit]
     domain_name = cfg.domain or (problems[0]["domain"] if problems else "countdown")
-    if model_and_tokenizer is None:  # before the output directory, which load() comes after
+    if model_and_tokenizer is None and cfg.base_url is None:
+        # before the output directory, which load() comes after
         check_model_dir(cfg.model, "--model", MADE_BY, adapters=True)
     with sole_writer(cfg.out, "--out"):
         return answer_problems(cfg, problems, domain_name, budget, progress, model_and_tokenizer)
+
+
+def answerer(
+    cfg: EvalConfig, model_and_tokenizer: tuple[Any, Any] | None
+) -> Callable[..., list[Completion]]:
+    """``generate`` with the model bound: the local one, or the server at ``--base-url``,
+    which takes a batch's requests at once."""
+    if cfg.base_url is not None:
+        endpoint = Endpoint(
+            cfg.base_url,
+            cfg.model,
+            os.environ.get(cfg.api_key_env) or "none",
+            concurrency=cfg.batch_size,
+        )
+        return functools.partial(generate_remote, endpoint)
+    model, tokenizer = model_and_tokenizer or load(cfg.model)
+    return functools.partial(generate, model, tokenizer)
 
 
 def answer_problems(
@@ -202,21 +228,17 @@ def answer_problems(
     todo = [p for p in problems if p["id"] not in done]
     drop_cut_line(outputs_path)
     records_by_id = {i: rec for i, (_, rec) in done.items()}  # and this run's, as written
-    model, tokenizer = model_and_tokenizer or load(cfg.model)
+    answer = answerer(cfg, model_and_tokenizer)
     if progress:
         progress(len(problems) - len(todo), len(problems))
     with outputs_path.open("a", encoding="utf-8") as fh:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]
             convs = [question_chat(p) for p in batch]
-            greedy = generate(
-                model, tokenizer, convs, [budget] * len(batch), cfg.max_new_tokens, 0.0
-            )
+            greedy = answer(convs, [budget] * len(batch), cfg.max_new_tokens, 0.0)
             sampled: list[list[Completion]] = [[] for _ in batch]
             for k in range(cfg.samples if cfg.samples > 1 else 0):
-                outs = generate(
-                    model,
-                    tokenizer,
+                outs = answer(
                     convs,
                     [budget] * len(batch),
                     cfg.max_new_tokens,

@@ -27,7 +27,8 @@ def run_scale(
 ) -> dict[str, Any]:
     out = Path(base.out)
     load_problems(base.problems, base.domain)  # a bad file is one error line before the model loads
-    model_and_tokenizer = load(base.model)
+    # a served model (--base-url) is asked over HTTP, budget by budget
+    model_and_tokenizer = None if base.base_url else load(base.model)
     with sole_writer(out, "--out"):
         rows = []
         for mode in modes:
