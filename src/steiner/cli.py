@@ -119,10 +119,13 @@ def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
         raise InputError(path, None, f"expected a mapping of options, got {type(given).__name__}")
     params = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
     defaults: dict[str, Any] = {}
-    # an eager option's value first, as click reads it first: --base-url's turns --model's
-    # directory check off
-    eager = lambda item: getattr(params.get(str(item[0]).replace("-", "_")), "is_eager", False)  # noqa: E731
-    for key, value in sorted(given.items(), key=lambda item: not eager(item)):
+
+    def eager_first(item: tuple[Any, Any]) -> bool:
+        # an eager option's value first, as click reads it first: --base-url's turns
+        # --model's directory check off
+        return not getattr(params.get(str(item[0]).replace("-", "_")), "is_eager", False)
+
+    for key, value in sorted(given.items(), key=eager_first):
         line = lines.get(key)
         name = str(key).replace("-", "_")
         param = params.get(name)
