@@ -33,7 +33,7 @@ class Completion:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _per_row(value: Any, n: int) -> list[Any]:
+def per_row(value: Any, n: int) -> list[Any]:
     if isinstance(value, Sequence):
         if len(value) != n:
             raise ValueError(f"{len(value)} per-row values for {n} conversations")
@@ -184,9 +184,9 @@ def generate(
             pick(conversations),
             pick(rows),
             max_new_tokens,
-            pick(_per_row(temperature, n)),
-            pick(_per_row(top_p, n)),
-            pick(_per_row(seed, n)),
+            pick(per_row(temperature, n)),
+            pick(per_row(top_p, n)),
+            pick(per_row(seed, n)),
             pick(cancelled) if cancelled else None,
         )
         by_row = dict(zip(fits, answered, strict=True))
@@ -205,9 +205,9 @@ def generate(
         max_new_tokens = max(1, min(max_new_tokens, limit - int(prompt_lengths.min())))
         criteria.append(StopAtPositionLimit(prompt_lengths, start, limit))
     sampler = PerRowSampler(
-        _per_row(temperature, len(prompts)),
-        _per_row(top_p, len(prompts)),
-        _per_row(seed, len(prompts)),
+        per_row(temperature, len(prompts)),
+        per_row(top_p, len(prompts)),
+        per_row(seed, len(prompts)),
     )
     out = model.generate(
         **batch,

@@ -18,7 +18,7 @@ from typing import Any
 
 from steiner.format import REASONING_END, parse, reasoning_and_answer
 from steiner.infer.budget import Budget
-from steiner.infer.generate import Completion
+from steiner.infer.generate import Completion, per_row
 from steiner.io import InputError
 
 
@@ -53,17 +53,13 @@ def generate_remote(
     import openai
 
     n = len(conversations)
-
-    def per_row(value: Any) -> list[Any]:
-        return list(value) if isinstance(value, Sequence) else [value] * n
-
     rows = list(
         zip(
             conversations,
-            per_row(budgets if budgets is not None else None),
-            per_row(temperature),
-            per_row(top_p),
-            per_row(seed),
+            per_row(budgets, n),
+            per_row(temperature, n),
+            per_row(top_p, n),
+            per_row(seed, n),
             strict=True,
         )
     )
