@@ -241,11 +241,24 @@ def decode_completion(
 ) -> Completion:
     """One row's completion from its tokens up to (not including) its end token, found at
     ``stop`` (None: the row ran out of tokens or positions, or was ``cancelled``)."""
-    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    reasoning_end = tokenizer.convert_tokens_to_ids(REASONING_END)
+    return completion_from_text(
+        tokenizer.decode(tokens, skip_special_tokens=False),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=len(tokens) + (stop is not None),
+        reasoning_tokens=tokens.index(reasoning_end) + 1
+        if reasoning_end in tokens
+        else len(tokens),
+        finish_reason="stop" if stop is not None else "cancelled" if cancelled else "length",
+    )
+
+
+def completion_from_text(
+    text: str, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int, finish_reason: str
+) -> Completion:
+    """A completion's text split into reasoning and answer and parsed, with its counts."""
     reasoning, answer = reasoning_and_answer(text)
     trace, errors = parse(text)
-    reasoning_end = tokenizer.convert_tokens_to_ids(REASONING_END)
-    n_reasoning = tokens.index(reasoning_end) + 1 if reasoning_end in tokens else len(tokens)
     return Completion(
         text=text,
         reasoning=reasoning,
@@ -253,7 +266,7 @@ def decode_completion(
         trace=trace,
         format_errors=[f"offset {e.offset}: {e.message}" for e in errors],
         prompt_tokens=prompt_tokens,
-        completion_tokens=len(tokens) + (stop is not None),
-        reasoning_tokens=n_reasoning,
-        finish_reason="stop" if stop is not None else "cancelled" if cancelled else "length",
+        completion_tokens=completion_tokens,
+        reasoning_tokens=reasoning_tokens,
+        finish_reason=finish_reason,
     )

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from steiner.format import REASONING_END, parse, reasoning_and_answer
+from steiner.format import REASONING_END, reasoning_and_answer
 from steiner.infer.budget import Budget
-from steiner.infer.generate import Completion, per_row
+from steiner.infer.generate import Completion, completion_from_text, per_row
 from steiner.io import InputError
 
 
@@ -123,19 +123,14 @@ def completion_of(reply: Any, count: Any) -> Completion:
     reasoning = getattr(message, "reasoning_content", None) or getattr(message, "reasoning", None)
     content = message.content or ""
     text = f"{reasoning}{content}" if reasoning else content
-    reasoning_part, answer = reasoning_and_answer(text)
-    trace, errors = parse(text)
     usage = reply.usage
     details = getattr(usage, "completion_tokens_details", None)
     n_reasoning = getattr(details, "reasoning_tokens", None)
     if n_reasoning is None:
-        n_reasoning = count(reasoning_part) if REASONING_END in text else usage.completion_tokens
-    return Completion(
-        text=text,
-        reasoning=reasoning_part,
-        answer=answer,
-        trace=trace,
-        format_errors=[f"offset {e.offset}: {e.message}" for e in errors],
+        thought = reasoning_and_answer(text)[0]
+        n_reasoning = count(thought) if REASONING_END in text else usage.completion_tokens
+    return completion_from_text(
+        text,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         reasoning_tokens=n_reasoning,

@@ -17,7 +17,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,6 +41,7 @@ from steiner.infer.budget import BUDGET_FIELDS, EXTEND_WITH, Budget
 from steiner.infer.generate import (
     Completion,
     Prompt,
+    completion_from_text,
     count_prompt_tokens,
     generate,
     is_token_ids,
@@ -403,21 +404,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         if out.completion_tokens <= max_tokens:
             return out
         ids = tokenizer(out.text, add_special_tokens=False)["input_ids"][:max_tokens]
-        text = tokenizer.decode(ids)
-        from steiner.format import parse, reasoning_and_answer
-
-        reasoning, answer = reasoning_and_answer(text)
-        trace, errors = parse(text)
-        return Completion(
-            text,
-            reasoning,
-            answer,
-            trace,
-            [e.message for e in errors],
-            out.prompt_tokens,
-            max_tokens,
-            min(out.reasoning_tokens, max_tokens),
-            "length",
+        return completion_from_text(
+            tokenizer.decode(ids),
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=max_tokens,
+            reasoning_tokens=min(out.reasoning_tokens, max_tokens),
+            finish_reason="length",
         )
 
     def cut_at_stop(out: Completion, stops: list[str]) -> Completion:
@@ -664,39 +656,59 @@ def create_app(settings: ServerSettings) -> FastAPI:
             },
         }
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(request: Request) -> Any:
-        result = await answered(request, ChatRequest)
+    def chat_choice(i: int, out: Completion) -> dict[str, Any]:
+        message = {"role": "assistant", "content": out.answer, "reasoning_content": out.reasoning}
+        return {"index": i, "message": message, "finish_reason": out.finish_reason}
+
+    def chat_chunks(i: int, out: Completion) -> Iterator[dict[str, Any]]:
+        """A chat choice streamed as deltas: the role, the reasoning, the answer, the end."""
+        role = {"role": "assistant", "content": ""}
+        for fields in (role, {"reasoning_content": out.reasoning}, {"content": out.answer}):
+            yield {"index": i, "delta": fields, "finish_reason": None}
+        yield {"index": i, "delta": {}, "finish_reason": out.finish_reason}
+
+    def text_choice(i: int, out: Completion) -> dict[str, Any]:
+        return {"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+
+    def text_chunks(i: int, out: Completion) -> Iterator[dict[str, Any]]:
+        yield {"index": i, "text": out.text, "logprobs": None, "finish_reason": None}
+        yield {"index": i, "text": "", "logprobs": None, "finish_reason": out.finish_reason}
+
+    # per route: the request, the id's prefix, the object, a choice, a choice's chunks
+    CHAT = (ChatRequest, "chatcmpl", "chat.completion", chat_choice, chat_chunks)
+    TEXT = (CompletionRequest, "cmpl", "text_completion", text_choice, text_chunks)
+
+    async def reply(request: Request, route: tuple) -> Any:
+        """A route's answer: its choices, whole or streamed (a batch is generated as a whole,
+        so the chunks come once it is done)."""
+        kind, prefix, kind_name, choice, chunks = route
+        result = await answered(request, kind)
         if isinstance(result, Response):
             return result
         body, outs = result
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        cid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = usage_of(outs, body.n)
         if body.stream:
             options = body.stream_options or StreamOptions()
+            shown = usage if options.include_usage else None
+            pieces = [c for i, out in enumerate(outs) for c in chunks(i, out)]
+            # a text completion's chunks are text_completion objects; chat's have their own
+            chunk_name = f"{kind_name}.chunk" if kind is ChatRequest else kind_name
             return StreamingResponse(
-                stream(cid, created, outs, usage if options.include_usage else None),
-                media_type="text/event-stream",
+                stream(cid, created, chunk_name, pieces, shown), media_type="text/event-stream"
             )
         return {
             "id": cid,
-            "object": "chat.completion",
+            "object": kind_name,
             "created": created,
             "model": name,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {
-                        "role": "assistant",
-                        "content": out.answer,
-                        "reasoning_content": out.reasoning,
-                    },
-                    "finish_reason": out.finish_reason,
-                }
-                for i, out in enumerate(outs)
-            ],
+            "choices": [choice(i, out) for i, out in enumerate(outs)],
             "usage": usage,
         }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request) -> Any:
+        return await reply(request, CHAT)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
@@ -704,68 +716,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
         written, and a choice's text is all the model wrote, the reasoning with its format
         tokens and then the answer (a client that reads the answer alone takes what follows
         ``<|reasoning_end|>``, as the filter of ``examples/lm_eval``'s task does)."""
-        result = await answered(request, CompletionRequest)
-        if isinstance(result, Response):
-            return result
-        body, outs = result
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        usage = usage_of(outs, body.n)
-        if body.stream:
-            options = body.stream_options or StreamOptions()
-            return StreamingResponse(
-                stream_text(cid, created, outs, usage if options.include_usage else None),
-                media_type="text/event-stream",
-            )
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": name,
-            "choices": [
-                {"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-                for i, out in enumerate(outs)
-            ],
-            "usage": usage,
-        }
-
-    async def stream_text(
-        cid: str, created: int, outs: list[Completion], usage: dict | None
-    ) -> AsyncIterator[str]:
-        """Text completion chunks: each choice's text, then its finish reason (and the usage
-        chunk under ``stream_options.include_usage``), as ``stream`` sends chat's."""
-
-        def chunk(choices: list[dict], **extra: Any) -> str:
-            data = {
-                "id": cid,
-                "object": "text_completion",
-                "created": created,
-                "model": name,
-                "choices": choices,
-                **({"usage": None} if usage is not None else {}),
-                **extra,
-            }
-            return f"data: {json.dumps(data)}\n\n"
-
-        for i, out in enumerate(outs):
-            yield chunk([{"index": i, "text": out.text, "logprobs": None, "finish_reason": None}])
-            yield chunk(
-                [{"index": i, "text": "", "logprobs": None, "finish_reason": out.finish_reason}]
-            )
-        if usage is not None:
-            yield chunk([], usage=usage)
-        yield "data: [DONE]\n\n"
+        return await reply(request, TEXT)
 
     async def stream(
-        cid: str, created: int, outs: list[Completion], usage: dict | None
+        cid: str, created: int, kind_name: str, pieces: list[dict], usage: dict | None
     ) -> AsyncIterator[str]:
-        """OpenAI's chunks. With ``stream_options.include_usage`` (``usage`` given), every
-        chunk carries ``"usage": null`` and one more, with no choices, the usage; without it
-        no chunk has a usage field, as OpenAI and vLLM stream."""
+        """OpenAI's chunks, one per piece of a choice, the n choices one after another by
+        their index. With ``stream_options.include_usage`` (``usage`` given), every chunk
+        carries ``"usage": null`` and one more, with no choices, the usage; without it no
+        chunk has a usage field, as OpenAI and vLLM stream."""
 
         def chunk(choices: list[dict], **extra: Any) -> str:
             data = {
                 "id": cid,
-                "object": "chat.completion.chunk",
+                "object": kind_name,
                 "created": created,
                 "model": name,
                 "choices": choices,
@@ -774,14 +738,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             }
             return f"data: {json.dumps(data)}\n\n"
 
-        def delta(i: int, fields: dict, finish: str | None = None) -> str:
-            return chunk([{"index": i, "delta": fields, "finish_reason": finish}])
-
-        for i, out in enumerate(outs):  # the n choices one after another, by their index
-            yield delta(i, {"role": "assistant", "content": ""})
-            yield delta(i, {"reasoning_content": out.reasoning})
-            yield delta(i, {"content": out.answer})
-            yield delta(i, {}, out.finish_reason)
+        for piece in pieces:
+            yield chunk([piece])
         if usage is not None:
             yield chunk([], usage=usage)
         yield "data: [DONE]\n\n"
