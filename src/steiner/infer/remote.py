@@ -32,8 +32,9 @@ class Endpoint:
 
 
 def budget_xargs(budget: Budget | None) -> dict[str, Any]:
-    """A budget as request fields: vLLM takes no null in ``vllm_xargs``, and ``min_steps: 0``
-    alone asks for the format rules (what ``Budget()`` is locally)."""
+    """A budget as request fields, its nulls left out (vLLM takes none in ``vllm_xargs``);
+    ``Budget()`` is ``min_steps: 0`` with the default ``extend_with``: the format rules alone,
+    as locally."""
     fields = asdict(budget or Budget())
     return {k: v for k, v in fields.items() if v is not None}
 
