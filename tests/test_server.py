@@ -833,3 +833,55 @@ def test_a_reply_without_a_reasoning_field_or_count_reads_as_a_local_completion(
         "max_steps": 2,
         "extend_with": "model",
     }
+
+
+def test_an_api_key_guards_the_v1_routes(tiny_model_dir):
+    """`serve --api-key` (or STEINER_API_KEY), as `vllm serve --api-key`: a server bound
+    beyond loopback answered anyone before."""
+    settings = ServerSettings(str(tiny_model_dir), model_name="tiny", api_key="s3cret")
+    with running(settings) as url:
+        chat = dict(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+        keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert keyed.chat.completions.create(**chat).choices[0].finish_reason
+        assert [m.id for m in keyed.models.list().data] == ["tiny"]
+        for key in ("wrong", "s3cre"):
+            with pytest.raises(openai.AuthenticationError) as caught:
+                openai.OpenAI(base_url=url, api_key=key, max_retries=0).chat.completions.create(
+                    **chat
+                )
+            assert caught.value.status_code == 401
+        bare = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "x"})
+        assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+        # the probes of load balancers and tokenizer clients stay open, as in vLLM
+        root = url.removesuffix("/v1")
+        assert httpx.get(f"{root}/health").status_code == 200
+        assert httpx.post(f"{root}/tokenize", json={"prompt": "x"}).status_code == 200
+
+
+def test_serve_takes_its_api_key_from_the_environment(tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "steiner.cli", "serve", "--model", str(tiny_model_dir),
+         "--port", str(port)],
+        env={**os.environ, "STEINER_API_KEY": "k3y"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        models = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(models).status_code == 401
+        assert httpx.get(models, headers={"Authorization": "Bearer k3y"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

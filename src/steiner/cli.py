@@ -1176,6 +1176,14 @@ def serve_cmd(
     ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests batched into one generate.")] = 16,
     max_tokens_limit: Annotated[int, typer.Option(min=1)] = 4096,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STEINER_API_KEY",
+            help="Require this key (Authorization: Bearer KEY) on /v1, as vllm serve --api-key.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigFile = None,
 ) -> None:
     """OpenAI-compatible server: POST /v1/chat/completions and /v1/completions (stream too),
@@ -1183,9 +1191,12 @@ def serve_cmd(
     from steiner.infer.server import ServerSettings, check_address, serve
 
     check_address(host, port)
-    console.print(f"serving {escape(str(model))} on http://{escape(host)}:{port}/v1")
+    keyed = " (API key required)" if api_key else ""
+    console.print(f"serving {escape(str(model))} on http://{escape(host)}:{port}/v1{keyed}")
     serve(
-        ServerSettings(str(model), model_name, max_batch, max_tokens_limit=max_tokens_limit),
+        ServerSettings(
+            str(model), model_name, max_batch, max_tokens_limit=max_tokens_limit, api_key=api_key
+        ),
         host,
         port,
     )

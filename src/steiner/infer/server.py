@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hmac
 import json
 import re
 import socket
@@ -311,6 +312,8 @@ class ServerSettings:
     max_request_bytes: int = 1 << 20
     max_prompt_tokens: int = 8192
     disconnect_poll_s: float = 0.25
+    # required as "Authorization: Bearer KEY" on the /v1 routes, as vllm serve --api-key does
+    api_key: str | None = None
 
 
 @dataclass
@@ -362,6 +365,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.batcher.cancel()
 
     app = FastAPI(title="steiner serve", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Any) -> Response:
+        """With an API key, the /v1 routes answer only requests that carry it, as vLLM's
+        do; /health and the tokenizer routes stay open there too."""
+        if settings.api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "")
+            wanted = f"Bearer {settings.api_key}"
+            if not hmac.compare_digest(given.encode(), wanted.encode()):
+                return error(
+                    401,
+                    "a missing or wrong API key (Authorization: Bearer KEY)",
+                    code="invalid_api_key",
+                )
+        return await call_next(request)
 
     async def batcher() -> None:
         loop = asyncio.get_running_loop()
