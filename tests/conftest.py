@@ -111,3 +111,23 @@ def layer_dtypes(monkeypatch) -> set:
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", watched)
     return seen
+
+
+@pytest.fixture
+def wait_for_server():
+    """Waits (up to a minute) until a server started in a subprocess answers ``url`` with 200."""
+    import time
+
+    import httpx
+
+    def wait(url: str) -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(f"{url} did not answer within a minute")
+
+    return wait

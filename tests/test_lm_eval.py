@@ -6,10 +6,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from steiner.format import REASONING_END, REASONING_START
@@ -30,7 +28,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lm_eval"
         ("local-completions", "completions", "tokenizer={model},tokenizer_backend=huggingface"),
     ],
 )
-def test_lm_eval_runs_a_task(tiny_model_dir, tmp_path, client, route, extra_args):
+def test_lm_eval_runs_a_task(tiny_model_dir, tmp_path, client, route, extra_args, wait_for_server):
     """Both of lm-eval's clients for OpenAI-compatible servers; local-completions got a 404
     before /v1/completions, and then a 400 until token-id prompts were taken, and needed a
     tokenizer named until the server had vLLM's tokenizer routes."""
@@ -72,13 +70,7 @@ def test_lm_eval_runs_a_task(tiny_model_dir, tmp_path, client, route, extra_args
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_for_server(f"http://127.0.0.1:{port}/v1/models")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         proc = subprocess.run(
             [

@@ -858,7 +858,7 @@ def test_an_api_key_guards_the_v1_routes(tiny_model_dir):
         assert httpx.post(f"{root}/tokenize", json={"prompt": "x"}).status_code == 200
 
 
-def test_serve_takes_its_api_key_from_the_environment(tiny_model_dir):
+def test_serve_takes_its_api_key_from_the_environment(tiny_model_dir, wait_for_server):
     import os
     import subprocess
     import sys
@@ -872,13 +872,7 @@ def test_serve_takes_its_api_key_from_the_environment(tiny_model_dir):
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_for_server(f"http://127.0.0.1:{port}/health")
         models = f"http://127.0.0.1:{port}/v1/models"
         assert httpx.get(models).status_code == 401
         assert httpx.get(models, headers={"Authorization": "Bearer k3y"}).status_code == 200
