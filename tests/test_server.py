@@ -427,9 +427,11 @@ def test_a_probe_whose_completions_all_have_one_length_fits_no_line(tmp_path):
     assert len((tmp_path / "latency.jsonl").read_text().splitlines()) == 3
 
 
-def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("api_key", [None, "k3y"])
+def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch, api_key):
     # before: the batch ran the request on to its max_tokens (minutes here), and every
-    # request after it waited for that
+    # request after it waited for that; with an API key, a first version of its check
+    # (Starlette's BaseHTTPMiddleware) hid the disconnect from the route again
     import steiner.infer.server as server_module
 
     finished = []
@@ -441,7 +443,10 @@ def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch):
 
     real = server_module.generate
     monkeypatch.setattr(server_module, "generate", recording)
-    settings = ServerSettings(str(tiny_model_dir), model_name="tiny", max_tokens_limit=20_000)
+    settings = ServerSettings(
+        str(tiny_model_dir), model_name="tiny", max_tokens_limit=20_000, api_key=api_key
+    )
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with running(settings) as url:
         # 5,000 steps cannot end before the 20,000 tokens run out
         long = {"min_steps": 5000, "max_step_tokens": 4}
@@ -450,6 +455,7 @@ def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch):
             httpx.post(
                 f"{url}/chat/completions",
                 json={**body, "max_tokens": 20_000, **long},
+                headers=headers,
                 timeout=1.0,
             )
         deadline = time.time() + 60
@@ -459,7 +465,7 @@ def test_a_client_that_leaves_ends_its_generation(tiny_model_dir, monkeypatch):
         assert 0 < finished[0].completion_tokens < 20_000
         # the next request is answered (and the server still runs)
         reply = httpx.post(
-            f"{url}/chat/completions", json={**body, "max_tokens": 8}, timeout=60
+            f"{url}/chat/completions", json={**body, "max_tokens": 8}, headers=headers, timeout=60
         ).json()
         assert reply["usage"]["completion_tokens"] <= 8
 

@@ -340,6 +340,29 @@ def error(
     return JSONResponse(status_code=status, content=body)
 
 
+class RequireApiKey:
+    """With an API key, the /v1 routes answer only requests that carry it, as vLLM's do;
+    /health and the tokenizer routes stay open there too. Plain ASGI, not
+    ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hides a client's disconnect
+    from the route, so a request whose client left would run on to its max_tokens."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.wanted = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.wanted):
+                refusal = error(
+                    401,
+                    "a missing or wrong API key (Authorization: Bearer KEY)",
+                    code="invalid_api_key",
+                )
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     model, tokenizer = load(settings.model_dir)
     # A fast tokenizer keeps its padding setting in the shared Rust object: each call sets it
@@ -366,20 +389,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="steiner serve", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Any) -> Response:
-        """With an API key, the /v1 routes answer only requests that carry it, as vLLM's
-        do; /health and the tokenizer routes stay open there too."""
-        if settings.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("Authorization", "")
-            wanted = f"Bearer {settings.api_key}"
-            if not hmac.compare_digest(given.encode(), wanted.encode()):
-                return error(
-                    401,
-                    "a missing or wrong API key (Authorization: Bearer KEY)",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(RequireApiKey, key=settings.api_key)
 
     async def batcher() -> None:
         loop = asyncio.get_running_loop()
