@@ -34,6 +34,7 @@ class Completion:
 
 
 def per_row(value: Any, n: int) -> list[Any]:
+    """A setting for each of n rows: a sequence as it is (one per row), one value for all."""
     if isinstance(value, Sequence):
         if len(value) != n:
             raise ValueError(f"{len(value)} per-row values for {n} conversations")
@@ -85,6 +86,7 @@ Prompt = list[dict[str, str]] | str | list[int]
 
 
 def is_token_ids(prompt: Prompt) -> bool:
+    """A prompt given as token ids (a chat is a list too, of messages)."""
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
 
