@@ -29,6 +29,7 @@ from steiner.io import (
     check_output_dir,
     check_output_file,
     end_with_parent,
+    expand_user,
     source_rows,
     write_jsonl,
     write_lines,
@@ -80,18 +81,6 @@ def progress_bar() -> Progress:
         # which would stand above an error's one line
         disable=not console.is_terminal or not local_main_process(),
     )
-
-
-def expand_user(value: Any) -> Any:
-    """``~`` in a path option, as the train stages read theirs (``io.expand_home``): in a
-    --config file or ``--out=~/x`` no shell expands it, and a directory named ``~`` was made.
-    A datasets name never starts with ``~``, so an option that may hold one is safe too."""
-    # a callback, since typer has no path type to extend: it runs on the flag's, the config
-    # file's and the default's value alike
-    if value is None:
-        return None
-    expanded = os.path.expanduser(value)
-    return Path(expanded) if isinstance(value, Path) else expanded
 
 
 def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
@@ -168,6 +157,9 @@ def options_from_config(ctx: typer.Context, path: Path | None) -> Path | None:
     ctx.default_map = (ctx.default_map or {}) | defaults
     return path
 
+
+# each path option takes expand_user as its callback: typer has no path type to extend, and a
+# callback runs on the flag's, the config file's and the default's value alike
 
 # each command with a recipe's worth of options takes its values from a YAML file as well
 ConfigFile = Annotated[

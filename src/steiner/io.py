@@ -73,16 +73,23 @@ DECOMPRESSORS: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma
 DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 
 
+def expand_user(value: Any) -> Any:
+    """``~`` in a path (a string or a Path, kept as such) or in each path of a list, as a shell
+    would have expanded it: from a --config file or ``--flag=~/x`` none does, and a directory
+    named ``~`` was made. A Hub or datasets name never starts with ``~``, so a field that may
+    hold one is safe to expand; other values (None) pass as they are."""
+    if isinstance(value, list):
+        return [expand_user(v) for v in value]
+    if isinstance(value, Path):
+        return Path(os.path.expanduser(value))
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
 def expand_home(cfg: Any, fields: Iterable[str]) -> None:
-    """``~`` in the path fields of a config (a string or a list of them), as TrainingArguments
-    reads its output_dir: from a --config file or ``--flag=~/x`` no shell expands it. A Hub
-    name never starts with ``~``, so a source field that may hold one is safe to expand."""
+    """``expand_user`` on the path fields of a config, as TrainingArguments reads its
+    output_dir."""
     for name in fields:
-        value = getattr(cfg, name)
-        if isinstance(value, str):
-            setattr(cfg, name, os.path.expanduser(value))
-        elif isinstance(value, list):
-            setattr(cfg, name, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
+        setattr(cfg, name, expand_user(getattr(cfg, name)))
 
 
 def data_suffix(path: str | os.PathLike) -> str:
