@@ -18,11 +18,11 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -361,6 +361,18 @@ class RequireApiKey:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class Route(NamedTuple):
+    """What tells the chat and text completion routes apart: the request model, the reply's id
+    prefix and object names, and how a choice is written whole and as streamed chunks."""
+
+    request: type[BaseModel]
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[int, Completion], dict[str, Any]]
+    chunks: Callable[[int, Completion], Iterator[dict[str, Any]]]
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -703,41 +715,53 @@ def create_app(settings: ServerSettings) -> FastAPI:
         yield {"index": i, "text": out.text, "logprobs": None, "finish_reason": None}
         yield {"index": i, "text": "", "logprobs": None, "finish_reason": out.finish_reason}
 
-    # per route: the request, the id's prefix, the object, a choice, a choice's chunks
-    CHAT = (ChatRequest, "chatcmpl", "chat.completion", chat_choice, chat_chunks)
-    TEXT = (CompletionRequest, "cmpl", "text_completion", text_choice, text_chunks)
+    # a text completion's chunks are text_completion objects; chat's have their own
+    chat_route = Route(
+        request=ChatRequest,
+        id_prefix="chatcmpl",
+        object="chat.completion",
+        chunk_object="chat.completion.chunk",
+        choice=chat_choice,
+        chunks=chat_chunks,
+    )
+    text_route = Route(
+        request=CompletionRequest,
+        id_prefix="cmpl",
+        object="text_completion",
+        chunk_object="text_completion",
+        choice=text_choice,
+        chunks=text_chunks,
+    )
 
-    async def reply(request: Request, route: tuple) -> Any:
+    async def reply(request: Request, route: Route) -> Any:
         """A route's answer: its choices, whole or streamed (a batch is generated as a whole,
         so the chunks come once it is done)."""
-        kind, prefix, kind_name, choice, chunks = route
-        result = await answered(request, kind)
+        result = await answered(request, route.request)
         if isinstance(result, Response):
             return result
         body, outs = result
-        cid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+        cid, created = f"{route.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = usage_of(outs, body.n)
         if body.stream:
             options = body.stream_options or StreamOptions()
             shown = usage if options.include_usage else None
-            pieces = [c for i, out in enumerate(outs) for c in chunks(i, out)]
-            # a text completion's chunks are text_completion objects; chat's have their own
-            chunk_name = f"{kind_name}.chunk" if kind is ChatRequest else kind_name
+            pieces = [c for i, out in enumerate(outs) for c in route.chunks(i, out)]
             return StreamingResponse(
-                stream(cid, created, chunk_name, pieces, shown), media_type="text/event-stream"
+                stream(cid, created, route.chunk_object, pieces, shown),
+                media_type="text/event-stream",
             )
         return {
             "id": cid,
-            "object": kind_name,
+            "object": route.object,
             "created": created,
             "model": name,
-            "choices": [choice(i, out) for i, out in enumerate(outs)],
+            "choices": [route.choice(i, out) for i, out in enumerate(outs)],
             "usage": usage,
         }
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
-        return await reply(request, CHAT)
+        return await reply(request, chat_route)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Any:
@@ -745,10 +769,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         written, and a choice's text is all the model wrote, the reasoning with its format
         tokens and then the answer (a client that reads the answer alone takes what follows
         ``<|reasoning_end|>``, as the filter of ``examples/lm_eval``'s task does)."""
-        return await reply(request, TEXT)
+        return await reply(request, text_route)
 
     async def stream(
-        cid: str, created: int, kind_name: str, pieces: list[dict], usage: dict | None
+        cid: str, created: int, chunk_object: str, pieces: list[dict], usage: dict | None
     ) -> AsyncIterator[str]:
         """OpenAI's chunks, one per piece of a choice, the n choices one after another by
         their index. With ``stream_options.include_usage`` (``usage`` given), every chunk
@@ -758,7 +782,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         def chunk(choices: list[dict], **extra: Any) -> str:
             data = {
                 "id": cid,
-                "object": kind_name,
+                "object": chunk_object,
                 "created": created,
                 "model": name,
                 "choices": choices,
