@@ -394,3 +394,15 @@ def test_a_failed_baseline_process_is_one_line_with_the_last_line_of_its_log(tmp
         "steiner: error: runs/x: another run is writing here"
     )
     assert demo.Stage(tmp_path, "steiner-sft").done() is not None  # what finished is kept
+
+
+def test_the_scaling_stage_samples_with_the_demos_seed(tmp_path, monkeypatch):
+    import steiner.evaluate.scale as scale
+    from steiner.demo import run_scaling
+
+    given = []
+    monkeypatch.setattr(
+        scale, "run_scale", lambda base, budgets, modes: given.append(base) or {"metrics": {}}
+    )
+    run_scaling(replace(tiny_settings(), seed=3), tmp_path)
+    assert [base.seed for base in given] == [3]

@@ -270,20 +270,52 @@ def test_verifying_walks_return_to_the_answer_and_end_on_it(graph_synth, return_
     assert returns_seen == {0.0: {1}, 0.5: {1, 2, 3}, 1.0: {3}}[return_again]
 
 
+def test_verifying_walks_may_walk_a_dead_arm_again_before_each_return(graph_synth):
+    import random as rnd
+
+    from steiner.synth.paths import render_walk, sample_walk
+
+    tmp, _ = graph_synth
+    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
+    domain = gr.GraphDomain()
+    settings = PathSettings(
+        branch_choice="uniform",
+        verify_after_answer=1.0,
+        return_to_answer=True,
+        return_again=1.0,
+        revisit_dead=1.0,
+    )
+    rng = rnd.Random(0)
+    for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
+        problem = problems[dag.problem_id]
+        trace = render_walk(domain, problem, dag, sample_walk(dag, rng, settings))
+        arms = len(gr.children_of(problem["edges"])[problem["start"]])
+        steps, reflections = trace.steps, [s.reflection for s in trace.steps]
+        # every arm once, then three times a dead arm walked again and the goal's arm
+        assert trace.n_steps == arms + 3 * 2
+        first_walks = {s.thought: s.reflection for s in steps[:arms]}
+        for dead, goal in zip(steps[arms::2], steps[arms + 1 :: 2], strict=True):
+            assert first_walks[dead.thought] == "dead" and dead.reflection == "dead"
+            assert dead.name.startswith("back to") and goal.reflection == "goal"
+        assert reflections.count("goal") == 4 and reflections[-1] == "goal"
+        assert trace.answer == steps[-1].thought and domain.check_answer(problem, trace.answer)
+
+
 def test_synth_cli_passes_the_return_settings_on(graph_synth, tmp_path):
     tmp, _ = graph_synth
     out = tmp_path / "synth"
     args = ["synth", "--shortcut", str(tmp / "shortcut.jsonl"), "--out", str(out), "--limit", "20"]
     args += ["--attempts", "12", "--seed", "1", "--paths-per-dag", "1", "--branch-choice"]
     args += ["uniform", "--verify-after-answer", "1", "--return-to-answer", "--return-again"]
-    assert steiner(*args, "1", "--max-returns", "2").returncode == 0
+    assert steiner(*args, "1", "--max-returns", "2", "--revisit-dead", "1").returncode == 0
     rows = [json.loads(line) for line in (out / "paths.jsonl").open()]
     problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
     assert len(rows) == 20
     for row in rows:
         problem = problems[row["problem_id"]]
         arms = len(gr.children_of(problem["edges"])[problem["start"]])
-        assert row["n_steps"] == arms + 2  # every arm, then the goal's arm twice more
+        # every arm, then twice a dead arm again and the goal's arm again
+        assert row["n_steps"] == arms + 2 * 2
 
 
 def parse_walk_document(doc: str) -> tuple[list[tuple[int, ...]], int, list[list[int]]]:

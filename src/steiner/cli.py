@@ -402,6 +402,10 @@ def synth(
         typer.Option(min=0, max=1, help="Chance of each further return (up to --max-returns)."),
     ] = 0.0,
     max_returns: Annotated[int, typer.Option(min=1)] = 3,
+    revisit_dead: Annotated[
+        float,
+        typer.Option(min=0, max=1, help="Chance a return first walks a tried dead branch again."),
+    ] = 0.0,
     max_detours: Annotated[int, typer.Option(min=0)] = 2,
     max_detour_depth: Annotated[int, typer.Option(min=1)] = 3,
     max_reasoning_tokens: Annotated[int, typer.Option(min=1)] = 4096,
@@ -477,6 +481,7 @@ def synth(
             return_to_answer=return_to_answer,
             return_again=return_again,
             max_returns=max_returns,
+            revisit_dead=revisit_dead,
             max_detours=max_detours,
             max_detour_depth=max_detour_depth,
             max_reasoning_tokens=max_reasoning_tokens,

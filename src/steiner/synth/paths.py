@@ -32,6 +32,11 @@ class PathSettings:
     # walking the answer's branch, for a minimum of steps past the last untried branch
     return_again: float = 0.0
     max_returns: int = 3
+    # chance that each return is preceded by walking a dead branch again (judged dead again):
+    # when only the answer's branch is ever walked twice, "walked before" alone reads as "the
+    # answer", and a model forced past its last branch (extend mode) re-walked a dead arm and
+    # called it the goal (README, Results)
+    revisit_dead: float = 0.0
     max_detours: int = 2
     max_detour_depth: int = 3
     max_reasoning_tokens: int = 4096
@@ -59,7 +64,8 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
     ``return_to_answer`` such a walk then goes back to the root and walks the answer's branch
     again, so that its last step is the answer, as in every other walk (also when the answer
     was the last branch tried, with nothing to verify); ``return_again`` repeats that return,
-    each time with that chance, up to ``max_returns`` returns."""
+    each time with that chance, up to ``max_returns`` returns, and ``revisit_dead`` walks one of
+    the dead branches tried again, as a dead end, before a return with that chance."""
     kids = dag.children()
     nodes = dag.nodes
     if nodes[dag.root].d_e is None:
@@ -67,8 +73,9 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
     moves: list[Move] = []
     tried: set[int] = set()
 
-    def detour(cur: int, back: bool) -> None:
-        node = rng.choice([c for c in kids[cur] if nodes[c].d_e is None and c not in tried])
+    def detour(cur: int, back: bool, node: int | None = None) -> None:
+        if node is None:
+            node = rng.choice([c for c in kids[cur] if nodes[c].d_e is None and c not in tried])
         tried.add(node)
         moves.append(Move(cur, node, back))
         depth = 1
@@ -112,6 +119,11 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
             while returns < s.max_returns and rng.random() < s.return_again:
                 returns += 1
             for _ in range(returns):
+                revisits = [(p, c) for p in branch for c in kids[p] if c in tried]
+                if revisits and s.revisit_dead and rng.random() < s.revisit_dead:
+                    moves[-1].decision = Decision.BACKTRACK
+                    point, node = rng.choice(revisits)
+                    detour(point, True, node)
                 moves[-1].decision = Decision.BACKTRACK
                 for i, (src, dst) in enumerate(zip(branch, branch[1:], strict=False)):
                     moves.append(Move(src, dst, back=i == 0))

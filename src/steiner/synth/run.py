@@ -84,6 +84,8 @@ class SynthConfig:
         d = self._resumable()
         if d["limit"] is None:  # so runs from before the field existed still resume
             d.pop("limit")
+        if d["paths"]["revisit_dead"] == 0:  # the same for this one
+            d["paths"].pop("revisit_dead")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
