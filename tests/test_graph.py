@@ -207,22 +207,26 @@ def test_synth_on_200_graphs_gives_search_dags_and_valid_paths(graph_synth):
     assert steiner("format", "check", str(tmp / "out" / "paths.jsonl")).returncode == 0
 
 
-def test_verifying_walks_go_on_past_the_goal_and_still_answer_it(graph_synth):
+def verifying_walks(graph_synth, **settings):
+    """(problem, DAG, trace, arms) of a verifying walk of each of the first 50 synthesized DAGs."""
     import random as rnd
 
     from steiner.synth.paths import render_walk, sample_walk
 
     tmp, _ = graph_synth
     problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
-    domain = gr.GraphDomain()
-    settings = PathSettings(branch_choice="uniform", verify_after_answer=1.0)
+    settings = PathSettings(branch_choice="uniform", verify_after_answer=1.0, **settings)
     rng = rnd.Random(0)
-    goal_not_last = 0
     for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
         problem = problems[dag.problem_id]
-        moves = sample_walk(dag, rng, settings)
-        trace = render_walk(domain, problem, dag, moves)
-        arms = len(gr.children_of(problem["edges"])[problem["start"]])
+        trace = render_walk(gr.GraphDomain(), problem, dag, sample_walk(dag, rng, settings))
+        yield problem, dag, trace, len(gr.children_of(problem["edges"])[problem["start"]])
+
+
+def test_verifying_walks_go_on_past_the_goal_and_still_answer_it(graph_synth):
+    domain = gr.GraphDomain()
+    goal_not_last = 0
+    for problem, dag, trace, arms in verifying_walks(graph_synth):
         assert trace.n_steps == len(dag.nodes) - 1 == arms  # every arm the DAG knows, once
         assert trace.decisions[-1] is Decision.END and domain.check_answer(problem, trace.answer)
         reflections = [s.reflection for s in trace.steps]
@@ -233,27 +237,11 @@ def test_verifying_walks_go_on_past_the_goal_and_still_answer_it(graph_synth):
 
 @pytest.mark.parametrize("return_again", [0.0, 0.5, 1.0])
 def test_verifying_walks_return_to_the_answer_and_end_on_it(graph_synth, return_again):
-    import random as rnd
-
-    from steiner.synth.paths import render_walk, sample_walk
-
-    tmp, _ = graph_synth
-    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
     domain = gr.GraphDomain()
-    settings = PathSettings(
-        branch_choice="uniform",
-        verify_after_answer=1.0,
-        return_to_answer=True,
-        return_again=return_again,
-        max_returns=3,
-    )
-    rng = rnd.Random(0)
     returns_seen = set()
     goal_last = 0
-    for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
-        problem = problems[dag.problem_id]
-        trace = render_walk(domain, problem, dag, sample_walk(dag, rng, settings))
-        arms = len(gr.children_of(problem["edges"])[problem["start"]])
+    walks = verifying_walks(graph_synth, return_to_answer=True, return_again=return_again)
+    for problem, _, trace, arms in walks:
         reflections = [s.reflection for s in trace.steps]
         assert reflections[-1] == "goal" and trace.decisions[-1] is Decision.END
         assert trace.answer == trace.steps[-1].thought  # the last step is the answer
@@ -271,25 +259,9 @@ def test_verifying_walks_return_to_the_answer_and_end_on_it(graph_synth, return_
 
 
 def test_verifying_walks_may_walk_a_dead_arm_again_before_each_return(graph_synth):
-    import random as rnd
-
-    from steiner.synth.paths import render_walk, sample_walk
-
-    tmp, _ = graph_synth
-    problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
     domain = gr.GraphDomain()
-    settings = PathSettings(
-        branch_choice="uniform",
-        verify_after_answer=1.0,
-        return_to_answer=True,
-        return_again=1.0,
-        revisit_dead=1.0,
-    )
-    rng = rnd.Random(0)
-    for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
-        problem = problems[dag.problem_id]
-        trace = render_walk(domain, problem, dag, sample_walk(dag, rng, settings))
-        arms = len(gr.children_of(problem["edges"])[problem["start"]])
+    walks = verifying_walks(graph_synth, return_to_answer=True, return_again=1.0, revisit_dead=1.0)
+    for problem, _, trace, arms in walks:
         steps, reflections = trace.steps, [s.reflection for s in trace.steps]
         # every arm once, then three times a dead arm walked again and the goal's arm
         assert trace.n_steps == arms + 3 * 2
