@@ -216,10 +216,10 @@ def verifying_walks(graph_synth, **settings):
     tmp, _ = graph_synth
     problems = {p["id"]: p for p in load_shortcuts(tmp / "shortcut.jsonl")}
     settings = PathSettings(branch_choice="uniform", verify_after_answer=1.0, **settings)
-    rng = rnd.Random(0)
+    rng, domain = rnd.Random(0), gr.GraphDomain()
     for dag in list(read_dags(tmp / "out" / "dags.jsonl"))[:50]:
         problem = problems[dag.problem_id]
-        trace = render_walk(gr.GraphDomain(), problem, dag, sample_walk(dag, rng, settings))
+        trace = render_walk(domain, problem, dag, sample_walk(dag, rng, settings))
         yield problem, dag, trace, len(gr.children_of(problem["edges"])[problem["start"]])
 
 

@@ -118,9 +118,12 @@ def sample_walk(dag: Dag, rng: random.Random, s: PathSettings) -> list[Move] | N
             returns = 1
             while returns < s.max_returns and rng.random() < s.return_again:
                 returns += 1
+            # the dead branches tried at the branch points: walking one again tries nothing new
+            revisits = (
+                [(p, c) for p in branch for c in kids[p] if c in tried] if s.revisit_dead else []
+            )
             for _ in range(returns):
-                revisits = [(p, c) for p in branch for c in kids[p] if c in tried]
-                if revisits and s.revisit_dead and rng.random() < s.revisit_dead:
+                if revisits and rng.random() < s.revisit_dead:
                     moves[-1].decision = Decision.BACKTRACK
                     point, node = rng.choice(revisits)
                     detour(point, True, node)
