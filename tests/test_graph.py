@@ -151,7 +151,8 @@ def test_steps_by_arm_or_edge_and_compact_traces():
     parsed = parse(compact)[0]  # fields come back stripped of the spaces before each id
     assert [s.thought for s in parsed.steps] == [s.thought.strip() for s in trace.steps]
     assert parsed.answer == trace.answer.strip() == " ".join(rec["answer"].split(">"))
-    assert [s.reflection for s in trace.steps] == ["on", "on", "on", "goal"]
+    # the goal's reflection names the step's first node, here the goal itself (a step an edge)
+    assert [s.reflection for s in trace.steps] == ["on", "on", "on", f"goal {rec['goal']}"]
     # each summary is the node reached, then the goal it is compared with
     reached = [int(s.thought.split()[-1]) for s in trace.steps]
     assert [s.summary.split() for s in trace.steps] == [[str(n), str(rec["goal"])] for n in reached]
@@ -202,8 +203,10 @@ def test_synth_on_200_graphs_gives_search_dags_and_valid_paths(graph_synth):
         problem = problems[rec["problem_id"]]
         assert domain.check_answer(problem, trace.answer)
         for i, d in enumerate(trace.decisions):
-            reflection = trace.steps[i].reflection
-            assert reflection == ("dead" if d is Decision.BACKTRACK else "goal")
+            step = trace.steps[i]
+            # a step is an arm: the goal's reflection names the arm's first node, as its name does
+            expected = "dead" if d is Decision.BACKTRACK else f"goal {step.name.split()[-1]}"
+            assert step.reflection == expected
     assert steiner("format", "check", str(tmp / "out" / "paths.jsonl")).returncode == 0
 
 
@@ -223,13 +226,18 @@ def verifying_walks(graph_synth, **settings):
         yield problem, dag, trace, len(gr.children_of(problem["edges"])[problem["start"]])
 
 
+def verdicts(trace) -> list[str]:
+    """Each step's reflection without the arm a goal's names: "goal", "dead" or "on"."""
+    return [s.reflection.split()[0] for s in trace.steps]
+
+
 def test_verifying_walks_go_on_past_the_goal_and_still_answer_it(graph_synth):
     domain = gr.GraphDomain()
     goal_not_last = 0
     for problem, dag, trace, arms in verifying_walks(graph_synth):
         assert trace.n_steps == len(dag.nodes) - 1 == arms  # every arm the DAG knows, once
         assert trace.decisions[-1] is Decision.END and domain.check_answer(problem, trace.answer)
-        reflections = [s.reflection for s in trace.steps]
+        reflections = verdicts(trace)
         assert reflections.count("goal") == 1 and reflections.count("dead") == arms - 1
         goal_not_last += reflections[-1] != "goal"
     assert goal_not_last > 20  # most verifying walks end on a dead arm, answering the goal's
@@ -242,7 +250,7 @@ def test_verifying_walks_return_to_the_answer_and_end_on_it(graph_synth, return_
     goal_last = 0
     walks = verifying_walks(graph_synth, return_to_answer=True, return_again=return_again)
     for problem, _, trace, arms in walks:
-        reflections = [s.reflection for s in trace.steps]
+        reflections = verdicts(trace)
         assert reflections[-1] == "goal" and trace.decisions[-1] is Decision.END
         assert trace.answer == trace.steps[-1].thought  # the last step is the answer
         assert domain.check_answer(problem, trace.answer)
@@ -252,6 +260,10 @@ def test_verifying_walks_return_to_the_answer_and_end_on_it(graph_synth, return_
         assert 1 <= returns <= 3 and reflections.count("goal") == 1 + returns
         assert reflections[-returns:] == ["goal"] * returns
         assert all(s.name.startswith("back to") for s in trace.steps[-returns:])
+        # a return names the arm that the goal's first reflection names
+        found = trace.steps[reflections.index("goal")].reflection
+        assert all(s.reflection == found for s in trace.steps[-returns:])
+        assert found == f"goal {trace.steps[-1].name.split()[-1]}"
         returns_seen.add(returns)
         goal_last += reflections[arms - 1] == "goal"
     assert goal_last > 5  # walks that found the goal last are among them
@@ -262,13 +274,13 @@ def test_verifying_walks_may_walk_a_dead_arm_again_before_each_return(graph_synt
     domain = gr.GraphDomain()
     walks = verifying_walks(graph_synth, return_to_answer=True, return_again=1.0, revisit_dead=1.0)
     for problem, _, trace, arms in walks:
-        steps, reflections = trace.steps, [s.reflection for s in trace.steps]
+        steps, reflections = trace.steps, verdicts(trace)
         # every arm once, then three times a dead arm walked again and the goal's arm
         assert trace.n_steps == arms + 3 * 2
         first_walks = {s.thought: s.reflection for s in steps[:arms]}
         for dead, goal in zip(steps[arms::2], steps[arms + 1 :: 2], strict=True):
             assert first_walks[dead.thought] == "dead" and dead.reflection == "dead"
-            assert dead.name.startswith("back to") and goal.reflection == "goal"
+            assert dead.name.startswith("back to") and goal.reflection.startswith("goal ")
         assert reflections.count("goal") == 4 and reflections[-1] == "goal"
         assert trace.answer == steps[-1].thought and domain.check_answer(problem, trace.answer)
 

@@ -398,12 +398,15 @@ class GraphDomain:
             # thought walks on from the node the step leaves, one id token per hop. The summary
             # puts the goal beside the node reached, so the reflection compares two adjacent
             # tokens: a micro model learned perfect look-ups but never learned to find the goal
-            # in the question for that comparison (README, Results)
+            # in the question for that comparison (README, Results). The goal's reflection
+            # names the step's first node: a walk that goes back to the goal's arm after trying
+            # the others (verify walks, extend mode) copies the token after "goal" instead of
+            # finding which earlier step reached it, which the micro model often got wrong
             return {
                 "name": f"{back} {nodes[0]}",
                 "thought": path_text([before, *nodes], "compact"),
                 "summary": f" {after} {goal}",
-                "reflection": {"answer": "goal", "dead": "dead", "alive": "on"}[status],
+                "reflection": {"answer": f"goal {nodes[0]}", "dead": "dead", "alive": "on"}[status],
             }
         # after a backtrack the name says where the walk returned to (see DESIGN.md)
         return {
