@@ -84,10 +84,14 @@ def test_report_card_says_when_the_steiner_sft_never_learned(tmp_path, shortcut,
 def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
     out = tmp_path / "demo"
     seen: list[tuple[str, bool]] = []
+    # as the graph profiles run it: CPT's unseen tokens reset before the SFTs
+    settings = replace(tiny_settings(), cpt_reset_unseen_tokens=True)
     summary = run_demo(
-        out=out, settings=tiny_settings(), on_stage=lambda n, r, skipped: seen.append((n, skipped))
+        out=out, settings=settings, on_stage=lambda n, r, skipped: seen.append((n, skipped))
     )
     names = [n for n, _ in seen]
+    cpt = json.loads((out / "models/cpt/training_summary.json").read_text())
+    assert cpt["tokens_reset"] > 0
     assert names[:4] == ["problems", "synth", "synth-verify", "init"]
     assert names[-1] == "serve-latency"
     # the Steiner SFT's last steps train on walks that verify and return to the answer
@@ -128,7 +132,7 @@ def test_demo_runs_every_stage_writes_a_report_and_resumes(tmp_path):
         (out / ".stages" / f"{stage}.done").unlink()
     shutil.rmtree(out / "scale")
     seen.clear()
-    run_demo(out=out, settings=tiny_settings(), on_stage=lambda n, r, s: seen.append((n, s)))
+    run_demo(out=out, settings=settings, on_stage=lambda n, r, s: seen.append((n, s)))
     rerun = {n for n, skipped in seen if not skipped}
     assert rerun == {"eval-steiner-rl", "scale", "serve-latency"}
     assert (out / "scale" / "scale.json").exists()
@@ -236,6 +240,12 @@ def test_a_run_directory_started_before_a_settings_field_existed_still_resumes()
     # the missing field meant its default, so a command that changes it may not resume there
     mixed = wanted | {"cpt_walk_sizes": "mixed"}
     assert settings_differences(older, mixed) == "cpt_walk_sizes: 'fixed' there, 'mixed' here"
+    # a graph run from before the CPT's token reset trained without it: another run
+    before_reset = {k: v for k, v in wanted.items() if k != "cpt_reset_unseen_tokens"}
+    assert (
+        settings_differences(before_reset, wanted)
+        == "cpt_reset_unseen_tokens: False there, True here"
+    )
     # a real difference names every setting that differs; an unknown key counts too
     changed = settings_differences(wanted | {"seed": 1, "retired": 3}, wanted)
     assert changed == "retired: 3 there, '(not set)' here; seed: 1 there, 0 here"

@@ -1670,3 +1670,41 @@ def test_every_train_stage_reads_a_tilde_in_its_paths(tmp_path, monkeypatch):
         home("rl"), home("sft"), home("p.jsonl"), home("dags")
     )  # fmt: skip
     assert SFTStageConfig(output_dir="x", data="openai/gsm8k:main").data == "openai/gsm8k:main"
+
+
+def test_cpt_reset_unseen_tokens_gives_them_the_mean_embedding(data, tmp_path):
+    """A from-scratch CPT on text without the chat and reasoning tokens trains their logits
+    down; --reset_unseen_tokens gives each token its data never held the mean embedding of
+    those it held, and leaves the trained rows as they were."""
+    settings = dict(model=str(data / "init"), countdown_facts=300, max_steps=10, seed=3)
+    plain = run_cpt(quick(CPTStageConfig, tmp_path, "plain", **settings))
+    reset = run_cpt(quick(CPTStageConfig, tmp_path, "reset", reset_unseen_tokens=True, **settings))
+    assert plain["tokens_reset"] is None
+    tok = AutoTokenizer.from_pretrained(tmp_path / "reset")
+    rows = {
+        name: AutoModelForCausalLM.from_pretrained(tmp_path / name).get_input_embeddings().weight
+        for name in ("plain", "reset")
+    }
+    changed = (rows["plain"] != rows["reset"]).any(-1)
+    assert int(changed.sum()) == reset["tokens_reset"] > len(SPECIAL_TOKENS)
+    special = torch.tensor(tok.convert_tokens_to_ids(SPECIAL_TOKENS))
+    assert changed[special].all()  # CPT's arithmetic facts hold no reasoning token
+    digits = torch.tensor(tok.convert_tokens_to_ids(list("0123456789")))
+    assert not changed[digits].any()  # the facts' own tokens keep what CPT trained
+    mean = rows["plain"][~changed].mean(0)
+    assert torch.allclose(rows["reset"][changed], mean.expand(int(changed.sum()), -1))
+
+    def reasoning_token_loss(name: str) -> float:
+        """The mean loss of a synthesized path's reasoning tokens, where an SFT starts."""
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name)
+        path = json.loads((data / "synth" / "paths.jsonl").read_text().splitlines()[0])
+        ids = tok.apply_chat_template(path["messages"], tokenize=True, return_dict=True)
+        ids = torch.tensor([ids["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+        target = ids[0, 1:]
+        where = torch.isin(target, special)
+        return float(-logp[where, target[where]].mean())
+
+    # the SFT starts from neutral logits for them, not trained-down ones
+    assert reasoning_token_loss("reset") < reasoning_token_loss("plain")

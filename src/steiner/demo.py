@@ -87,6 +87,11 @@ class DemoSettings:
     # 1,000: the walks SFT then used the CPT's edge look-up at all four seeds; after 150 steps
     # two of four seeds never learned the walks, after 750 one did late (README, Results)
     cpt_steps: int = 1000
+    # the CPT model's tokens its text never held (chat and reasoning tokens) start the SFTs
+    # at the mean embedding (CPTStageConfig.reset_unseen_tokens). Off here, on in the graph
+    # profiles: without it the walks SFT started at loss 11 and at some seeds never regained
+    # CPT's edge look-up (Steiner SFT 0.3 %); never tried on countdown (README, Results)
+    cpt_reset_unseen_tokens: bool = False
     sft_steps: int = 2500
     batch_size: int = 32
     # 3e-3 (and 1e-3) kept the micro model on the plateau before the edge look-up forms (an
@@ -139,6 +144,8 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
     if domain not in ("graph", "countdown"):
         raise InputError("--domain", None, f"expected graph or countdown, got {domain!r}")
     s = DemoSettings(domain=domain)
+    if domain == "graph":
+        s = replace(s, cpt_reset_unseen_tokens=True)
     if domain == "countdown":
         # search traces are longer here (more steps, each one of arithmetic). The graph
         # domain's learning rate and random batches: at 3e-3 cosine with length-grouped batches
@@ -390,6 +397,7 @@ def run_training(
             # graph walks stay one per row: packed rows would put several graphs that reuse
             # the same node labels in one attention window
             packing=s.domain != "graph",
+            reset_unseen_tokens=s.cpt_reset_unseen_tokens,
             **train_kwargs(s, s.cpt_steps),
         )
         summary = run_cpt(cfg)

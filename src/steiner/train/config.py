@@ -365,6 +365,15 @@ class CPTStageConfig(_StageMixin, _CPUDefaults):
     dataset_text_field: str = field(
         default="text", metadata={"help": "The field of --texts records that holds the text."}
     )
+    reset_unseen_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, give each token the CPT data never held (chat and "
+            "reasoning tokens, unused merges) the mean embedding of those it held, so the SFT "
+            "starts from neutral logits for them. For from-scratch models; a pretrained "
+            "model's unused vocabulary would lose its embeddings."
+        },
+    )
     completion_only_loss: bool | None = False
     packing: bool = True
     packing_strategy: str = "wrapped"

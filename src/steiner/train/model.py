@@ -259,6 +259,33 @@ def add_tokens_to_pretrained(model: Any, tokenizer: Any) -> list[int]:
     return new_ids
 
 
+def reset_unseen_tokens(model: Any, seen: torch.Tensor) -> int:
+    """Give each token that ``seen`` (one bool per embedding row) marks absent the mean
+    embedding of the present ones, input and, when untied, output, as transformers'
+    ``mean_resizing`` starts added tokens. Returns how many rows were reset.
+
+    Why: CPT on text without the chat and reasoning tokens trains a from-scratch model's
+    logits for them far down, so its SFT started at loss ~11 and, at some seeds, the first
+    steps' updates undid CPT's edge look-up (README, Results)."""
+    embeddings = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != embeddings[0].data_ptr():
+        embeddings.append(out.weight)
+    if any(w.ndim != 2 or w.shape[0] != seen.shape[0] for w in embeddings):
+        # ZeRO-3 keeps a shard per process: the rows are not all here to average
+        raise InputError(
+            "--reset_unseen_tokens",
+            None,
+            "expected the whole embedding matrix in this process (not sharded by ZeRO-3/FSDP)",
+        )
+    if not seen.any():
+        return 0
+    with torch.no_grad():
+        for weight in embeddings:
+            weight[~seen] = weight[seen].mean(0)
+    return int((~seen).sum())
+
+
 def init_model(
     out: str | os.PathLike,
     preset: str = "tiny",

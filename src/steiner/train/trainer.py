@@ -3,6 +3,7 @@ resume, optional LoRA, and a final ``save_pretrained`` model."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from steiner.io import (
 )
 from steiner.train.config import CPTStageConfig, SFTStageConfig
 from steiner.train.data import cpt_dataset, sft_dataset
-from steiner.train.model import add_lora, model_dtype
+from steiner.train.model import add_lora, model_dtype, reset_unseen_tokens
 
 
 def tokens_spent(state: TrainerState, budget: int | None) -> bool:
@@ -308,6 +309,15 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
+def tokens_present(dataset: Dataset, vocab: int) -> torch.Tensor:
+    """One bool per vocabulary id: whether a row of the tokenized ``dataset`` holds it."""
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    for batch in dataset.iter(batch_size=1024):
+        ids = torch.tensor(list(itertools.chain.from_iterable(batch["input_ids"])))
+        seen[ids[ids < vocab]] = True
+    return seen
+
+
 def run_stage(
     cfg: SFTStageConfig | CPTStageConfig,
     dataset: Dataset,
@@ -392,6 +402,14 @@ def run_stage(
     tokens_now = trainer.state.num_input_tokens_seen - (
         resumed.num_input_tokens_seen if resumed else 0
     )
+    reset = None
+    if stage == "cpt" and cfg.reset_unseen_tokens:
+        # the saved model only: checkpoints keep the trained rows, so a resumed run trains on
+        # from what it trained
+        reset = reset_unseen_tokens(
+            trainer.accelerator.unwrap_model(trainer.model),
+            tokens_present(trainer.train_dataset, vocab),
+        )
     try:
         save_final_model(trainer, cfg, tokenizer)
         push_failure = None
@@ -420,6 +438,7 @@ def run_stage(
         "final_loss": losses[-1] if losses else None,
         "mean_train_loss": mean_loss,
         "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "tokens_reset": reset,  # by --reset_unseen_tokens (None: not asked)
         "log_history": trainer.state.log_history,
     }
     if trainer.accelerator.is_main_process:
