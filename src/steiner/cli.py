@@ -1426,7 +1426,7 @@ def report_cmd(
 @app.command("demo")
 def demo(
     profile: Annotated[
-        str, typer.Option(help="quick (graph; 27-32 min measured on 2 CPU cores) | full (hours).")
+        str, typer.Option(help="quick (graph; 19-27 min measured on 2 CPU cores) | full (hours).")
     ] = "quick",
     domain: Annotated[
         str | None, typer.Option(help="graph | countdown (default: graph; full runs both).")
