@@ -1708,3 +1708,9 @@ def test_cpt_reset_unseen_tokens_gives_them_the_mean_embedding(data, tmp_path):
 
     # the SFT starts from neutral logits for them, not trained-down ones
     assert reasoning_token_loss("reset") < reasoning_token_loss("plain")
+    # embeddings that are not the whole vocabulary here (a ZeRO-3 shard): one error line
+    from steiner.train.model import reset_unseen_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    with pytest.raises(InputError, match="--reset_unseen_tokens: expected the whole embedding"):
+        reset_unseen_tokens(model, torch.ones(5, dtype=torch.bool))

@@ -276,7 +276,8 @@ def reset_unseen_tokens(model: Any, seen: torch.Tensor) -> int:
         raise InputError(
             "--reset_unseen_tokens",
             None,
-            "expected the whole embedding matrix in this process (not sharded by ZeRO-3/FSDP)",
+            "expected the whole embedding matrix in this process (not sharded by ZeRO-3/FSDP); "
+            "the checkpoints are kept: run again without it to save the model",
         )
     if not seen.any():
         return 0
