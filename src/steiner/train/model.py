@@ -35,6 +35,7 @@ from steiner.format import (
     add_reasoning_tokens,
     reasoning_token_ids,
 )
+from steiner.infer.adapters import token_row_weights
 from steiner.io import (
     InputError,
     check_at_least,
@@ -244,10 +245,7 @@ def add_tokens_to_pretrained(model: Any, tokenizer: Any) -> list[int]:
     new_tokens = [t for t in tokenizer.get_vocab() if t not in before]
     model.resize_token_embeddings(len(tokenizer))
     new_ids = [tokenizer.convert_tokens_to_ids(t) for t in new_tokens]
-    embeddings = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() != embeddings[0].data_ptr():
-        embeddings.append(out.weight)
+    embeddings = list(token_row_weights(model).values())
     n_old = len(before)
     with torch.no_grad():
         for token, token_id in zip(new_tokens, new_ids, strict=True):
@@ -267,10 +265,7 @@ def reset_unseen_tokens(model: Any, seen: torch.Tensor) -> int:
     Why: CPT on text without the chat and reasoning tokens trains a from-scratch model's
     logits for them far down, so its SFT started at loss ~11 and, at some seeds, the first
     steps' updates undid CPT's edge look-up (README, Results)."""
-    embeddings = [model.get_input_embeddings().weight]
-    out = model.get_output_embeddings()
-    if out is not None and out.weight.data_ptr() != embeddings[0].data_ptr():
-        embeddings.append(out.weight)
+    embeddings = list(token_row_weights(model).values())
     if any(w.ndim != 2 or w.shape[0] != seen.shape[0] for w in embeddings):
         # ZeRO-3 keeps a shard per process: the rows are not all here to average
         raise InputError(
