@@ -153,8 +153,13 @@ def test_steps_by_arm_or_edge_and_compact_traces():
     assert parsed.answer == trace.answer.strip() == " ".join(rec["answer"].split(">"))
     # the goal's reflection names the step's first node, here the goal itself (a step an edge)
     assert [s.reflection for s in trace.steps] == ["on", "on", "on", f"goal {rec['goal']}"]
+    # a compact thought that reaches the goal ends with its edge's look-up, `` goal``
+    assert [s.thought.split()[-1] == gr.GOAL_MARK for s in trace.steps] == [False] * 3 + [True]
+    listed = [e.split() for e in rec["question"].split("Edges:")[1].split(",")]
+    assert listed.count([str(rec["goal"]), gr.GOAL_MARK]) == 1  # and the question lists it
+    assert len(listed) == len(rec["edges"]) + 1
     # each summary is the node reached, then the goal it is compared with
-    reached = [int(s.thought.split()[-1]) for s in trace.steps]
+    reached = [gr.nodes_entered(s.thought, -1)[-1] for s in trace.steps]
     assert [s.summary.split() for s in trace.steps] == [[str(n), str(rec["goal"])] for n in reached]
     # a step may repeat the node it starts from, and must follow real edges
     assert domain.apply_step(rec, rec["start"], rec["steps"][0]) is not None
@@ -252,7 +257,8 @@ def test_verifying_walks_return_to_the_answer_and_end_on_it(graph_synth, return_
     for problem, _, trace, arms in walks:
         reflections = verdicts(trace)
         assert reflections[-1] == "goal" and trace.decisions[-1] is Decision.END
-        assert trace.answer == trace.steps[-1].thought  # the last step is the answer
+        # the last step is the answer (its thought ends with the goal's look-up)
+        assert f"{trace.answer} {gr.GOAL_MARK}" == trace.steps[-1].thought
         assert domain.check_answer(problem, trace.answer)
         # every arm once, then the goal's arm again one to three times, even when the goal's
         # arm was the last one tried (extend mode forces steps past it)
@@ -283,7 +289,8 @@ def test_verifying_walks_may_walk_a_dead_arm_again_before_each_return(graph_synt
             assert dead.name.startswith("back to")
             assert goal.reflection == f"goal {goal.name.split()[-1]}"  # names the arm it walks
         assert reflections.count("goal") == 4 and reflections[-1] == "goal"
-        assert trace.answer == steps[-1].thought and domain.check_answer(problem, trace.answer)
+        assert f"{trace.answer} {gr.GOAL_MARK}" == steps[-1].thought
+        assert domain.check_answer(problem, trace.answer)
 
 
 def test_synth_cli_passes_the_return_settings_on(graph_synth, tmp_path):
@@ -304,11 +311,21 @@ def test_synth_cli_passes_the_return_settings_on(graph_synth, tmp_path):
 
 
 def parse_walk_document(doc: str) -> tuple[list[tuple[int, ...]], int, list[list[int]]]:
-    """The edges, start and walked arms of one CPT walk document."""
+    """The edges, start and walked arms of one CPT walk document, after checking that one leaf
+    is marked the goal in the edge list and at the end of its arm's walk, as in a question."""
     edge_text, arm_text = doc.split(". Arms from ")
-    edges = [tuple(map(int, e.split())) for e in edge_text.removeprefix("Edges:").split(",")]
+    pairs = [e.split() for e in edge_text.removeprefix("Edges:").split(",")]
+    goals = [int(u) for u, v in pairs if v == gr.GOAL_MARK]
+    edges = [(int(u), int(v)) for u, v in pairs if v != gr.GOAL_MARK]
     start, arms = arm_text.split(":")
-    return edges, int(start), [gr.parse_path(a) for a in arms.split(",")]
+    marked = [a.removesuffix(f" {gr.GOAL_MARK}") for a in arms.split(",")]
+    walked = [gr.parse_path(a) for a in marked]
+    assert len(goals) == 1 and not gr.children_of(edges)[goals[0]]  # one leaf is the goal
+    # and only its arm's walk ends with the mark
+    assert [
+        w[-1] for w, a, m in zip(walked, arms.split(","), marked, strict=True) if a != m
+    ] == goals
+    return edges, int(start), walked
 
 
 def test_walk_documents_walk_every_arm_along_real_edges():

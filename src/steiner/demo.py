@@ -88,10 +88,11 @@ class DemoSettings:
     # two of four seeds never learned the walks, after 750 one did late (README, Results)
     cpt_steps: int = 1000
     # the CPT model's tokens its text never held (chat and reasoning tokens) start the SFTs
-    # at the mean embedding (CPTStageConfig.reset_unseen_tokens). It brought back CPT's edge
-    # look-up where the walks SFT lost it (seed 2: Steiner SFT 0.3 -> 100 %), but over four
-    # fresh draws as many met the SFT gap as without it (seed 0 then drew a goal check that
-    # never formed: 99.7 -> 33.0 %), so the profiles leave it off (README, Results)
+    # at the mean embedding (CPTStageConfig.reset_unseen_tokens). Off here, on in the graph
+    # profiles: without it the walks SFT started at loss 11 and at some seeds never regained
+    # (or never learned) CPT's edge look-up (Steiner SFT 0.3 and 36.3 %); with it and the
+    # goal listed as an edge, four of four fresh draws met the SFT gap (README, Results);
+    # never tried on countdown
     cpt_reset_unseen_tokens: bool = False
     sft_steps: int = 2500
     batch_size: int = 32
@@ -145,6 +146,8 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
     if domain not in ("graph", "countdown"):
         raise InputError("--domain", None, f"expected graph or countdown, got {domain!r}")
     s = DemoSettings(domain=domain)
+    if domain == "graph":
+        s = replace(s, cpt_reset_unseen_tokens=True)
     if domain == "countdown":
         # search traces are longer here (more steps, each one of arithmetic). The graph
         # domain's learning rate and random batches: at 3e-3 cosine with length-grouped batches

@@ -124,10 +124,21 @@ def path_text(nodes: list[int], style: str = "verbose") -> str:
     return ">".join(map(str, nodes))
 
 
-def edge_list(edges: Any, rng: random.Random, style: str = "verbose") -> str:
-    """``Edges: 8>55 16>7 …`` (verbose) or ``Edges: 8 55, 16 7, …`` (compact), shuffled."""
+# the compact style's mark of the goal: one more edge, `` 56 goal``, in the edge list (and at
+# the end of a walk that reaches the goal), so that finding the goal is the edge look-up CPT
+# teaches rather than an equality test the micro model learned late or never (README, Results)
+GOAL_MARK = "goal"
+
+
+def edge_list(
+    edges: Any, rng: random.Random, style: str = "verbose", goal: int | None = None
+) -> str:
+    """``Edges: 8>55 16>7 …`` (verbose) or ``Edges: 8 55, 16 7, …`` (compact), shuffled; in
+    the compact style a ``goal`` is listed as the edge `` 56 goal``."""
     if style == "compact":
         shown = [f" {u} {v}" for u, v in edges]
+        if goal is not None:
+            shown.append(f" {goal} {GOAL_MARK}")
         rng.shuffle(shown)
         return f"Edges:{','.join(shown)}"
     shown = [f"{u}>{v}" for u, v in edges]
@@ -138,7 +149,7 @@ def edge_list(edges: Any, rng: random.Random, style: str = "verbose") -> str:
 def question_text(
     edges: Any, start: int, goal: int, rng: random.Random, style: str = "verbose"
 ) -> str:
-    return f"Find a path from {start} to {goal}. {edge_list(edges, rng, style)}"
+    return f"Find a path from {start} to {goal}. {edge_list(edges, rng, style, goal)}"
 
 
 def path_star(
@@ -244,8 +255,10 @@ def walk_documents(
     """Plain-text documents for continual pre-training: a path-star graph described as in a
     question, then every arm walked out in a random order. Almost every token of a walk is an
     edge look-up, the skill both search and shortcut need, so a tiny model learns it from far
-    fewer tokens than from solutions, where one token in four is a look-up. No goal is
-    named: nothing here says which arm to choose.
+    fewer tokens than from solutions, where one token in four is a look-up. One leaf is the
+    goal, listed as the edge `` 56 goal`` as in a compact question, and the walk of its arm
+    ends with that look-up; the arms are walked in a random order, so nothing here says which
+    arm to choose.
 
     ``sizes="mixed"`` draws each graph's arms (1..degree) and arm length (1..arm_length): a
     short edge list has few look-alikes to attend to, and a document is half as long. The
@@ -258,13 +271,17 @@ def walk_documents(
             shape = rng.randint(1, degree), rng.randint(1, arm_length)
         else:
             shape = degree, arm_length
-        edges, start, _goal = path_star(rng, *shape, nodes)
+        edges, start, goal = path_star(rng, *shape, nodes)
         kids = children_of(edges)
-        arms = [
-            path_text([start, *chain(kids, start, k, -1, "arm")], "compact") for k in kids[start]
-        ]
+        arms = [thought_text([start, *chain(kids, start, k, -1, "arm")], goal) for k in kids[start]]
         rng.shuffle(arms)
-        yield f"{edge_list(edges, rng, 'compact')}. Arms from {start}:{','.join(arms)}"
+        yield f"{edge_list(edges, rng, 'compact', goal)}. Arms from {start}:{','.join(arms)}"
+
+
+def thought_text(nodes: list[int], goal: int) -> str:
+    """A compact walk, `` 8 4 16``, then `` goal`` where it reaches the goal: the look-up
+    of the goal's edge (see GOAL_MARK)."""
+    return path_text(nodes, "compact") + (f" {GOAL_MARK}" if nodes[-1] == goal else "")
 
 
 def step_mode(problem: dict) -> str:
@@ -404,7 +421,7 @@ class GraphDomain:
             # finding which earlier step reached it, which the micro model often got wrong
             return {
                 "name": f"{back} {nodes[0]}",
-                "thought": path_text([before, *nodes], "compact"),
+                "thought": thought_text([before, *nodes], goal),
                 "summary": f" {after} {goal}",
                 "reflection": {"answer": f"goal {nodes[0]}", "dead": "dead", "alive": "on"}[status],
             }
