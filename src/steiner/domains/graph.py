@@ -412,9 +412,10 @@ class GraphDomain:
         back = "" if back_to is None else f"back to {back_to}:"
         if style(problem) == "compact":
             # a tiny model's trace: a few tokens a step (the node names carry the search); the
-            # thought walks on from the node the step leaves, one id token per hop. The summary
-            # puts the goal beside the node reached, so the reflection compares two adjacent
-            # tokens: a micro model learned perfect look-ups but never learned to find the goal
+            # thought walks on from the node the step leaves, one id token per hop, and ends
+            # with `` goal`` at the goal (GOAL_MARK), which the reflection copies. The summary
+            # puts the goal beside the node reached, so that comparing two adjacent tokens tells
+            # it too: a micro model learned perfect look-ups but never learned to find the goal
             # in the question for that comparison (README, Results). The goal's reflection
             # names the step's first node: a walk that goes back to the goal's arm after trying
             # the others (verify walks, extend mode) copies the token after "goal" instead of
