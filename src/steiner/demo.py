@@ -103,9 +103,6 @@ class DemoSettings:
     # random batches, not SFT's length-grouped default: grouped batches kept the edge
     # look-up from forming in 3,000 steps where random ones formed it at ~1,150 (README)
     train_sampling_strategy: str = "random"
-    # on a CPU the Steiner SFT trains beside the baseline, one thread each; from this share of
-    # its first phase on it waits for the baseline to end and takes every core
-    solo_share: float = 0.6
     rl_steps: int = 60
     rl_prompts_per_step: int = 8
     rl_group_size: int = 4
@@ -140,6 +137,12 @@ def check_demo_inputs(profile: str, domains: list[str], problems: str | None) ->
         load_problems(problems, domains[0])
 
 
+# settings a demo directory's record may hold that no longer change what the demo does, so an
+# upgrade still resumes it: solo_share, the step at which the Steiner SFT waited for the
+# baseline (take_both_cores: the weights never depended on it)
+RETIRED_SETTINGS = ("solo_share",)
+
+
 def profile_settings(profile: str, domain: str) -> DemoSettings:
     if profile not in PROFILES:
         raise InputError("--profile", None, f"expected quick or full, got {profile!r}")
@@ -166,9 +169,6 @@ def profile_settings(profile: str, domain: str) -> DemoSettings:
             verify_sft_steps=0,  # never tried on countdown
             cpt_steps=150,  # the measured countdown recipe (its CPT text is arithmetic facts)
             rl_learning_rate=1e-4,  # the measured countdown recipe; 3e-5 never tried there
-            # the baseline's rows are shorter (2,000 steps in 2,911 s beside the Steiner SFT's
-            # ~1.9 s a step), so it ends when the Steiner SFT is about three quarters through
-            solo_share=0.75,
         )
     if profile == "full":
         # larger held-out, CPT, RL and scaling sizes; the graph SFT keeps the quick profile's
@@ -468,21 +468,22 @@ def start_baseline(s: DemoSettings, root: Path) -> Any:
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def take_both_cores(process: Any, from_step: int, threads: int) -> Any:
-    """A trainer callback: at ``from_step`` the Steiner SFT waits for the baseline process
-    beside it to end, then trains on ``threads`` threads. A fixed step, not "whenever the
-    baseline ends", so the same command gives the same weights (the thread count can change
-    the float sums); the baseline's rows are shorter and it ends first, at 60-62 % of the
-    first SFT phase (in two quick runs: 955 s, at step 1,200 of 2,000; 1,015 s, at step
-    ~1,240; since the model's own loss replaced TRL's chunked head, both run faster and the
-    Steiner SFT waited ~25 s at step 1,200), so the wait is short."""
+def take_both_cores(process: Any, threads: int) -> Any:
+    """A trainer callback: from the first step that starts after the baseline process beside
+    it has ended, the Steiner SFT trains on ``threads`` threads. Until then each trains on one
+    core, and neither waits for the other. The switch step then depends on the machine's speed,
+    yet the weights do not: on this CPU a training step of the micro model gives bit-identical
+    weights at 1, 2, 3, 4 and 8 threads (tests/test_demo.py checks 1 against 2), so the same
+    command still gives the same files. Until 2026-12-07 the Steiner SFT waited for the
+    baseline at a fixed step (60 % of its first phase) instead, for fear of the thread count
+    changing the float sums; the baseline ended ~90 s after that step, a core idle meanwhile
+    (README, Results)."""
     import torch
     from transformers import TrainerCallback
 
     class TakeBothCores(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step >= from_step and torch.get_num_threads() != threads:
-                process.wait()
+            if torch.get_num_threads() != threads and process.poll() is not None:
                 torch.set_num_threads(threads)
 
     return TakeBothCores()
@@ -707,7 +708,9 @@ def run_stages(
     settings_path = root / "demo_settings.json"
     wanted = {"profile": profile, "problems": problems, **asdict(s)}
     wanted |= source_digests(problems=problems)  # a file or a `datasets` source
-    check_resume_record(settings_path, wanted, asdict(DemoSettings()), "a demo", "use a new --out")
+    check_resume_record(
+        settings_path, wanted, asdict(DemoSettings()), "a demo", "use a new --out", RETIRED_SETTINGS
+    )
     import torch
 
     parallel = (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available()
@@ -720,14 +723,8 @@ def run_stages(
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            solo = round(s.solo_share * (s.sft_steps - s.verify_sft_steps))
-            return run_training(
-                s,
-                root,
-                "steiner-sft",
-                [take_both_cores(process, solo, threads)],
-                [take_both_cores(process, 0, threads)],  # after the first phase: alone
-            )
+            both = take_both_cores(process, threads)
+            return run_training(s, root, "steiner-sft", [both], [both])
         finally:
             torch.set_num_threads(threads)
 

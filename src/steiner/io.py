@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -525,7 +525,10 @@ def source_digests(**sources: str | os.PathLike | None) -> dict[str, str]:
 
 
 def settings_differences(
-    stored: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any]
+    stored: dict[str, Any],
+    wanted: dict[str, Any],
+    defaults: dict[str, Any],
+    retired: Collection[str] = (),
 ) -> str:
     """The settings a resumable job was started with that differ from this command's, as
     ``name: X there, Y here`` ("" when it may resume). A setting added to Steiner after the job
@@ -535,8 +538,10 @@ def settings_differences(
 
     A file named by setting ``NAME`` may come with ``NAME_sha256`` (``file_digest``): then its
     content is compared, not its path, so a moved file resumes and one edited in place is
-    refused; a record from before the digest compares the path as it did."""
-    stored, wanted = dict(stored), dict(wanted)
+    refused; a record from before the digest compares the path as it did. A ``retired``
+    setting, one Steiner no longer has, is passed over in the record."""
+    stored = {k: v for k, v in stored.items() if k not in retired or k in wanted}
+    wanted = dict(wanted)
     for key in [k for k in wanted if k.endswith(DIGEST_SUFFIX)]:
         if key in stored:
             stored.pop(key.removesuffix(DIGEST_SUFFIX), None)
@@ -709,6 +714,7 @@ def check_resume_record(
     defaults: dict[str, Any],
     what: str,
     remedy: str,
+    retired: Collection[str] = (),
     write: bool = True,
 ) -> None:
     """Refuse to continue a job whose record (``path``) holds other settings than ``wanted``,
@@ -716,7 +722,8 @@ def check_resume_record(
     process that may write it), so a directory from before records existed resumes as it did."""
     path = Path(path)
     if path.exists():
-        differences = settings_differences(json.loads(path.read_text()), wanted, defaults)
+        stored = json.loads(path.read_text())
+        differences = settings_differences(stored, wanted, defaults, retired)
         if differences:
             message = f"this directory holds {what} with other settings ({differences})"
             raise InputError(path, None, f"{message}; {remedy}")
