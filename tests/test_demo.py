@@ -291,25 +291,22 @@ def test_steiner_sft_takes_both_cores_once_the_baseline_has_ended_and_never_wait
         torch.set_num_threads(threads)
 
 
-def test_training_gives_the_same_weights_at_any_thread_count():
+def test_training_gives_the_same_weights_at_any_thread_count(tiny_tokenizer):
     """What lets the Steiner SFT take both cores whenever the baseline ends: the switch step
     varies with the machine's speed, the weights must not (same command, same files)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from steiner.train.model import build_model
 
-    from steiner.train.model import PRESETS
-
-    dims = PRESETS["micro"]
+    vocab = len(tiny_tokenizer)
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):  # the demo's walks: batch 32, rows of ~90-140 tokens, padded
-        ids = torch.randint(1, dims["vocab_size"], (32, 140), generator=generator)
+        ids = torch.randint(1, vocab, (32, 140), generator=generator)
         lengths = torch.randint(90, 141, (32, 1), generator=generator)
         mask = (torch.arange(140) < lengths).long()
         batches.append((ids * mask, mask))
 
     def train(thread_counts: list[int]) -> torch.Tensor:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**dims, max_position_embeddings=256))
+        model = build_model("micro", tiny_tokenizer, max_positions=256, seed=0)  # the demo's
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
         for n, (ids, mask) in zip(thread_counts, batches, strict=True):
             torch.set_num_threads(n)

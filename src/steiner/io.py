@@ -722,8 +722,7 @@ def check_resume_record(
     process that may write it), so a directory from before records existed resumes as it did."""
     path = Path(path)
     if path.exists():
-        stored = json.loads(path.read_text())
-        differences = settings_differences(stored, wanted, defaults, retired)
+        differences = settings_differences(json.loads(path.read_text()), wanted, defaults, retired)
         if differences:
             message = f"this directory holds {what} with other settings ({differences})"
             raise InputError(path, None, f"{message}; {remedy}")
