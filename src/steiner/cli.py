@@ -30,6 +30,7 @@ from steiner.io import (
     check_output_file,
     end_with_parent,
     expand_user,
+    keep_freed_heap,
     source_rows,
     write_jsonl,
     write_lines,
@@ -1518,6 +1519,7 @@ def main() -> None:
     errors one line and exit 1, never a traceback."""
     install_stop_handlers()
     end_with_parent()
+    keep_freed_heap()
     try:
         rc = app(standalone_mode=False)
     except Terminated as exc:

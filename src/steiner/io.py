@@ -17,6 +17,7 @@ import lzma
 import os
 import re
 import secrets
+import sys
 import zlib
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -649,6 +650,38 @@ def end_with_parent(poll_seconds: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_heap(bytes_kept: int = 1 << 30) -> bool:
+    """Under glibc, keep freed memory in the heap for reuse instead of handing it back to the
+    system; True where it was set. PyTorch on a CPU frees and asks again for the same
+    megabytes at every step (activations, logits, a growing KV cache), and glibc's defaults
+    return them and take fresh zeroed pages each time: ~250k page faults per 70 training
+    steps of the demo's model, 3-4 % of its step time (benchmarks/bench_heap.py). The
+    weights and outputs are the same either way. A user's own ``MALLOC_*`` settings win.
+    No pip-installable library does this: jemalloc or tcmalloc need ``LD_PRELOAD`` before
+    the process starts, and macOS or musl have no ``mallopt`` to call."""
+    import ctypes
+    import ctypes.util
+
+    if sys.platform != "linux" or any(key in os.environ for key in GLIBC_MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl: its mallopt does nothing
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    # the mmap threshold too: fixing the trim threshold alone turns off glibc's adaptive
+    # mmap threshold, and every allocation over 128 KiB became its own mmap (2x slower)
+    return bool(mallopt(m_mmap_threshold, bytes_kept)) and bool(
+        mallopt(m_trim_threshold, bytes_kept)
+    )
 
 
 def check_model_dir(
