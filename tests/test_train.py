@@ -1714,3 +1714,50 @@ def test_cpt_reset_unseen_tokens_gives_them_the_mean_embedding(data, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     with pytest.raises(InputError, match="--reset_unseen_tokens: expected the whole embedding"):
         reset_unseen_tokens(model, torch.ones(5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"max_length": 40, "truncation_mode": "keep_end"},
+        {"max_length": 51, "truncation_mode": "keep_start"},  # prompts are 49-52 tokens
+        {"assistant_only_loss": False, "max_length": 30, "shuffle_dataset": True},
+    ],
+)
+def test_batched_chat_tokenizing_prepares_what_trl_prepares(data, settings):
+    """SteinerTrainer tokenizes chat datasets in batches; the rows it trains on are TRL's:
+    the same ids, labels, truncation, dropped rows and order."""
+    from trl import SFTTrainer
+
+    from steiner.train.trainer import SteinerTrainer
+
+    paths = str(data / "synth" / "paths.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(data / "init")
+    cfg = quick(SFTStageConfig, data, "prepare", model=str(data / "init"), data=paths)
+    for key, value in settings.items():
+        setattr(cfg, key, value)
+    trainer = SteinerTrainer(
+        model=AutoModelForCausalLM.from_pretrained(data / "init"),
+        args=cfg,
+        train_dataset=sft_dataset(paths),
+        processing_class=tokenizer,
+    )
+    chats = sft_dataset(paths)
+    shortcut = sft_dataset(str(data / "shortcut.jsonl"), shortcut=True)
+    kept = {}
+    for dataset in (chats, shortcut):
+        trls = SFTTrainer._prepare_dataset(trainer, dataset, tokenizer, cfg, False, None, "train")
+        ours = trainer._prepare_dataset(dataset, tokenizer, cfg, False, None, "train")
+        assert ours["input_ids"] == trls["input_ids"]
+        assert ours["labels"] == trls["labels"]
+        assert ours.column_names == ["input_ids", "labels"]
+        kept[dataset is chats] = len(ours)
+    if settings.get("max_length") == 51:  # rows cut within their prompt are dropped
+        assert 0 < kept[True] < len(chats) and 0 < kept[False] < len(shortcut), kept
+    else:
+        assert kept == {True: len(chats), False: len(shortcut)}
+    # what it does not handle goes TRL's way: here a column besides the messages
+    extra = chats.add_column("note", ["x"] * len(chats))
+    prepared = trainer._prepare_dataset(extra, tokenizer, cfg, False, None, "train")
+    assert "messages" in prepared.column_names
