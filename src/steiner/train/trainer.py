@@ -121,7 +121,7 @@ def tokenize_chats(
     for i, ids in enumerate(out["input_ids"]):
         if assistant_only_loss:
             mask = out["assistant_masks"][i]
-            if 1 not in mask:  # TRL's words
+            if 1 not in mask:  # TRL's error, as TRL words it
                 raise RuntimeError(
                     "You're using `assistant_only_loss=True`, but at least one example has no "
                     "assistant tokens. This usually means the tokenizer's chat template doesn't "
@@ -224,7 +224,7 @@ class SteinerTrainer(SFTTrainer):
     ) -> Any:
         # TRL tokenizes a chat dataset one row per call, in four row-by-row passes (tokens,
         # labels, truncation, the drop of rows left without a trained token): 36 s for the
-        # quick demo's 60,000 walks, a fifth of its CPT. The same apply_chat_template call on
+        # quick demo's 60,000 walks, a third of its CPT's time. The same apply_chat_template call on
         # batches of rows, in one batched map, gives the same ids and labels in ~13 s
         # (tests/test_train.py compares the two). Anything else goes TRL's way.
         if not (
