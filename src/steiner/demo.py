@@ -533,6 +533,11 @@ def run_rl_stage(s: DemoSettings, root: Path) -> dict[str, Any]:
 
 
 MODELS = ("shortcut-sft", "steiner-sft", "steiner-rl")
+# the evals and scale runs decode every problem of a profile in one batch: greedy outputs do
+# not depend on the batch (eval leaves batch_size out of its settings), and the demo's small
+# models decode 200 rows at once in 2/3 of the time of batches of 32, with byte-identical
+# outputs (quick profile, seed 0: scale 43 -> 29 s, the three evals 9 -> 7 s)
+EVAL_BATCH_SIZE = 512
 
 
 def run_evaluation(s: DemoSettings, root: Path, model: str) -> dict[str, Any]:
@@ -545,7 +550,7 @@ def run_evaluation(s: DemoSettings, root: Path, model: str) -> dict[str, Any]:
             str(root / "eval" / model),
             s.domain,
             max_new_tokens=s.max_new_tokens,
-            batch_size=32,
+            batch_size=EVAL_BATCH_SIZE,
             seed=s.seed,
         )
     )
@@ -562,7 +567,7 @@ def run_scaling(s: DemoSettings, root: Path) -> dict[str, Any]:
         str(root / "scale"),
         s.domain,
         max_new_tokens=s.max_new_tokens * 2,  # extend mode forces extra steps
-        batch_size=32,
+        batch_size=EVAL_BATCH_SIZE,
         limit=s.scale_limit,
         seed=s.seed,  # the evals' seed: before 2026-12-07 every demo's scale sampled at seed 0
     )
