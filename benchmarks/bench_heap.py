@@ -16,32 +16,25 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-STEPS, ROUNDS = 60, 3
+from bench_sft import STEPS, demo_shape_data, demo_shape_settings
+
+ROUNDS = 3
 
 
 def train_once(tmp: Path, keep: bool, threads: int, out: Path) -> dict:
     """One child process's run: the heap setting, then STEPS steps of SFT."""
     import torch
 
-    from steiner.demo import profile_settings, train_kwargs
     from steiner.io import keep_freed_heap
     from steiner.train.config import SFTStageConfig
     from steiner.train.trainer import run_sft
 
     kept = keep_freed_heap() if keep else False
     torch.set_num_threads(threads)
-    ours_sets = ("max_steps", "disable_tqdm", "save_steps")
-    settings = {
-        k: v
-        for k, v in train_kwargs(profile_settings("quick", "graph"), STEPS).items()
-        if k not in ours_sets
-    }
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
     summary = run_sft(
         SFTStageConfig(
             output_dir=str(out),
@@ -50,12 +43,11 @@ def train_once(tmp: Path, keep: bool, threads: int, out: Path) -> dict:
             max_steps=STEPS,
             save_strategy="no",
             disable_tqdm=True,
-            **settings,
+            **demo_shape_settings(),
         )
     )
     return {
         "kept": kept,
-        "seconds": time.perf_counter() - start,
         "train_seconds": summary["train_seconds"],
         "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
         "weights": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
@@ -73,18 +65,9 @@ def child(tmp: Path, keep: bool, threads: int, out: Path) -> dict:
 
 
 def main() -> None:
-    from dataclasses import replace
-
-    from steiner.demo import make_problems, profile_settings, run_synthesis
-    from steiner.train.model import init_model
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        s = replace(profile_settings("quick", "graph"), train_problems=3000, cpt_documents=100)
-        make_problems(s, tmp, None)
-        run_synthesis(s, tmp)
-        paths = str(tmp / "synth" / "paths.jsonl")
-        init_model(tmp / "init", s.preset, [paths], split_digits=False, max_positions=2048)
+        demo_shape_data(tmp)
         print(f"micro model, {STEPS} SFT steps on graph walks, batch 32; {ROUNDS} rounds")
         for threads in (1, 2):
             runs: dict[bool, list[dict]] = {False: [], True: []}

@@ -81,13 +81,11 @@ def ours(
     return summary["tokens_per_s"]
 
 
-def demo_shape(tmp: Path) -> tuple[float, float]:
-    """tokens/s of the quick demo's Steiner SFT settings: chunked head, then own loss."""
+def demo_shape_data(tmp: Path) -> Path:
+    """The quick demo's graph walks of 3,000 problems and its micro model (``tmp/init``)."""
     from dataclasses import replace
 
-    import torch
-
-    from steiner.demo import make_problems, profile_settings, run_synthesis, train_kwargs
+    from steiner.demo import make_problems, profile_settings, run_synthesis
     from steiner.train.model import init_model
 
     s = replace(profile_settings("quick", "graph"), train_problems=3000, cpt_documents=100)
@@ -95,8 +93,24 @@ def demo_shape(tmp: Path) -> tuple[float, float]:
     run_synthesis(s, tmp)
     paths = tmp / "synth" / "paths.jsonl"
     init_model(tmp / "init", s.preset, [str(paths)], split_digits=False, max_positions=2048)
+    return paths
+
+
+def demo_shape_settings() -> dict:
+    """The quick demo's Steiner SFT settings, less those each benchmark run sets itself."""
+    from steiner.demo import profile_settings, train_kwargs
+
     ours_sets = ("max_steps", "disable_tqdm", "save_steps")
-    settings = {k: v for k, v in train_kwargs(s, STEPS).items() if k not in ours_sets}
+    kwargs = train_kwargs(profile_settings("quick", "graph"), STEPS)
+    return {k: v for k, v in kwargs.items() if k not in ours_sets}
+
+
+def demo_shape(tmp: Path) -> tuple[float, float]:
+    """tokens/s of the quick demo's Steiner SFT settings: chunked head, then own loss."""
+    import torch
+
+    paths = demo_shape_data(tmp)
+    settings = demo_shape_settings()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the demo's Steiner SFT beside the baseline
     try:

@@ -17,7 +17,6 @@ import lzma
 import os
 import re
 import secrets
-import sys
 import zlib
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
@@ -665,16 +664,14 @@ def keep_freed_heap(bytes_kept: int = 1 << 30) -> bool:
     No pip-installable library does this: jemalloc or tcmalloc need ``LD_PRELOAD`` before
     the process starts, and macOS or musl have no ``mallopt`` to call."""
     import ctypes
-    import ctypes.util
+    import platform
 
-    if sys.platform != "linux" or any(key in os.environ for key in GLIBC_MALLOC_ENV):
+    # glibc's own answer (os.confstr); musl's mallopt does nothing, macOS has none
+    if platform.libc_ver()[0] != "glibc" or any(key in os.environ for key in GLIBC_MALLOC_ENV):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # musl: its mallopt does nothing
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     # the mmap threshold too: fixing the trim threshold alone turns off glibc's adaptive
